@@ -1,0 +1,283 @@
+//! The kernel command line: split it the way the kernel does and turn the
+//! parameters we honour into typed values. Bad values never fail the boot:
+//! they become warnings naming the parameter and the default kept.
+
+use crate::size::Size;
+use serde::Serialize;
+
+/// `mados.persistence=`: what the boot may do with persistence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Use persistence on a USB boot stick; create it when there is room.
+    #[default]
+    Auto,
+    /// RAM only.
+    Off,
+    /// Use an existing persistence partition, never create one.
+    Nocreate,
+    /// Like auto, and also on non-USB boot disks (VM disks).
+    Force,
+}
+
+impl Mode {
+    pub fn parse(s: &str) -> Option<Mode> {
+        Some(match s {
+            "auto" | "on" | "1" | "yes" => Mode::Auto,
+            "off" | "0" | "no" => Mode::Off,
+            "nocreate" => Mode::Nocreate,
+            "force" => Mode::Force,
+            _ => return None,
+        })
+    }
+}
+
+/// ext4 data journaling mode for the persistence mount.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum DataMode {
+    #[default]
+    Ordered,
+    Writeback,
+}
+
+/// How the user named a device (`cow_device=`, `archisodevice=`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase", tag = "by", content = "value")]
+pub enum DeviceSpec {
+    Path(String),
+    Label(String),
+    Uuid(String),
+}
+
+impl DeviceSpec {
+    pub fn parse(s: &str) -> DeviceSpec {
+        if let Some(l) = s.strip_prefix("LABEL=") {
+            DeviceSpec::Label(l.to_string())
+        } else if let Some(u) = s.strip_prefix("UUID=") {
+            DeviceSpec::Uuid(u.to_string())
+        } else if let Some(l) = s.strip_prefix("/dev/disk/by-label/") {
+            DeviceSpec::Label(l.to_string())
+        } else if let Some(u) = s.strip_prefix("/dev/disk/by-uuid/") {
+            DeviceSpec::Uuid(u.to_string())
+        } else {
+            DeviceSpec::Path(s.to_string())
+        }
+    }
+}
+
+/// Everything we read from the kernel command line. `None` means "not
+/// given": the config file or the built-in default decides.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct BootParams {
+    pub cow_spacesize: Option<Size>,
+    pub cow_label: Option<String>,
+    pub cow_device: Option<DeviceSpec>,
+    pub archisolabel: Option<String>,
+    pub archisosearchuuid: Option<String>,
+    pub archisodevice: Option<DeviceSpec>,
+    /// dracut's `root=live:CDLABEL=…` names the ISO the same way.
+    pub live_label: Option<String>,
+    pub mode: Option<Mode>,
+    pub max_size: Option<Size>,
+    pub data_mode: Option<DataMode>,
+    pub debug: bool,
+    pub warnings: Vec<String>,
+}
+
+/// Split like the kernel does: whitespace separates, double quotes group.
+pub fn split(cmdline: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut quoted = false;
+    let mut any = false;
+    for c in cmdline.chars() {
+        match c {
+            '"' => {
+                quoted = !quoted;
+                any = true;
+            }
+            c if c.is_whitespace() && !quoted => {
+                if any {
+                    out.push(std::mem::take(&mut cur));
+                    any = false;
+                }
+            }
+            c => {
+                cur.push(c);
+                any = true;
+            }
+        }
+    }
+    if any {
+        out.push(cur);
+    }
+    out
+}
+
+pub fn parse(cmdline: &str) -> BootParams {
+    let mut p = BootParams::default();
+    for word in split(cmdline) {
+        let (key, val) = match word.split_once('=') {
+            Some((k, v)) => (k, Some(v)),
+            None => (word.as_str(), None),
+        };
+        let need = |p: &mut BootParams| -> Option<String> {
+            match val {
+                Some(v) if !v.is_empty() => Some(v.to_string()),
+                _ => {
+                    p.warnings
+                        .push(format!("kernel parameter '{key}' needs a value; ignored"));
+                    None
+                }
+            }
+        };
+        match key {
+            "cow_spacesize" => {
+                if let Some(v) = need(&mut p) {
+                    match Size::parse(&v) {
+                        Ok(s) => p.cow_spacesize = Some(s),
+                        Err(e) => p
+                            .warnings
+                            .push(format!("cow_spacesize={v}: {e}; using the default")),
+                    }
+                }
+            }
+            "cow_label" => p.cow_label = need(&mut p),
+            "cow_device" => p.cow_device = need(&mut p).map(|v| DeviceSpec::parse(&v)),
+            "archisolabel" => p.archisolabel = need(&mut p),
+            "archisosearchuuid" => p.archisosearchuuid = need(&mut p),
+            "archisodevice" => p.archisodevice = need(&mut p).map(|v| DeviceSpec::parse(&v)),
+            "root" => {
+                if let Some(l) = val.and_then(|v| v.strip_prefix("live:CDLABEL=")) {
+                    p.live_label = Some(l.to_string());
+                } else if let Some(l) = val.and_then(|v| v.strip_prefix("live:LABEL=")) {
+                    p.live_label = Some(l.to_string());
+                }
+            }
+            "mados.persistence" => {
+                if let Some(v) = need(&mut p) {
+                    match Mode::parse(&v) {
+                        Some(m) => p.mode = Some(m),
+                        None => p.warnings.push(format!(
+                            "mados.persistence={v}: expected auto, off, nocreate or force; using auto"
+                        )),
+                    }
+                }
+            }
+            "mados.persistence.size" => {
+                if let Some(v) = need(&mut p) {
+                    match Size::parse(&v) {
+                        Ok(Size::Percent(_)) => p.warnings.push(format!(
+                            "mados.persistence.size={v}: give an absolute size such as 8G; no cap used"
+                        )),
+                        Ok(s) => p.max_size = Some(s),
+                        Err(e) => p
+                            .warnings
+                            .push(format!("mados.persistence.size={v}: {e}; no cap used")),
+                    }
+                }
+            }
+            "mados.persistence.data" => {
+                if let Some(v) = need(&mut p) {
+                    match v.as_str() {
+                        "ordered" => p.data_mode = Some(DataMode::Ordered),
+                        "writeback" => p.data_mode = Some(DataMode::Writeback),
+                        _ => p.warnings.push(format!(
+                            "mados.persistence.data={v}: expected ordered or writeback; using ordered"
+                        )),
+                    }
+                }
+            }
+            "mados.debug" => p.debug = !matches!(val, Some("0" | "off" | "no")),
+            k if k.starts_with("mados.") => p
+                .warnings
+                .push(format!("unknown kernel parameter '{word}'; ignored")),
+            _ => {}
+        }
+    }
+    p
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splits_with_quotes() {
+        assert_eq!(
+            split(" a=1  b=\"x y\" c\n"),
+            vec!["a=1".to_string(), "b=x y".into(), "c".into()]
+        );
+        assert!(split("   ").is_empty());
+    }
+
+    #[test]
+    fn archiso_style_line() {
+        let p = parse(
+            "BOOT_IMAGE=/arch/boot/x86_64/vmlinuz-linux archisobasedir=arch \
+             archisosearchuuid=2026-11-22-22-55-41-00 cow_spacesize=1G quiet",
+        );
+        assert_eq!(
+            p.archisosearchuuid.as_deref(),
+            Some("2026-11-22-22-55-41-00")
+        );
+        assert_eq!(p.cow_spacesize, Some(Size::Bytes(1 << 30)));
+        assert!(p.warnings.is_empty(), "{:?}", p.warnings);
+        assert_eq!(p.mode, None);
+    }
+
+    #[test]
+    fn our_parameters() {
+        let p = parse(
+            "mados.persistence=nocreate mados.persistence.size=8G cow_label=mine \
+             cow_device=LABEL=stick archisodevice=/dev/sr0 mados.debug \
+             mados.persistence.data=writeback root=live:CDLABEL=MADOS",
+        );
+        assert_eq!(p.mode, Some(Mode::Nocreate));
+        assert_eq!(p.max_size, Some(Size::Bytes(8 << 30)));
+        assert_eq!(p.cow_label.as_deref(), Some("mine"));
+        assert_eq!(p.cow_device, Some(DeviceSpec::Label("stick".into())));
+        assert_eq!(p.archisodevice, Some(DeviceSpec::Path("/dev/sr0".into())));
+        assert_eq!(p.live_label.as_deref(), Some("MADOS"));
+        assert_eq!(p.data_mode, Some(DataMode::Writeback));
+        assert!(p.debug);
+    }
+
+    #[test]
+    fn bad_values_warn_and_keep_defaults() {
+        let p = parse(
+            "cow_spacesize=lots mados.persistence=maybe mados.persistence.size=50% \
+             mados.frobnicate=1 cow_label= mados.persistence.data=journal",
+        );
+        assert_eq!(p.cow_spacesize, None);
+        assert_eq!(p.mode, None);
+        assert_eq!(p.max_size, None);
+        assert_eq!(p.cow_label, None);
+        assert_eq!(p.data_mode, None);
+        let w = p.warnings.join("\n");
+        for needle in [
+            "cow_spacesize=lots",
+            "mados.persistence=maybe",
+            "mados.persistence.size=50%",
+            "mados.frobnicate=1",
+            "'cow_label' needs a value",
+            "mados.persistence.data=journal",
+        ] {
+            assert!(w.contains(needle), "missing warning for {needle}: {w}");
+        }
+        assert_eq!(p.warnings.len(), 6);
+    }
+
+    #[test]
+    fn uuid_and_label_specs() {
+        assert_eq!(
+            DeviceSpec::parse("UUID=ab-cd"),
+            DeviceSpec::Uuid("ab-cd".into())
+        );
+        assert_eq!(
+            DeviceSpec::parse("/dev/disk/by-label/ARCH_2026"),
+            DeviceSpec::Label("ARCH_2026".into())
+        );
+    }
+}

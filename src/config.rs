@@ -1,0 +1,356 @@
+//! `/etc/mados/persistence.toml` in the live root, merged with the kernel
+//! command line (which wins) into the settings a boot runs with. Each key is
+//! read on its own so that one bad value costs only that value: it is
+//! reported and its default kept.
+
+use crate::cmdline::{BootParams, DataMode, DeviceSpec, Mode};
+use crate::size::{MIB, Size};
+use serde::Serialize;
+use std::path::Path;
+
+pub const CONFIG_PATH: &str = "etc/mados/persistence.toml";
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TmpfsMount {
+    pub path: String,
+    pub size: Size,
+}
+
+/// What a boot runs with: defaults, then the config file, then the kernel
+/// command line.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Settings {
+    pub mode: Mode,
+    pub label: String,
+    pub cow_device: Option<DeviceSpec>,
+    pub cow_spacesize: Size,
+    /// Cap on the size of a new persistence partition.
+    pub max_size: Option<Size>,
+    /// Less free space than this after the ISO: no partition is created.
+    pub min_free: u64,
+    pub data_mode: DataMode,
+    pub overlay_dirs: Vec<String>,
+    pub bind_dirs: Vec<String>,
+    pub tmpfs: Vec<TmpfsMount>,
+    pub cache_binds: Vec<String>,
+    pub iso_label: Option<String>,
+    pub iso_uuid: Option<String>,
+    pub iso_device: Option<DeviceSpec>,
+    pub debug: bool,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            mode: Mode::Auto,
+            label: "persistence".into(),
+            cow_device: None,
+            cow_spacesize: Size::Bytes(256 * MIB),
+            max_size: None,
+            min_free: 100 * MIB,
+            data_mode: DataMode::Ordered,
+            overlay_dirs: ["/etc", "/usr", "/var", "/opt"].map(String::from).to_vec(),
+            bind_dirs: vec!["/home".into()],
+            tmpfs: vec![
+                TmpfsMount {
+                    path: "/tmp".into(),
+                    size: Size::Bytes(5 << 30),
+                },
+                TmpfsMount {
+                    path: "/var/tmp".into(),
+                    size: Size::Bytes(1 << 30),
+                },
+            ],
+            cache_binds: vec![],
+            iso_label: None,
+            iso_uuid: None,
+            iso_device: None,
+            debug: false,
+        }
+    }
+}
+
+const KEYS: &[&str] = &[
+    "mode",
+    "label",
+    "cow_spacesize",
+    "max_size",
+    "min_free",
+    "data_mode",
+    "overlay_dirs",
+    "bind_dirs",
+    "tmpfs",
+    "cache_binds",
+    "iso_label",
+];
+
+fn check_dir(key: &str, d: &str, warnings: &mut Vec<String>) -> bool {
+    let ok = d.starts_with('/')
+        && d != "/"
+        && !d.split('/').any(|c| c == ".." || c == ".")
+        && !d.contains("//");
+    if !ok {
+        warnings.push(format!(
+            "config {key}: '{d}' is not an absolute directory path; skipped"
+        ));
+    }
+    ok
+}
+
+/// Apply a config file's text on top of `s`; problems become warnings.
+pub fn apply_toml(s: &mut Settings, text: &str, warnings: &mut Vec<String>) {
+    let table: toml::Table = match text.parse() {
+        Ok(t) => t,
+        Err(e) => {
+            warnings.push(format!(
+                "config {CONFIG_PATH} is not valid TOML ({}); using the defaults",
+                e.message()
+            ));
+            return;
+        }
+    };
+    for (key, val) in &table {
+        let bad = |warnings: &mut Vec<String>, want: &str| {
+            warnings.push(format!(
+                "config {key} = {val}: expected {want}; using the default"
+            ))
+        };
+        let size = |v: &toml::Value| v.as_str().and_then(|t| Size::parse(t).ok());
+        let dirs = |v: &toml::Value, warnings: &mut Vec<String>| -> Option<Vec<String>> {
+            let arr = v.as_array()?;
+            let mut out = Vec::new();
+            for d in arr {
+                let d = d.as_str()?;
+                if check_dir(key, d, warnings) {
+                    out.push(d.trim_end_matches('/').to_string());
+                }
+            }
+            Some(out)
+        };
+        match key.as_str() {
+            "mode" => match val.as_str().and_then(Mode::parse) {
+                Some(m) => s.mode = m,
+                None => bad(warnings, "\"auto\", \"off\", \"nocreate\" or \"force\""),
+            },
+            "label" => match val.as_str() {
+                Some(l) if !l.is_empty() && l.len() <= 16 => s.label = l.into(),
+                _ => bad(warnings, "a label of 1 to 16 characters"),
+            },
+            "iso_label" => match val.as_str() {
+                Some(l) if !l.is_empty() => s.iso_label = Some(l.into()),
+                _ => bad(warnings, "the ISO volume label"),
+            },
+            "cow_spacesize" => match size(val) {
+                Some(v) => s.cow_spacesize = v,
+                None => bad(warnings, "a size such as \"256M\" or \"25%\""),
+            },
+            "max_size" => match size(val) {
+                Some(v @ Size::Bytes(_)) => s.max_size = Some(v),
+                _ => bad(warnings, "an absolute size such as \"8G\""),
+            },
+            "min_free" => match size(val) {
+                Some(Size::Bytes(b)) => s.min_free = b,
+                _ => bad(warnings, "an absolute size such as \"100M\""),
+            },
+            "data_mode" => match val.as_str() {
+                Some("ordered") => s.data_mode = DataMode::Ordered,
+                Some("writeback") => s.data_mode = DataMode::Writeback,
+                _ => bad(warnings, "\"ordered\" or \"writeback\""),
+            },
+            "overlay_dirs" | "bind_dirs" | "cache_binds" => match dirs(val, warnings) {
+                Some(d) => match key.as_str() {
+                    "overlay_dirs" => s.overlay_dirs = d,
+                    "bind_dirs" => s.bind_dirs = d,
+                    _ => s.cache_binds = d,
+                },
+                None => bad(warnings, "a list of absolute directory paths"),
+            },
+            "tmpfs" => {
+                let parsed = val.as_array().map(|arr| {
+                    arr.iter()
+                        .filter_map(|t| {
+                            let path = t.get("path")?.as_str()?;
+                            let size = size(t.get("size")?)?;
+                            Some(TmpfsMount {
+                                path: path.trim_end_matches('/').into(),
+                                size,
+                            })
+                        })
+                        .collect::<Vec<_>>()
+                });
+                match parsed {
+                    Some(list) if list.len() == val.as_array().map_or(0, |a| a.len()) => {
+                        s.tmpfs = list
+                            .into_iter()
+                            .filter(|t| check_dir("tmpfs", &t.path, warnings))
+                            .collect()
+                    }
+                    _ => bad(warnings, "[[tmpfs]] tables with path and size"),
+                }
+            }
+            _ => warnings.push(format!(
+                "config: unknown key '{key}' (known: {}); ignored",
+                KEYS.join(", ")
+            )),
+        }
+    }
+}
+
+/// Settings for a boot: defaults, the live root's config file if there is
+/// one, then the kernel command line.
+pub fn resolve(root: &Path, params: &BootParams, warnings: &mut Vec<String>) -> Settings {
+    let mut s = Settings::default();
+    let path = root.join(CONFIG_PATH);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => apply_toml(&mut s, &text, warnings),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => warnings.push(format!(
+            "reading {}: {e}; using the defaults",
+            path.display()
+        )),
+    }
+    merge_params(&mut s, params);
+    warnings.extend(params.warnings.iter().cloned());
+    s
+}
+
+pub fn merge_params(s: &mut Settings, p: &BootParams) {
+    if let Some(m) = p.mode {
+        s.mode = m;
+    }
+    if let Some(l) = &p.cow_label {
+        s.label = l.clone();
+    }
+    if let Some(v) = p.cow_spacesize {
+        s.cow_spacesize = v;
+    }
+    if let Some(v) = p.max_size {
+        s.max_size = Some(v);
+    }
+    if let Some(v) = p.data_mode {
+        s.data_mode = v;
+    }
+    if p.cow_device.is_some() {
+        s.cow_device = p.cow_device.clone();
+    }
+    if let Some(l) = p.archisolabel.as_ref().or(p.live_label.as_ref()) {
+        s.iso_label = Some(l.clone());
+    }
+    if p.archisosearchuuid.is_some() {
+        s.iso_uuid = p.archisosearchuuid.clone();
+    }
+    if p.archisodevice.is_some() {
+        s.iso_device = p.archisodevice.clone();
+    }
+    s.debug |= p.debug;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cmdline;
+
+    #[test]
+    fn defaults_follow_the_design() {
+        let s = Settings::default();
+        assert_eq!(s.overlay_dirs, ["/etc", "/usr", "/var", "/opt"]);
+        assert_eq!(s.bind_dirs, ["/home"]);
+        assert_eq!(
+            s.tmpfs[0],
+            TmpfsMount {
+                path: "/tmp".into(),
+                size: Size::Bytes(5 << 30)
+            }
+        );
+        assert_eq!(s.cow_spacesize, Size::Bytes(256 * MIB));
+        assert_eq!(s.label, "persistence");
+    }
+
+    #[test]
+    fn file_overrides_defaults_and_cmdline_wins() {
+        let mut w = vec![];
+        let mut s = Settings::default();
+        apply_toml(
+            &mut s,
+            r#"
+mode = "nocreate"
+cow_spacesize = "25%"
+overlay_dirs = ["/etc", "/var/lib/"]
+cache_binds = ["/var/cache/pacman/pkg"]
+[[tmpfs]]
+path = "/tmp"
+size = "50%"
+"#,
+            &mut w,
+        );
+        assert!(w.is_empty(), "{w:?}");
+        assert_eq!(s.mode, Mode::Nocreate);
+        assert_eq!(s.overlay_dirs, ["/etc", "/var/lib"]);
+        assert_eq!(
+            s.tmpfs,
+            vec![TmpfsMount {
+                path: "/tmp".into(),
+                size: Size::Percent(50)
+            }]
+        );
+        merge_params(
+            &mut s,
+            &cmdline::parse("mados.persistence=off cow_spacesize=64M"),
+        );
+        assert_eq!(s.mode, Mode::Off);
+        assert_eq!(s.cow_spacesize, Size::Bytes(64 * MIB));
+        assert_eq!(s.cache_binds, ["/var/cache/pacman/pkg"]);
+    }
+
+    #[test]
+    fn bad_keys_cost_only_themselves() {
+        let mut w = vec![];
+        let mut s = Settings::default();
+        apply_toml(
+            &mut s,
+            r#"
+mode = "sometimes"
+label = "persistence-but-far-too-long"
+bind_dirs = ["home", "/srv"]
+colour = "blue"
+cow_spacesize = "128M"
+"#,
+            &mut w,
+        );
+        assert_eq!(s.mode, Mode::Auto);
+        assert_eq!(s.label, "persistence");
+        assert_eq!(s.bind_dirs, ["/srv"]);
+        assert_eq!(s.cow_spacesize, Size::Bytes(128 * MIB));
+        let all = w.join("\n");
+        assert!(all.contains("mode"), "{all}");
+        assert!(all.contains("'home' is not an absolute"), "{all}");
+        assert!(all.contains("unknown key 'colour'"), "{all}");
+        assert_eq!(w.len(), 4, "{all}");
+    }
+
+    #[test]
+    fn broken_toml_keeps_defaults() {
+        let mut w = vec![];
+        let mut s = Settings::default();
+        apply_toml(&mut s, "mode = ", &mut w);
+        assert_eq!(s, Settings::default());
+        assert!(w[0].contains("not valid TOML"));
+    }
+
+    #[test]
+    fn resolve_reads_the_live_root() {
+        let dir = std::env::temp_dir().join(format!("mados-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("etc/mados")).unwrap();
+        std::fs::write(dir.join(CONFIG_PATH), "label = \"mystick\"\n").unwrap();
+        let mut w = vec![];
+        let s = resolve(
+            &dir,
+            &cmdline::parse("archisolabel=ARCH_X cow_spacesize=bad"),
+            &mut w,
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(s.label, "mystick");
+        assert_eq!(s.iso_label.as_deref(), Some("ARCH_X"));
+        assert_eq!(w.len(), 1, "{w:?}");
+    }
+}

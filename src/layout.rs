@@ -1,0 +1,517 @@
+//! Reading a stick's partition tables into one model, and the isohybrid
+//! gaps in them. Works on any `Read + Seek` (an image file, a block device,
+//! a `Cursor` in tests).
+//!
+//! MBR and GPT are parsed here rather than with `mbrman`/`gpt`: those crates
+//! normalise what they read (mbrman treats archiso's type-0 entry, which the
+//! kernel shows as `sda1`, as unused and rewrites the whole sector; gpt
+//! refuses or "repairs" a GPT whose backup header sits at the end of the ISO
+//! instead of the device). We must see those entries exactly as the kernel
+//! and firmware do and change no byte but the one entry we add.
+
+use crate::superblock::{self, IsoInfo};
+use serde::Serialize;
+use std::io::{self, Read, Seek, SeekFrom};
+
+pub const GPT_SIGNATURE: &[u8; 8] = b"EFI PART";
+
+/// A partition the running kernel knows (from sysfs), in bytes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct KernelPart {
+    pub name: String,
+    pub number: u32,
+    pub start: u64,
+    pub size: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct MbrEntry {
+    /// 1-based, as the kernel numbers it.
+    pub number: u32,
+    pub bootable: bool,
+    #[serde(rename = "type")]
+    pub kind: u8,
+    pub start_lba: u64,
+    pub sectors: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Mbr {
+    pub entries: Vec<MbrEntry>,
+    /// The whole first logical sector.
+    #[serde(skip)]
+    pub raw: Vec<u8>,
+}
+
+impl Mbr {
+    pub fn has_protective(&self) -> bool {
+        self.entries.iter().any(|e| e.kind == 0xEE)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct GptEntry {
+    pub number: u32,
+    pub type_guid: String,
+    pub first_lba: u64,
+    pub last_lba: u64,
+    pub name: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Gpt {
+    pub alternate_lba: u64,
+    pub first_usable: u64,
+    pub last_usable: u64,
+    pub entries_lba: u64,
+    pub num_entries: u32,
+    pub entry_size: u32,
+    pub header_crc_ok: bool,
+    pub entries_crc_ok: bool,
+    pub entries: Vec<GptEntry>,
+    /// The whole sector of the primary header, and the sectors holding the
+    /// entry array (the array itself is the first `entries_bytes()`).
+    #[serde(skip)]
+    pub header_sector: Vec<u8>,
+    #[serde(skip)]
+    pub entries_raw: Vec<u8>,
+}
+
+impl Gpt {
+    pub fn header_size(&self) -> usize {
+        le32(&self.header_sector, 12) as usize
+    }
+    pub fn entries_bytes(&self) -> u64 {
+        u64::from(self.num_entries) * u64::from(self.entry_size)
+    }
+    pub fn valid(&self) -> bool {
+        self.header_crc_ok && self.entries_crc_ok
+    }
+}
+
+/// The table that firmware and the kernel actually use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TableKind {
+    /// An MBR without a protective (0xEE) entry: archiso, isohybrid. A GPT
+    /// next to it, if any, is ignored by firmware and kernel alike.
+    Mbr,
+    /// A GPT behind a protective or hybrid MBR.
+    Gpt,
+    /// No partition table: a plain ISO 9660 image.
+    None,
+}
+
+/// An extent of the device that holds something that was written to it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Extent {
+    pub what: String,
+    pub start: u64,
+    pub end: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Layout {
+    pub size: u64,
+    pub sector_size: u64,
+    pub table: TableKind,
+    pub mbr: Option<Mbr>,
+    pub gpt: Option<Gpt>,
+    pub apm: bool,
+    pub iso: Option<IsoInfo>,
+    pub kernel: Vec<KernelPart>,
+    /// Isohybrid gaps and other things a partitioning tool could get wrong.
+    pub findings: Vec<String>,
+}
+
+fn le32(b: &[u8], o: usize) -> u32 {
+    u32::from_le_bytes(b[o..o + 4].try_into().unwrap())
+}
+fn le64(b: &[u8], o: usize) -> u64 {
+    u64::from_le_bytes(b[o..o + 8].try_into().unwrap())
+}
+
+/// GUID bytes (mixed-endian on disk) as the usual upper-case string.
+pub fn guid_string(g: &[u8]) -> String {
+    format!(
+        "{:08X}-{:04X}-{:04X}-{:02X}{:02X}-{}",
+        le32(g, 0),
+        u16::from_le_bytes([g[4], g[5]]),
+        u16::from_le_bytes([g[6], g[7]]),
+        g[8],
+        g[9],
+        g[10..16]
+            .iter()
+            .map(|b| format!("{b:02X}"))
+            .collect::<String>()
+    )
+}
+
+pub fn read_exact_at<R: Read + Seek>(r: &mut R, off: u64, len: usize) -> io::Result<Vec<u8>> {
+    let mut b = vec![0u8; len];
+    r.seek(SeekFrom::Start(off))?;
+    r.read_exact(&mut b)?;
+    Ok(b)
+}
+
+pub fn parse_mbr(sector: &[u8]) -> Option<Mbr> {
+    if sector.len() < 512 || sector[510] != 0x55 || sector[511] != 0xAA {
+        return None;
+    }
+    let mut entries = Vec::new();
+    for i in 0..4 {
+        let e = &sector[446 + 16 * i..462 + 16 * i];
+        let (kind, start, size) = (e[4], le32(e, 8), le32(e, 12));
+        // The kernel skips only entries of size 0; a type-0 entry with a
+        // size is a partition to it (archiso's sda1).
+        if size == 0 {
+            continue;
+        }
+        entries.push(MbrEntry {
+            number: i as u32 + 1,
+            bootable: e[0] == 0x80,
+            kind,
+            start_lba: u64::from(start),
+            sectors: u64::from(size),
+        });
+    }
+    // A FAT or ISO boot sector also ends in 55 AA; an MBR has sane entries.
+    let bad_status = (0..4).any(|i| !matches!(sector[446 + 16 * i], 0 | 0x80));
+    if bad_status {
+        return None;
+    }
+    Some(Mbr {
+        entries,
+        raw: sector.to_vec(),
+    })
+}
+
+pub fn parse_gpt<R: Read + Seek>(r: &mut R, ss: u64) -> io::Result<Option<Gpt>> {
+    let Ok(hs) = read_exact_at(r, ss, ss as usize) else {
+        return Ok(None);
+    };
+    if &hs[..8] != GPT_SIGNATURE {
+        return Ok(None);
+    }
+    let header_size = le32(&hs, 12) as usize;
+    if !(92..=ss as usize).contains(&header_size) {
+        return Ok(None);
+    }
+    let mut h = hs[..header_size].to_vec();
+    let stored_crc = le32(&h, 16);
+    h[16..20].fill(0);
+    let header_crc_ok = crc32fast::hash(&h) == stored_crc;
+    let entries_lba = le64(&hs, 72);
+    let num_entries = le32(&hs, 80);
+    let entry_size = le32(&hs, 84);
+    if entry_size < 128
+        || num_entries == 0
+        || u64::from(num_entries) * u64::from(entry_size) > 1 << 20
+    {
+        return Ok(None);
+    }
+    let bytes = (num_entries * entry_size) as usize;
+    let raw = read_exact_at(
+        r,
+        entries_lba * ss,
+        bytes.div_ceil(ss as usize) * ss as usize,
+    )?;
+    let entries_crc_ok = crc32fast::hash(&raw[..bytes]) == le32(&hs, 88);
+    let mut entries = Vec::new();
+    for i in 0..num_entries as usize {
+        let e = &raw[i * entry_size as usize..(i + 1) * entry_size as usize];
+        if e[..16].iter().all(|&b| b == 0) {
+            continue;
+        }
+        let name: Vec<u16> = e[56..128]
+            .chunks(2)
+            .map(|c| u16::from_le_bytes([c[0], c[1]]))
+            .take_while(|&c| c != 0)
+            .collect();
+        entries.push(GptEntry {
+            number: i as u32 + 1,
+            type_guid: guid_string(&e[..16]),
+            first_lba: le64(e, 32),
+            last_lba: le64(e, 40),
+            name: String::from_utf16_lossy(&name),
+        });
+    }
+    Ok(Some(Gpt {
+        alternate_lba: le64(&hs, 32),
+        first_usable: le64(&hs, 40),
+        last_usable: le64(&hs, 48),
+        entries_lba,
+        num_entries,
+        entry_size,
+        header_crc_ok,
+        entries_crc_ok,
+        entries,
+        header_sector: hs,
+        entries_raw: raw,
+    }))
+}
+
+/// For image files: 4096 if a GPT header sits at 4096 and none at 512.
+pub fn guess_sector_size<R: Read + Seek>(r: &mut R) -> io::Result<u64> {
+    let at = |r: &mut R, off| {
+        read_exact_at(r, off, 8)
+            .map(|b| &b[..] == GPT_SIGNATURE)
+            .unwrap_or(false)
+    };
+    Ok(if !at(r, 512) && at(r, 4096) {
+        4096
+    } else {
+        512
+    })
+}
+
+/// Apple partition map (xorriso's `-isohybrid-apm-hfsplus`, grub-mkrescue).
+fn has_apm<R: Read + Seek>(r: &mut R) -> bool {
+    let ddm = read_exact_at(r, 0, 2)
+        .map(|b| &b[..] == b"ER")
+        .unwrap_or(false);
+    ddm && [512u64, 2048].iter().any(|&o| {
+        read_exact_at(r, o, 2)
+            .map(|b| &b[..] == b"PM")
+            .unwrap_or(false)
+    })
+}
+
+pub fn read_layout<R: Read + Seek>(
+    r: &mut R,
+    size: u64,
+    sector_size: u64,
+    kernel: Vec<KernelPart>,
+) -> io::Result<Layout> {
+    let sector0 = read_exact_at(r, 0, sector_size as usize)?;
+    let mbr = parse_mbr(&sector0);
+    let gpt = parse_gpt(r, sector_size)?;
+    let apm = has_apm(r);
+    let iso = read_exact_at(r, 32768, 2048)
+        .ok()
+        .and_then(|b| superblock::parse_iso(&b));
+    let table = match (&mbr, &gpt) {
+        (Some(m), Some(_)) if m.has_protective() => TableKind::Gpt,
+        (Some(m), _) if !m.entries.is_empty() && !m.has_protective() => TableKind::Mbr,
+        _ => TableKind::None,
+    };
+    let mut l = Layout {
+        size,
+        sector_size,
+        table,
+        mbr,
+        gpt,
+        apm,
+        iso,
+        kernel,
+        findings: vec![],
+    };
+    l.findings = findings(&l);
+    Ok(l)
+}
+
+fn findings(l: &Layout) -> Vec<String> {
+    let ss = l.sector_size;
+    let mut f = Vec::new();
+    if let Some(m) = &l.mbr {
+        for e in m
+            .entries
+            .iter()
+            .filter(|e| e.kind == 0 && l.table == TableKind::Mbr)
+        {
+            f.push(format!(
+                "MBR entry {} has type 0x00 but covers sectors {}..{}: the kernel shows it as a \
+                 partition, parted and similar tools report it as free space (isohybrid gap)",
+                e.number,
+                e.start_lba,
+                e.start_lba + e.sectors
+            ));
+        }
+    }
+    if let Some(g) = &l.gpt {
+        if !g.valid() {
+            f.push("the GPT's checksums do not match: it is not used".into());
+        }
+        if l.table == TableKind::Mbr {
+            f.push("a GPT is present but the MBR has no protective entry: firmware and kernel use the MBR".into());
+        }
+        let last = l.size / ss - 1;
+        if g.alternate_lba != last {
+            f.push(format!(
+                "GPT backup header at LBA {} is not at the device's end (LBA {last})",
+                g.alternate_lba
+            ));
+        }
+        if let Some(iso) = &l.iso {
+            for e in &g.entries {
+                let (s, end) = (e.first_lba * ss, (e.last_lba + 1) * ss);
+                if s < iso.size && end > 0 && !(s == 32768 && e.type_guid.starts_with("EBD0A0A2")) {
+                    f.push(format!(
+                        "GPT entry {} '{}' (bytes {s}..{end}) overlaps the ISO 9660 filesystem (0..{})",
+                        e.number, e.name, iso.size
+                    ));
+                }
+            }
+        }
+    }
+    let tables = [l.mbr.is_some(), l.gpt.is_some(), l.apm]
+        .iter()
+        .filter(|&&b| b)
+        .count();
+    if tables > 1 {
+        f.push(format!(
+            "several partition tables at once: MBR={} GPT={} APM={}",
+            l.mbr.is_some(),
+            l.gpt.is_some(),
+            l.apm
+        ));
+    }
+    for k in &l.kernel {
+        if !l
+            .table_entries()
+            .iter()
+            .any(|(n, s, _)| *n == k.number && *s == k.start)
+        {
+            f.push(format!(
+                "kernel partition {} (number {}, bytes {}..{}) is not in the {:?} table",
+                k.name,
+                k.number,
+                k.start,
+                k.start + k.size,
+                l.table
+            ));
+        }
+    }
+    f
+}
+
+impl Layout {
+    /// (number, start, size) in bytes of the entries of the table in use.
+    pub fn table_entries(&self) -> Vec<(u32, u64, u64)> {
+        let ss = self.sector_size;
+        match self.table {
+            TableKind::Mbr => self
+                .mbr
+                .iter()
+                .flat_map(|m| &m.entries)
+                .map(|e| (e.number, e.start_lba * ss, e.sectors * ss))
+                .collect(),
+            TableKind::Gpt => self
+                .gpt
+                .iter()
+                .flat_map(|g| &g.entries)
+                .map(|e| {
+                    (
+                        e.number,
+                        e.first_lba * ss,
+                        (e.last_lba + 1 - e.first_lba) * ss,
+                    )
+                })
+                .collect(),
+            TableKind::None => vec![],
+        }
+    }
+
+    /// Every region of the device that holds what was written to it: the
+    /// ISO filesystem, every entry of every table, both GPT headers and
+    /// arrays, every kernel node. Nothing may be placed below their end.
+    pub fn extents(&self) -> Vec<Extent> {
+        let ss = self.sector_size;
+        let mut x = vec![Extent {
+            what: "partition table sectors".into(),
+            start: 0,
+            end: 2 * ss,
+        }];
+        if let Some(iso) = &self.iso {
+            x.push(Extent {
+                what: format!("ISO 9660 filesystem '{}'", iso.label),
+                start: 0,
+                end: iso.size,
+            });
+        }
+        if let Some(m) = &self.mbr {
+            for e in &m.entries {
+                let (start, end) = if e.kind == 0xEE {
+                    // A protective entry says "GPT here", not "data here".
+                    (0, 0)
+                } else {
+                    (e.start_lba * ss, (e.start_lba + e.sectors) * ss)
+                };
+                x.push(Extent {
+                    what: format!("MBR entry {} (type 0x{:02x})", e.number, e.kind),
+                    start,
+                    end,
+                });
+            }
+        }
+        if let Some(g) = &self.gpt {
+            let arr = g.entries_bytes().div_ceil(ss);
+            x.push(Extent {
+                what: "primary GPT entries".into(),
+                start: g.entries_lba * ss,
+                end: (g.entries_lba + arr) * ss,
+            });
+            // A backup at the device's last LBA is rewritten in place by a
+            // plan; anywhere else (the ISO's end) it is data to keep.
+            let last = self.size / ss - 1;
+            if g.alternate_lba > 1 && g.alternate_lba < last {
+                x.push(Extent {
+                    what: "GPT backup header and entries".into(),
+                    start: (g.alternate_lba.saturating_sub(arr)) * ss,
+                    end: (g.alternate_lba + 1) * ss,
+                });
+            }
+            for e in &g.entries {
+                x.push(Extent {
+                    what: format!("GPT entry {} '{}'", e.number, e.name),
+                    start: e.first_lba * ss,
+                    end: (e.last_lba + 1) * ss,
+                });
+            }
+        }
+        for k in &self.kernel {
+            x.push(Extent {
+                what: format!("kernel partition {}", k.name),
+                start: k.start,
+                end: k.start + k.size,
+            });
+        }
+        x.retain(|e| e.end > e.start);
+        x
+    }
+
+    /// The first byte after everything that was written to the stick.
+    pub fn used_end(&self) -> u64 {
+        self.extents().iter().map(|e| e.end).max().unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guid_rendering() {
+        let esp = [
+            0x28, 0x73, 0x2A, 0xC1, 0x1F, 0xF8, 0xD2, 0x11, 0xBA, 0x4B, 0x00, 0xA0, 0xC9, 0x3E,
+            0xC9, 0x3B,
+        ];
+        assert_eq!(guid_string(&esp), "C12A7328-F81F-11D2-BA4B-00A0C93EC93B");
+    }
+
+    #[test]
+    fn mbr_keeps_type_zero_entries_with_a_size() {
+        let mut s = vec![0u8; 512];
+        s[510] = 0x55;
+        s[511] = 0xAA;
+        s[446] = 0x80;
+        s[446 + 8..446 + 12].copy_from_slice(&64u32.to_le_bytes());
+        s[446 + 12..446 + 16].copy_from_slice(&6080u32.to_le_bytes());
+        let m = parse_mbr(&s).unwrap();
+        assert_eq!(m.entries.len(), 1);
+        assert_eq!(m.entries[0].kind, 0);
+        assert!(m.entries[0].bootable);
+        s[446 + 16] = 0x29; // a FAT boot sector's byte, not a status
+        assert!(parse_mbr(&s).is_none());
+    }
+}

@@ -1,0 +1,273 @@
+//! Where a new persistence partition goes, and the exact sector writes that
+//! create it. Pure: takes a `Layout`, returns a plan; `table` applies it.
+
+use crate::layout::{KernelPart, Layout, TableKind};
+use crate::size::{MIB, human};
+use serde::Serialize;
+
+/// GPT type for "Linux filesystem data".
+pub const LINUX_FS_GUID: [u8; 16] = [
+    0xAF, 0x3D, 0xC6, 0x0F, 0x83, 0x84, 0x72, 0x47, 0x8E, 0x79, 0x3D, 0x69, 0xD8, 0x47, 0x7D, 0xE4,
+];
+
+#[derive(Debug, Clone)]
+pub struct PlanOptions {
+    /// Less room than this: no partition.
+    pub min_free: u64,
+    pub max_size: Option<u64>,
+    pub align: u64,
+    /// The new GPT entry's unique GUID (random in real runs).
+    pub guid: [u8; 16],
+    /// The GPT partition name.
+    pub name: String,
+}
+
+impl Default for PlanOptions {
+    fn default() -> Self {
+        PlanOptions {
+            min_free: 100 * MIB,
+            max_size: None,
+            align: MIB,
+            guid: [0x42; 16],
+            name: "persistence".into(),
+        }
+    }
+}
+
+/// A sector-granular write: the full new content of whole sectors.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Write {
+    pub what: String,
+    pub offset: u64,
+    #[serde(skip)]
+    pub data: Vec<u8>,
+    pub len: usize,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PartPlan {
+    pub table: TableKind,
+    pub number: u32,
+    /// Byte offset and length of the new partition.
+    pub start: u64,
+    pub size: u64,
+    /// The first byte after everything already on the stick.
+    pub used_end: u64,
+    pub writes: Vec<Write>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize)]
+#[serde(tag = "refusal", rename_all = "snake_case")]
+pub enum Refusal {
+    #[error("the device has no partition table (a plain ISO 9660 image): refusing to write one")]
+    NoTable,
+    #[error("the GPT's checksums are wrong: refusing to change a table we cannot trust")]
+    GptInvalid,
+    #[error("no free entry in the {table:?} table")]
+    NoFreeSlot { table: TableKind },
+    #[error("only {free_h} free after the ISO (at byte {used_end}); at least {min_h} is needed")]
+    TooSmall {
+        free: u64,
+        free_h: String,
+        min_h: String,
+        used_end: u64,
+    },
+    #[error("the MBR cannot address the free space after {start_h} (2 TiB limit)")]
+    BeyondMbr { start_h: String },
+}
+
+fn align_up(v: u64, a: u64) -> u64 {
+    v.div_ceil(a) * a
+}
+
+fn number_taken(kernel: &[KernelPart], n: u32) -> bool {
+    kernel.iter().any(|k| k.number == n)
+}
+
+pub fn plan(l: &Layout, o: &PlanOptions) -> Result<PartPlan, Refusal> {
+    let ss = l.sector_size;
+    let align = align_up(o.align.max(ss), ss);
+    let used_end = l.used_end();
+    let start = align_up(used_end, align);
+    // Room at the end: a GPT needs its backup array and header there.
+    let tail = match (&l.table, &l.gpt) {
+        (TableKind::Gpt, Some(g)) => (g.entries_bytes().div_ceil(ss) + 1) * ss,
+        _ => 0,
+    };
+    let mut end = (l.size.saturating_sub(tail) / align) * align;
+    if let Some(cap) = o.max_size {
+        end = end.min(start.saturating_add(cap / align * align));
+    }
+    let too_small = |free: u64| Refusal::TooSmall {
+        free,
+        free_h: human(free),
+        min_h: human(o.min_free),
+        used_end,
+    };
+    if end <= start || end - start < o.min_free {
+        return Err(too_small(end.saturating_sub(start)));
+    }
+    match l.table {
+        TableKind::None => Err(Refusal::NoTable),
+        TableKind::Mbr => plan_mbr(l, o, start, end, used_end),
+        TableKind::Gpt => plan_gpt(l, o, start, end, used_end),
+    }
+}
+
+fn chs_none() -> [u8; 3] {
+    // "beyond CHS": what sfdisk and fdisk write for LBA-only entries
+    [0xFE, 0xFF, 0xFF]
+}
+
+fn plan_mbr(
+    l: &Layout,
+    _o: &PlanOptions,
+    start: u64,
+    mut end: u64,
+    used_end: u64,
+) -> Result<PartPlan, Refusal> {
+    let ss = l.sector_size;
+    let mbr = l.mbr.as_ref().expect("MBR table kind has an MBR");
+    let slot = (0..4usize)
+        .find(|&i| {
+            let raw = &mbr.raw[446 + 16 * i..462 + 16 * i];
+            raw.iter().all(|&b| b == 0) && !number_taken(&l.kernel, i as u32 + 1)
+        })
+        .ok_or(Refusal::NoFreeSlot {
+            table: TableKind::Mbr,
+        })?;
+    let max = u64::from(u32::MAX) * ss;
+    if start >= max {
+        return Err(Refusal::BeyondMbr {
+            start_h: human(start),
+        });
+    }
+    end = end.min(max / MIB * MIB);
+    // the whole first logical sector, changed in one entry only
+    let mut sector = mbr.raw.clone();
+    let e = &mut sector[446 + 16 * slot..462 + 16 * slot];
+    e[0] = 0;
+    e[1..4].copy_from_slice(&chs_none());
+    e[4] = 0x83;
+    e[5..8].copy_from_slice(&chs_none());
+    e[8..12].copy_from_slice(&((start / ss) as u32).to_le_bytes());
+    e[12..16].copy_from_slice(&(((end - start) / ss) as u32).to_le_bytes());
+    Ok(PartPlan {
+        table: TableKind::Mbr,
+        number: slot as u32 + 1,
+        start,
+        size: end - start,
+        used_end,
+        writes: vec![Write {
+            what: format!("MBR (entry {})", slot + 1),
+            offset: 0,
+            len: sector.len(),
+            data: sector,
+        }],
+    })
+}
+
+fn put_u32(b: &mut [u8], o: usize, v: u32) {
+    b[o..o + 4].copy_from_slice(&v.to_le_bytes());
+}
+fn put_u64(b: &mut [u8], o: usize, v: u64) {
+    b[o..o + 8].copy_from_slice(&v.to_le_bytes());
+}
+
+fn plan_gpt(
+    l: &Layout,
+    o: &PlanOptions,
+    start: u64,
+    end: u64,
+    used_end: u64,
+) -> Result<PartPlan, Refusal> {
+    let ss = l.sector_size;
+    let g = l.gpt.as_ref().expect("GPT table kind has a GPT");
+    if !g.valid() {
+        return Err(Refusal::GptInvalid);
+    }
+    let es = g.entry_size as usize;
+    let slot = (0..g.num_entries as usize)
+        .find(|&i| {
+            g.entries_raw[i * es..i * es + 16].iter().all(|&b| b == 0)
+                && !number_taken(&l.kernel, i as u32 + 1)
+        })
+        .ok_or(Refusal::NoFreeSlot {
+            table: TableKind::Gpt,
+        })?;
+    let mut entries = g.entries_raw.clone();
+    let e = &mut entries[slot * es..(slot + 1) * es];
+    e.fill(0);
+    e[..16].copy_from_slice(&LINUX_FS_GUID);
+    e[16..32].copy_from_slice(&o.guid);
+    put_u64(e, 32, start / ss);
+    put_u64(e, 40, end / ss - 1);
+    for (i, c) in o.name.encode_utf16().take(36).enumerate() {
+        e[56 + 2 * i..58 + 2 * i].copy_from_slice(&c.to_le_bytes());
+    }
+    let last = l.size / ss - 1;
+    let arr_sectors = g.entries_bytes().div_ceil(ss);
+    let backup_entries_lba = last - arr_sectors;
+    let entries_crc = crc32fast::hash(&entries[..g.entries_bytes() as usize]);
+    let hsize = g.header_size();
+
+    let header = |my: u64, alt: u64, entries_lba: u64| {
+        let mut s = if my == 1 {
+            g.header_sector.clone()
+        } else {
+            vec![0u8; ss as usize]
+        };
+        if my != 1 {
+            s[..hsize].copy_from_slice(&g.header_sector[..hsize]);
+        }
+        put_u64(&mut s, 24, my);
+        put_u64(&mut s, 32, alt);
+        put_u64(&mut s, 48, backup_entries_lba - 1); // last usable LBA
+        put_u64(&mut s, 72, entries_lba);
+        put_u32(&mut s, 88, entries_crc);
+        put_u32(&mut s, 16, 0);
+        let crc = crc32fast::hash(&s[..hsize]);
+        put_u32(&mut s, 16, crc);
+        s
+    };
+    // The backup array: the entries, zero-padded to whole sectors.
+    let mut backup = entries[..g.entries_bytes() as usize].to_vec();
+    backup.resize((arr_sectors * ss) as usize, 0);
+    // The primary: only the one sector holding the new entry changes.
+    let sec = (slot * es) / ss as usize * ss as usize;
+    let primary_sector = entries[sec..sec + ss as usize].to_vec();
+    let writes = vec![
+        Write {
+            what: "primary GPT header".into(),
+            offset: ss,
+            len: ss as usize,
+            data: header(1, last, g.entries_lba),
+        },
+        Write {
+            what: format!("primary GPT entries (entry {})", slot + 1),
+            offset: g.entries_lba * ss + sec as u64,
+            len: ss as usize,
+            data: primary_sector,
+        },
+        Write {
+            what: "backup GPT entries at the device's end".into(),
+            offset: backup_entries_lba * ss,
+            len: backup.len(),
+            data: backup,
+        },
+        Write {
+            what: "backup GPT header at the device's end".into(),
+            offset: last * ss,
+            len: ss as usize,
+            data: header(last, 1, backup_entries_lba),
+        },
+    ];
+    Ok(PartPlan {
+        table: TableKind::Gpt,
+        number: slot as u32 + 1,
+        start,
+        size: end - start,
+        used_end,
+        writes,
+    })
+}

@@ -1,0 +1,216 @@
+//! Filesystem superblocks we need to recognise, read in Rust so the
+//! initramfs needs neither libblkid nor blkid: iso9660 (label and the
+//! creation-date UUID that archiso matches), ext2/3/4 and vfat.
+
+use serde::Serialize;
+use std::io::{self, Read, Seek, SeekFrom};
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct IsoInfo {
+    pub label: String,
+    /// `YYYY-MM-DD-HH-MM-SS-CC` from the creation date, as udev/blkid and
+    /// archiso's `archisosearchuuid=` spell it.
+    pub uuid: String,
+    /// Bytes the ISO 9660 filesystem spans.
+    pub size: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Ext4Info {
+    pub label: String,
+    pub uuid: String,
+    pub block_size: u64,
+    pub blocks: u64,
+    pub free_blocks: u64,
+    pub has_journal: bool,
+    /// The "cleanly unmounted" bit of s_state.
+    pub clean: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum Fs {
+    Iso9660(IsoInfo),
+    Ext4(Ext4Info),
+    Vfat { label: String },
+}
+
+impl Fs {
+    pub fn label(&self) -> &str {
+        match self {
+            Fs::Iso9660(i) => &i.label,
+            Fs::Ext4(e) => &e.label,
+            Fs::Vfat { label } => label,
+        }
+    }
+    pub fn uuid(&self) -> Option<&str> {
+        match self {
+            Fs::Iso9660(i) => Some(&i.uuid),
+            Fs::Ext4(e) => Some(&e.uuid),
+            Fs::Vfat { .. } => None,
+        }
+    }
+}
+
+fn read_at<R: Read + Seek>(r: &mut R, off: u64, buf: &mut [u8]) -> io::Result<bool> {
+    r.seek(SeekFrom::Start(off))?;
+    let mut got = 0;
+    while got < buf.len() {
+        match r.read(&mut buf[got..])? {
+            0 => return Ok(false),
+            n => got += n,
+        }
+    }
+    Ok(true)
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b)
+        .trim_end_matches(['\0', ' '])
+        .to_string()
+}
+
+fn le16(b: &[u8], o: usize) -> u16 {
+    u16::from_le_bytes([b[o], b[o + 1]])
+}
+fn le32(b: &[u8], o: usize) -> u32 {
+    u32::from_le_bytes(b[o..o + 4].try_into().unwrap())
+}
+
+/// The primary volume descriptor at 32 KiB.
+pub fn parse_iso(pvd: &[u8]) -> Option<IsoInfo> {
+    if pvd.len() < 2048 || pvd[0] != 1 || &pvd[1..6] != b"CD001" {
+        return None;
+    }
+    let blocks = u64::from(le32(pvd, 80));
+    let bs = u64::from(le16(pvd, 128));
+    let d = &pvd[813..829];
+    if !d.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let s = |a: usize, b: usize| String::from_utf8_lossy(&d[a..b]).into_owned();
+    let uuid = format!(
+        "{}-{}-{}-{}-{}-{}-{}",
+        s(0, 4),
+        s(4, 6),
+        s(6, 8),
+        s(8, 10),
+        s(10, 12),
+        s(12, 14),
+        s(14, 16)
+    );
+    Some(IsoInfo {
+        label: text(&pvd[40..72]),
+        uuid,
+        size: blocks * bs,
+    })
+}
+
+fn uuid_string(u: &[u8]) -> String {
+    let h: String = u.iter().map(|b| format!("{b:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
+}
+
+/// The ext2/3/4 superblock (the 1024 bytes at offset 1024).
+pub fn parse_ext4(sb: &[u8]) -> Option<Ext4Info> {
+    if sb.len() < 1024 || le16(sb, 56) != 0xEF53 {
+        return None;
+    }
+    let incompat = le32(sb, 96);
+    let blocks_hi = if incompat & 0x80 != 0 {
+        u64::from(le32(sb, 0x150))
+    } else {
+        0
+    };
+    let free_hi = if incompat & 0x80 != 0 {
+        u64::from(le32(sb, 0x158))
+    } else {
+        0
+    };
+    Some(Ext4Info {
+        label: text(&sb[120..136]),
+        uuid: uuid_string(&sb[104..120]),
+        block_size: 1024u64 << le32(sb, 24),
+        blocks: u64::from(le32(sb, 4)) | blocks_hi << 32,
+        free_blocks: u64::from(le32(sb, 12)) | free_hi << 32,
+        has_journal: le32(sb, 92) & 0x4 != 0,
+        clean: le16(sb, 58) & 1 != 0,
+    })
+}
+
+/// A FAT boot sector's volume label.
+pub fn parse_vfat(bs: &[u8]) -> Option<String> {
+    if bs.len() < 512 || bs[510] != 0x55 || bs[511] != 0xAA {
+        return None;
+    }
+    let fat32 = le16(bs, 22) == 0;
+    let (sig, lab, ty) = if fat32 { (66, 71, 82) } else { (38, 43, 54) };
+    if !bs[ty..ty + 3].eq(b"FAT") {
+        return None;
+    }
+    Some(if bs[sig] == 0x29 {
+        text(&bs[lab..lab + 11])
+    } else {
+        String::new()
+    })
+}
+
+/// Recognise whatever filesystem starts at the beginning of `r`.
+pub fn probe<R: Read + Seek>(r: &mut R) -> io::Result<Option<Fs>> {
+    let mut b = vec![0u8; 2048];
+    if read_at(r, 1024, &mut b[..1024])? {
+        if let Some(e) = parse_ext4(&b[..1024]) {
+            return Ok(Some(Fs::Ext4(e)));
+        }
+    }
+    if read_at(r, 32768, &mut b)? {
+        if let Some(i) = parse_iso(&b) {
+            return Ok(Some(Fs::Iso9660(i)));
+        }
+    }
+    if read_at(r, 0, &mut b[..512])? {
+        if let Some(label) = parse_vfat(&b[..512]) {
+            return Ok(Some(Fs::Vfat { label }));
+        }
+    }
+    Ok(None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Cursor;
+
+    #[test]
+    fn synthetic_ext4() {
+        let mut img = vec![0u8; 4096];
+        let sb = &mut img[1024..2048];
+        sb[56..58].copy_from_slice(&0xEF53u16.to_le_bytes());
+        sb[4..8].copy_from_slice(&1000u32.to_le_bytes());
+        sb[12..16].copy_from_slice(&400u32.to_le_bytes());
+        sb[24..28].copy_from_slice(&2u32.to_le_bytes());
+        sb[58..60].copy_from_slice(&1u16.to_le_bytes());
+        sb[92..96].copy_from_slice(&4u32.to_le_bytes());
+        sb[120..131].copy_from_slice(b"persistence");
+        let fs = probe(&mut Cursor::new(img)).unwrap().unwrap();
+        let Fs::Ext4(e) = fs else {
+            panic!("not ext4: {fs:?}")
+        };
+        assert_eq!(e.label, "persistence");
+        assert_eq!((e.block_size, e.blocks, e.free_blocks), (4096, 1000, 400));
+        assert!(e.has_journal && e.clean);
+    }
+
+    #[test]
+    fn nothing_on_zeros() {
+        assert_eq!(probe(&mut Cursor::new(vec![0u8; 65536])).unwrap(), None);
+        assert_eq!(probe(&mut Cursor::new(vec![0u8; 100])).unwrap(), None);
+    }
+}

@@ -1,0 +1,127 @@
+//! Applying a partition plan's sector writes, with a backup of every sector
+//! they touch taken first, so that a failure (or `remove`) can put the table
+//! back exactly as it was.
+
+use crate::layout::read_exact_at;
+use crate::partplan::Write as SectorWrite;
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+use std::io::{Read, Seek, SeekFrom, Write};
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Region {
+    pub what: String,
+    pub offset: u64,
+    /// The original bytes, hex-encoded.
+    pub hex: String,
+}
+
+/// The original content of every sector a plan writes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Backup {
+    pub device: String,
+    pub device_size: u64,
+    pub regions: Vec<Region>,
+}
+
+fn to_hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn from_hex(s: &str) -> Result<Vec<u8>> {
+    if s.len() % 2 != 0 {
+        bail!("odd-length hex in backup");
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).context("bad hex in backup"))
+        .collect()
+}
+
+impl Region {
+    pub fn data(&self) -> Result<Vec<u8>> {
+        from_hex(&self.hex)
+    }
+}
+
+pub fn take_backup<R: Read + Seek>(
+    r: &mut R,
+    device: &str,
+    device_size: u64,
+    writes: &[SectorWrite],
+) -> Result<Backup> {
+    let regions = writes
+        .iter()
+        .map(|w| {
+            let old = read_exact_at(r, w.offset, w.data.len()).with_context(|| {
+                format!("reading {} at byte {} for the backup", w.what, w.offset)
+            })?;
+            Ok(Region {
+                what: w.what.clone(),
+                offset: w.offset,
+                hex: to_hex(&old),
+            })
+        })
+        .collect::<Result<_>>()?;
+    Ok(Backup {
+        device: device.into(),
+        device_size,
+        regions,
+    })
+}
+
+fn write_at<W: Write + Seek>(w: &mut W, off: u64, data: &[u8], what: &str) -> Result<()> {
+    w.seek(SeekFrom::Start(off))?;
+    w.write_all(data)
+        .with_context(|| format!("writing {what} at byte {off}"))
+}
+
+/// Write the plan's sectors in order: the primary table last but one, the
+/// backup GPT last, so a cut in between leaves a table the kernel reads.
+pub fn apply<W: Write + Seek>(w: &mut W, writes: &[SectorWrite]) -> Result<()> {
+    for x in writes {
+        write_at(w, x.offset, &x.data, &x.what)?;
+    }
+    w.flush().context("flushing the partition table")
+}
+
+pub fn restore<W: Write + Seek>(w: &mut W, b: &Backup) -> Result<()> {
+    for r in &b.regions {
+        write_at(w, r.offset, &r.data()?, &r.what)?;
+    }
+    w.flush().context("flushing the restored partition table")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Cursor;
+
+    #[test]
+    fn backup_apply_restore_round_trip() {
+        let orig: Vec<u8> = (0..8192u32).map(|i| (i % 251) as u8).collect();
+        let mut dev = Cursor::new(orig.clone());
+        let writes = vec![
+            SectorWrite {
+                what: "a".into(),
+                offset: 512,
+                len: 512,
+                data: vec![1; 512],
+            },
+            SectorWrite {
+                what: "b".into(),
+                offset: 7680,
+                len: 512,
+                data: vec![2; 512],
+            },
+        ];
+        let b = take_backup(&mut dev, "test", 8192, &writes).unwrap();
+        let json = serde_json::to_string(&b).unwrap();
+        apply(&mut dev, &writes).unwrap();
+        assert_eq!(&dev.get_ref()[512..1024], &[1; 512][..]);
+        assert_ne!(dev.get_ref(), &orig);
+        let b2: Backup = serde_json::from_str(&json).unwrap();
+        restore(&mut dev, &b2).unwrap();
+        assert_eq!(dev.get_ref(), &orig);
+    }
+}
