@@ -183,6 +183,45 @@ pub fn probe<R: Read + Seek>(r: &mut R) -> io::Result<Option<Fs>> {
     Ok(None)
 }
 
+/// A window onto part of a device (a partition read through its disk).
+pub struct Window<'a, R> {
+    inner: &'a mut R,
+    base: u64,
+    len: u64,
+    pos: u64,
+}
+
+impl<'a, R: Read + Seek> Window<'a, R> {
+    pub fn new(inner: &'a mut R, base: u64, len: u64) -> Self {
+        Window { inner, base, len, pos: 0 }
+    }
+}
+
+impl<R: Read + Seek> Read for Window<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let left = self.len.saturating_sub(self.pos) as usize;
+        let n = buf.len().min(left);
+        if n == 0 {
+            return Ok(0);
+        }
+        self.inner.seek(SeekFrom::Start(self.base + self.pos))?;
+        let got = self.inner.read(&mut buf[..n])?;
+        self.pos += got as u64;
+        Ok(got)
+    }
+}
+
+impl<R: Read + Seek> Seek for Window<'_, R> {
+    fn seek(&mut self, to: SeekFrom) -> io::Result<u64> {
+        self.pos = match to {
+            SeekFrom::Start(p) => p,
+            SeekFrom::Current(d) => self.pos.saturating_add_signed(d),
+            SeekFrom::End(d) => self.len.saturating_add_signed(d),
+        };
+        Ok(self.pos)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,0 +1,429 @@
+//! `mados-persistence boot`: the early-boot run. Reads everything, decides
+//! (detect), creates the partition if needed (create), checks and mounts it,
+//! layers the mounts (mounts), and hands off through state.json. Any
+//! failure on the persistent path ends in RAM mode; this never fails the
+//! boot.
+
+use crate::blockdev::{self, Loop};
+use crate::cmdline;
+use crate::config::{self, Settings};
+use crate::detect::{self, Decision, Probed, Reason};
+use crate::e2fs;
+use crate::fsutil;
+use crate::layout;
+use crate::mounts::{self, Mounted};
+use crate::partplan::{self, PlanOptions};
+use crate::state::{self, BootDevice, Partition, State, Timing};
+use crate::superblock;
+use crate::sysfs::Sysfs;
+use crate::table;
+use anyhow::{Context, Result, anyhow, bail};
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+pub struct BootOptions {
+    /// The live root assembled by the initramfs (`/new_root`).
+    pub root: PathBuf,
+    pub cmdline: String,
+    pub sysfs: PathBuf,
+    /// The initramfs' /run, moved into the new root before switch_root.
+    pub run: PathBuf,
+}
+
+impl BootOptions {
+    pub fn pmount(&self) -> PathBuf {
+        self.run.join("mados/persistence")
+    }
+    pub fn state_dir(&self) -> PathBuf {
+        self.run.join(state::STATE_DIR)
+    }
+}
+
+struct Timer {
+    t: Instant,
+    out: Vec<Timing>,
+}
+
+impl Timer {
+    fn lap(&mut self, step: &str) {
+        let ms = self.t.elapsed().as_secs_f64() * 1000.0;
+        self.out.push(Timing { step: step.into(), ms: (ms * 100.0).round() / 100.0 });
+        self.t = Instant::now();
+    }
+}
+
+pub fn mem_total() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .map_or(1 << 30, |kb| kb * 1024)
+}
+
+/// The source of the mount at `mountpoint`, from /proc/self/mountinfo.
+pub fn mount_source(mountpoint: &str) -> Option<String> {
+    let mi = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    mi.lines().find_map(|l| {
+        let f: Vec<&str> = l.split(' ').collect();
+        let sep = f.iter().position(|x| *x == "-")?;
+        (f.get(4) == Some(&mountpoint)).then(|| f.get(sep + 2).map(|s| s.to_string()))?
+    })
+}
+
+pub fn probe_all(sys: &Sysfs) -> Vec<Probed> {
+    sys.list()
+        .into_iter()
+        .filter(|d| d.size > 0 && !d.name.starts_with("ram") && !d.name.starts_with("zram"))
+        .map(|dev| {
+            let fs = File::open(dev.dev_path()).ok().and_then(|mut f| superblock::probe(&mut f).ok().flatten());
+            Probed { dev, fs }
+        })
+        .collect()
+}
+
+fn random_guid() -> [u8; 16] {
+    let mut g = [0u8; 16];
+    if let Ok(mut f) = File::open("/dev/urandom") {
+        use std::io::Read;
+        let _ = f.read_exact(&mut g);
+    }
+    g[7] = (g[7] & 0x0F) | 0x40; // version 4, as stored (mixed-endian time_hi)
+    g[8] = (g[8] & 0x3F) | 0x80;
+    g
+}
+
+/// Open a partition for use. While the whole disk is mounted (some
+/// initramfs mount the ISO from /dev/sda, not /dev/sda1) the kernel refuses
+/// the partition node with EBUSY: then a loop device over the disk at the
+/// partition's offset reaches the same bytes.
+pub fn reach_partition(disk: &Path, node: &Path, start: u64, size: u64) -> Result<(PathBuf, Option<Loop>)> {
+    if blockdev::wait_for_node(node, Duration::from_secs(5)) {
+        match OpenOptions::new().read(true).write(true).custom_flags(nix::libc::O_EXCL).open(node) {
+            Ok(_) => return Ok((node.to_path_buf(), None)),
+            Err(e) => log::warn!("{} cannot be opened exclusively ({e}); using a loop device over {}", node.display(), disk.display()),
+        }
+    } else {
+        log::warn!("{} did not appear; using a loop device over {}", node.display(), disk.display());
+    }
+    let lp = Loop::attach(disk, start, size).with_context(|| format!("setting up a loop device over {} at byte {start}", disk.display()))?;
+    log::info!("reaching the partition through {}", lp.path.display());
+    Ok((lp.path.clone(), Some(lp)))
+}
+
+pub struct Created {
+    pub node: PathBuf,
+    pub target: PathBuf,
+    pub number: u32,
+    pub start: u64,
+    pub size: u64,
+    pub backup: table::Backup,
+    pub _loop: Option<Loop>,
+}
+
+/// Plan, back up, write, announce, format. Restores the table on failure.
+pub fn create_partition(disk: &Path, s: &Settings, kernel: Vec<layout::KernelPart>, backup_dir: &Path) -> Result<Created> {
+    let mut f = OpenOptions::new().read(true).write(true).open(disk).with_context(|| format!("opening {}", disk.display()))?;
+    let (size, ss) = blockdev::geometry(&f)?;
+    let ss = if ss == 0 { layout::guess_sector_size(&mut f)? } else { ss };
+    let l = layout::read_layout(&mut f, size, ss, kernel).with_context(|| format!("reading the partition tables of {}", disk.display()))?;
+    for finding in &l.findings {
+        log::info!("layout: {finding}");
+    }
+    let opts = PlanOptions {
+        min_free: s.min_free,
+        max_size: s.max_size.map(|m| m.resolve(u64::MAX)),
+        guid: random_guid(),
+        name: s.label.clone(),
+        ..Default::default()
+    };
+    let plan = partplan::plan(&l, &opts).map_err(|r| anyhow!(r))?;
+    log::info!(
+        "creating partition {} ({:?} table) at byte {} size {}",
+        plan.number,
+        plan.table,
+        plan.start,
+        crate::size::human(plan.size)
+    );
+    let backup = table::take_backup(&mut f, &disk.display().to_string(), size, &plan.writes)?;
+    fsutil::write_atomic(&backup_dir.join("table-backup.json"), serde_json::to_string_pretty(&backup)?.as_bytes())?;
+    let restore = |f: &mut File, why: &anyhow::Error| {
+        log::error!("{why:#}; restoring the partition table");
+        if let Err(e) = table::restore(f, &backup).and_then(|_| blockdev::flush_buffers(f)) {
+            log::error!("restoring the partition table of {} failed: {e:#}", disk.display());
+        }
+    };
+    let node = blockdev::partition_path(disk, plan.number);
+    let made = (|| -> Result<(PathBuf, Option<Loop>)> {
+        table::apply(&mut f, &plan.writes)?;
+        blockdev::flush_buffers(&f)?;
+        if blockdev::is_block_device(disk) {
+            blockdev::add_partition(&f, plan.number, plan.start, plan.size)?;
+            reach_partition(disk, &node, plan.start, plan.size)
+        } else {
+            let lp = Loop::attach(disk, plan.start, plan.size)?;
+            Ok((lp.path.clone(), Some(lp)))
+        }
+    })();
+    let (target, lp) = match made {
+        Ok(x) => x,
+        Err(e) => {
+            restore(&mut f, &e);
+            let _ = blockdev::del_partition(&f, plan.number);
+            return Err(e);
+        }
+    };
+    if let Err(e) = e2fs::mkfs(&target, &s.label) {
+        restore(&mut f, &e);
+        if let Some(lp) = lp {
+            let _ = lp.detach();
+        }
+        let _ = blockdev::del_partition(&f, plan.number);
+        return Err(e);
+    }
+    Ok(Created { node, target, number: plan.number, start: plan.start, size: plan.size, backup, _loop: lp })
+}
+
+/// The whole boot. Never returns an error: failures end in RAM mode.
+pub fn run(o: &BootOptions) -> State {
+    let mut t = Timer { t: Instant::now(), out: vec![] };
+    let mut st = State { version: 1, cmdline: o.cmdline.trim().to_string(), ..Default::default() };
+    let params = cmdline::parse(&o.cmdline);
+    let s = config::resolve(&o.root, &params, &mut st.warnings);
+    for w in &st.warnings {
+        log::warn!("{w}");
+    }
+    t.lap("settings");
+    let sys = Sysfs::new(&o.sysfs);
+    let devs = probe_all(&sys);
+    t.lap("probe");
+    let bootmnt = mount_source("/run/archiso/bootmnt");
+    let iso = detect::find_iso(&devs, &s, bootmnt.as_deref());
+    let kind = iso.as_ref().ok().map(|p| sys.kind(p.dev.disk_name()));
+    if let (Ok(p), Some(k)) = (&iso, &kind) {
+        log::info!("boot device: {} on {} ({})", p.dev.dev_path().display(), p.dev.disk_name(), k.describe());
+        st.boot_device = Some(BootDevice {
+            device: p.dev.dev_path().display().to_string(),
+            disk: format!("/dev/{}", p.dev.disk_name()),
+            kind: serde_json::to_value(k).ok().and_then(|v| v["kind"].as_str().map(String::from)).unwrap_or_default(),
+            description: k.describe(),
+        });
+    }
+    let (decision, warnings) = detect::decide(&s, &devs, iso.map(|p| (p, kind.as_ref().unwrap())));
+    for w in warnings {
+        log::warn!("{w}");
+        st.warnings.push(w);
+    }
+    t.lap("detect");
+    let ram = mem_total();
+    let persistent = match decision {
+        Decision::Ram { reason } => Err(reason),
+        Decision::Use { device, explicit } => {
+            let dev = devs.iter().find(|p| p.dev.name == device).map(|p| p.dev.clone()).unwrap();
+            if explicit {
+                log::info!("using {} named by cow_device=", dev.dev_path().display());
+            }
+            let disk = PathBuf::from("/dev").join(dev.disk_name());
+            reach_partition(&disk, &dev.dev_path(), dev.start, dev.size)
+                .map_err(|e| Reason::new("open_failed", format!("{e:#}")))
+                .and_then(|(target, lp)| {
+                    t.lap("open");
+                    mount_persistence(o, &s, &mut st, &mut t, &target, dev.dev_path(), false, dev.start, dev.size, lp)
+                })
+        }
+        Decision::Create { disk } => {
+            let disk_path = PathBuf::from("/dev").join(&disk);
+            match create_partition(&disk_path, &s, sys.partitions_of(&disk), &o.state_dir()) {
+                Ok(c) => {
+                    t.lap("create");
+                    log::info!("created {} ({})", c.node.display(), crate::size::human(c.size));
+                    let backup = c.backup.clone();
+                    let r = mount_persistence(o, &s, &mut st, &mut t, &c.target, c.node.clone(), true, c.start, c.size, c._loop);
+                    if r.is_ok() {
+                        let p = o.pmount().join(".mados/table-backup.json");
+                        if let Err(e) = fsutil::write_atomic(&p, serde_json::to_string_pretty(&backup).unwrap().as_bytes()) {
+                            log::warn!("keeping the table backup on the partition: {e:#}");
+                        }
+                    }
+                    r
+                }
+                Err(e) => {
+                    t.lap("create");
+                    let code = match e.downcast_ref::<partplan::Refusal>() {
+                        Some(partplan::Refusal::TooSmall { .. }) => "no_space",
+                        Some(partplan::Refusal::NoTable) => "no_table",
+                        Some(_) => "refused",
+                        None => "create_failed",
+                    };
+                    Err(Reason::new(code, format!("not creating persistence on /dev/{disk}: {e:#}")))
+                }
+            }
+        }
+    };
+    match persistent {
+        Ok(()) => st.mode = "persistent".into(),
+        Err(reason) => {
+            log::warn!("RAM mode: {}", reason.message);
+            st.mode = "ram".into();
+            st.reason = Some(reason);
+            let writable = root_writable(&o.root);
+            let plan = mounts::ram_plan(&o.root, &o.run.join("mados/cow"), &s, ram, writable, &|p| p.is_dir());
+            let mut done = Vec::new();
+            if let Err(e) = mounts::execute(&plan, &mut done) {
+                log::error!("RAM mode mounts: {e:#}");
+                st.warnings.push(format!("RAM mode mounts failed: {e:#}"));
+            }
+            st.mounts.extend(done);
+            t.lap("mount");
+        }
+    }
+    finish(o, &mut st, t);
+    st
+}
+
+fn root_writable(root: &Path) -> bool {
+    nix::sys::statvfs::statvfs(root)
+        .map(|v| !v.flags().contains(nix::sys::statvfs::FsFlags::ST_RDONLY))
+        .unwrap_or(false)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn mount_persistence(
+    o: &BootOptions,
+    s: &Settings,
+    st: &mut State,
+    t: &mut Timer,
+    target: &Path,
+    node: PathBuf,
+    created: bool,
+    start: u64,
+    size: u64,
+    _lp: Option<Loop>,
+) -> Result<(), Reason> {
+    let fsck = e2fs::fsck(target).map_err(|e| Reason::new("fsck_failed", format!("{e:#}")))?;
+    t.lap("fsck");
+    log::info!("e2fsck -p {}: {} (exit {})", target.display(), fsck.summary, fsck.code);
+    let mut part = Partition {
+        device: node.display().to_string(),
+        mounted_from: target.display().to_string(),
+        created,
+        start,
+        size,
+        mountpoint: o.pmount().display().to_string(),
+        fsck: Some(fsck.clone()),
+    };
+    if !fsck.mountable() {
+        st.partition = Some(part);
+        return Err(Reason::new(
+            "fsck_failed",
+            format!(
+                "e2fsck -p found {} on {} (exit {}); not mounting it. Repair it with `e2fsck -f {}` from another system; nothing was changed on it",
+                fsck.summary,
+                node.display(),
+                fsck.code,
+                node.display()
+            ),
+        ));
+    }
+    let pm = o.pmount();
+    let mut done: Vec<Mounted> = Vec::new();
+    let r = (|| -> Result<()> {
+        std::fs::create_dir_all(&pm)?;
+        let opts = mounts::persist_mount_options(s.data_mode);
+        mounts::mount(&target.display().to_string(), &pm, "ext4", &opts)?;
+        done.push(Mounted { target: pm.clone(), fstype: "ext4".into(), source: node.display().to_string(), options: opts });
+        t.lap("mount persistence");
+        let plan = mounts::persistent_plan(&o.root, &pm, s, mem_total(), &|p| p.is_dir(), &|p| !p.exists());
+        mounts::execute(&plan, &mut done)?;
+        t.lap("layer");
+        Ok(())
+    })();
+    part.fsck = Some(fsck);
+    st.partition = Some(part);
+    match r {
+        Ok(()) => {
+            st.mounts.extend(done);
+            Ok(())
+        }
+        Err(e) => {
+            mounts::undo(&mut done, 0);
+            Err(Reason::new("mount_failed", format!("{e:#}")))
+        }
+    }
+}
+
+fn finish(o: &BootOptions, st: &mut State, mut t: Timer) {
+    let dir = o.state_dir();
+    let log_path = o.root.join("var/log/mados-persistence.log");
+    let mut text = format!("=== boot: mode {} ===\n", st.mode);
+    for l in crate::logging::captured() {
+        text.push_str(&l);
+        text.push('\n');
+    }
+    let appended = std::fs::create_dir_all(log_path.parent().unwrap())
+        .and_then(|_| OpenOptions::new().create(true).append(true).open(&log_path))
+        .and_then(|mut f| std::io::Write::write_all(&mut f, text.as_bytes()));
+    if let Err(e) = appended {
+        st.warnings.push(format!("could not keep the boot log at /var/log/mados-persistence.log: {e}"));
+    }
+    t.lap("finish");
+    st.timings = std::mem::take(&mut t.out);
+    let json = serde_json::to_string_pretty(&st).expect("state serialises");
+    if let Err(e) = fsutil::write_atomic(&dir.join(state::STATE_FILE), json.as_bytes()) {
+        log::error!("writing state: {e:#}");
+    }
+    match &st.reason {
+        None => log::info!("persistence active on {}", st.partition.as_ref().map_or("?", |p| p.device.as_str())),
+        Some(r) => log::warn!("running in RAM mode: {}", r.message),
+    }
+}
+
+/// For `plan --device`: read a device or image and say what boot would do.
+pub fn plan_device(path: &Path, s: &Settings) -> Result<serde_json::Value> {
+    let mut f = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let (size, ss) = blockdev::geometry(&f)?;
+    let ss = if ss == 0 { layout::guess_sector_size(&mut f)? } else { ss };
+    let kernel = if blockdev::is_block_device(path) {
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        Sysfs::default().partitions_of(&name)
+    } else {
+        vec![]
+    };
+    let l = layout::read_layout(&mut f, size, ss, kernel)?;
+    // an existing persistence filesystem in the table?
+    let mut existing = None;
+    for (n, start, len) in l.table_entries() {
+        let mut sub = crate::superblock::Window::new(&mut f, start, len);
+        if let Ok(Some(superblock::Fs::Ext4(e))) = superblock::probe(&mut sub) {
+            if e.label == s.label {
+                existing = Some(serde_json::json!({"number": n, "start": start, "size": len, "uuid": e.uuid}));
+            }
+        }
+    }
+    let action = match &existing {
+        Some(e) => serde_json::json!({"action": "use", "partition": e}),
+        None => {
+            let opts = PlanOptions { min_free: s.min_free, max_size: s.max_size.map(|m| m.resolve(u64::MAX)), ..Default::default() };
+            match partplan::plan(&l, &opts) {
+                Ok(p) => serde_json::json!({"action": "create", "plan": p}),
+                Err(r) => serde_json::json!({"action": "none", "refusal": r, "message": r.to_string()}),
+            }
+        }
+    };
+    if size == 0 {
+        bail!("{} is empty", path.display());
+    }
+    Ok(serde_json::json!({
+        "device": path.display().to_string(),
+        "size": size,
+        "sector_size": ss,
+        "layout": l,
+        "extents": l.extents(),
+        "used_end": l.used_end(),
+        "result": action,
+    }))
+}

@@ -1,0 +1,71 @@
+//! Small filesystem helpers without an external program: copying a tree
+//! with owners, modes and symlinks kept (seeding `/home` on a new partition,
+//! and saving RAM uppers), and atomic file writes.
+
+use anyhow::{Context, Result};
+use std::fs;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
+
+/// Copy `from`'s contents into the existing dir `to`.
+pub fn copy_tree(from: &Path, to: &Path) -> Result<()> {
+    let meta = fs::symlink_metadata(from).with_context(|| format!("reading {}", from.display()))?;
+    fs::set_permissions(to, fs::Permissions::from_mode(meta.mode() & 0o7777))?;
+    let _ = std::os::unix::fs::lchown(to, Some(meta.uid()), Some(meta.gid()));
+    for e in fs::read_dir(from).with_context(|| format!("listing {}", from.display()))? {
+        let e = e?;
+        let (src, dst) = (e.path(), to.join(e.file_name()));
+        let m = fs::symlink_metadata(&src)?;
+        let ft = m.file_type();
+        if ft.is_dir() {
+            fs::create_dir_all(&dst)?;
+            copy_tree(&src, &dst)?;
+            continue;
+        } else if ft.is_symlink() {
+            let _ = fs::remove_file(&dst);
+            std::os::unix::fs::symlink(fs::read_link(&src)?, &dst)?;
+        } else if ft.is_file() {
+            fs::copy(&src, &dst).with_context(|| format!("copying {}", src.display()))?;
+            fs::set_permissions(&dst, fs::Permissions::from_mode(m.mode() & 0o7777))?;
+        } else {
+            continue; // sockets, fifos, devices: not seeded
+        }
+        let _ = std::os::unix::fs::lchown(&dst, Some(m.uid()), Some(m.gid()));
+    }
+    Ok(())
+}
+
+/// Write via a temporary file and rename, so readers never see half a file.
+pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
+    if let Some(dir) = path.parent() {
+        fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let tmp = path.with_extension("tmp");
+    fs::write(&tmp, data).with_context(|| format!("writing {}", tmp.display()))?;
+    fs::File::open(&tmp)?.sync_all()?;
+    fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn copies_files_dirs_links_and_modes() {
+        let base = std::env::temp_dir().join(format!("mados-copy-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&base);
+        let (a, b) = (base.join("a"), base.join("b"));
+        fs::create_dir_all(a.join("live/.config")).unwrap();
+        fs::write(a.join("live/.config/x"), "hello").unwrap();
+        fs::set_permissions(a.join("live"), fs::Permissions::from_mode(0o700)).unwrap();
+        std::os::unix::fs::symlink(".config/x", a.join("live/link")).unwrap();
+        fs::create_dir_all(&b).unwrap();
+        copy_tree(&a, &b).unwrap();
+        assert_eq!(fs::read_to_string(b.join("live/.config/x")).unwrap(), "hello");
+        assert_eq!(fs::read_link(b.join("live/link")).unwrap(), Path::new(".config/x"));
+        assert_eq!(fs::metadata(b.join("live")).unwrap().mode() & 0o777, 0o700);
+        write_atomic(&b.join("new/state.json"), b"{}").unwrap();
+        assert_eq!(fs::read(b.join("new/state.json")).unwrap(), b"{}");
+        fs::remove_dir_all(&base).unwrap();
+    }
+}

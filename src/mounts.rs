@@ -1,0 +1,310 @@
+//! The mount plan (pure) and its executor (thin, with undo).
+//!
+//! Persistent mode: overlayfs over each overlay dir with the live root's
+//! dir as lower and `overlays/<name>/{upper,work}` on the partition; bind
+//! dirs from the partition (seeded from the live root the first time);
+//! tmpfs mounts; cache binds. RAM mode: tmpfs mounts, and if the root is
+//! read-only, overlays with uppers on one tmpfs of `cow_spacesize`.
+
+use crate::cmdline::DataMode;
+use crate::config::Settings;
+use anyhow::{Context, Result};
+use nix::mount::{MntFlags, MsFlags};
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Step {
+    Mkdir { path: PathBuf },
+    Mount { source: String, target: PathBuf, fstype: String, options: String },
+    Bind { source: PathBuf, target: PathBuf },
+    /// Copy the live root's content into a new, empty persistent dir.
+    Seed { from: PathBuf, to: PathBuf },
+}
+
+/// `/var/lib` → `var-lib`: a dir's name on the partition.
+pub fn escape(dir: &str) -> String {
+    dir.trim_matches('/').replace('/', "-")
+}
+
+fn under(root: &Path, dir: &str) -> PathBuf {
+    root.join(dir.trim_start_matches('/'))
+}
+
+pub fn persist_mount_options(data: DataMode) -> String {
+    match data {
+        DataMode::Ordered => "noatime,commit=60".into(),
+        DataMode::Writeback => "noatime,commit=60,data=writeback".into(),
+    }
+}
+
+fn overlay(root: &Path, dir: &str, base: &Path, steps: &mut Vec<Step>) {
+    let up = base.join(escape(dir)).join("upper");
+    let work = base.join(escape(dir)).join("work");
+    let target = under(root, dir);
+    steps.push(Step::Mkdir { path: up.clone() });
+    steps.push(Step::Mkdir { path: work.clone() });
+    steps.push(Step::Mount {
+        source: "overlay".into(),
+        target: target.clone(),
+        fstype: "overlay".into(),
+        options: format!("lowerdir={},upperdir={},workdir={}", target.display(), up.display(), work.display()),
+    });
+}
+
+fn tmpfs_steps(root: &Path, s: &Settings, ram: u64, steps: &mut Vec<Step>) {
+    for t in &s.tmpfs {
+        let target = under(root, &t.path);
+        steps.push(Step::Mkdir { path: target.clone() });
+        steps.push(Step::Mount {
+            source: "tmpfs".into(),
+            target,
+            fstype: "tmpfs".into(),
+            options: format!("size={},mode=1777,nosuid,nodev", t.size.resolve(ram)),
+        });
+    }
+}
+
+/// Layering over the live root with persistence mounted at `pmount`.
+/// `exists` says whether a dir exists in the live root; `fresh` whether a
+/// bind dir is new on the partition (then it is seeded).
+pub fn persistent_plan(
+    root: &Path,
+    pmount: &Path,
+    s: &Settings,
+    ram: u64,
+    exists: &dyn Fn(&Path) -> bool,
+    fresh: &dyn Fn(&Path) -> bool,
+) -> Vec<Step> {
+    let mut steps = Vec::new();
+    let base = pmount.join("overlays");
+    for d in &s.overlay_dirs {
+        if exists(&under(root, d)) {
+            overlay(root, d, &base, &mut steps);
+        }
+    }
+    for d in &s.bind_dirs {
+        let src = pmount.join(escape(d));
+        let target = under(root, d);
+        if fresh(&src) {
+            steps.push(Step::Mkdir { path: src.clone() });
+            if exists(&target) {
+                steps.push(Step::Seed { from: target.clone(), to: src.clone() });
+            }
+        }
+        steps.push(Step::Mkdir { path: target.clone() });
+        steps.push(Step::Bind { source: src, target });
+    }
+    tmpfs_steps(root, s, ram, &mut steps);
+    for d in &s.cache_binds {
+        let src = pmount.join("cache").join(escape(d));
+        let target = under(root, d);
+        steps.push(Step::Mkdir { path: src.clone() });
+        steps.push(Step::Mkdir { path: target.clone() });
+        steps.push(Step::Bind { source: src, target });
+    }
+    steps
+}
+
+/// RAM mode. `cow` is where the RAM upper tmpfs goes.
+pub fn ram_plan(
+    root: &Path,
+    cow: &Path,
+    s: &Settings,
+    ram: u64,
+    root_writable: bool,
+    exists: &dyn Fn(&Path) -> bool,
+) -> Vec<Step> {
+    let mut steps = Vec::new();
+    if !root_writable {
+        steps.push(Step::Mkdir { path: cow.to_path_buf() });
+        steps.push(Step::Mount {
+            source: "cow".into(),
+            target: cow.to_path_buf(),
+            fstype: "tmpfs".into(),
+            options: format!("size={},mode=0755", s.cow_spacesize.resolve(ram)),
+        });
+        for d in s.overlay_dirs.iter().chain(&s.bind_dirs) {
+            if exists(&under(root, d)) {
+                overlay(root, d, cow, &mut steps);
+            }
+        }
+    }
+    tmpfs_steps(root, s, ram, &mut steps);
+    steps
+}
+
+/// A mount made, for state.json and for undo.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct Mounted {
+    pub target: PathBuf,
+    pub fstype: String,
+    pub source: String,
+    pub options: String,
+}
+
+/// Mount one filesystem; `source` may be a device or a pseudo name.
+pub fn mount(source: &str, target: &Path, fstype: &str, options: &str) -> Result<()> {
+    log::debug!("mount -t {fstype} -o {options} {source} {}", target.display());
+    nix::mount::mount(Some(source), target, Some(fstype), MsFlags::empty(), Some(options))
+        .with_context(|| format!("mounting {fstype} {source} on {} ({options})", target.display()))
+}
+
+pub fn umount(target: &Path) -> Result<()> {
+    nix::mount::umount2(target, MntFlags::empty())
+        .or_else(|_| nix::mount::umount2(target, MntFlags::MNT_DETACH))
+        .with_context(|| format!("unmounting {}", target.display()))
+}
+
+/// Run a plan. On the first failure, undo the mounts this run made (in
+/// reverse) and return the error; `done` then holds nothing.
+pub fn execute(steps: &[Step], done: &mut Vec<Mounted>) -> Result<()> {
+    let start = done.len();
+    for step in steps {
+        if let Err(e) = execute_one(step, done) {
+            undo(done, start);
+            return Err(e);
+        }
+    }
+    Ok(())
+}
+
+pub fn undo(done: &mut Vec<Mounted>, keep: usize) {
+    while done.len() > keep {
+        let m = done.pop().unwrap();
+        if let Err(e) = umount(&m.target) {
+            log::error!("undo: {e:#}");
+        } else {
+            log::info!("undo: unmounted {}", m.target.display());
+        }
+    }
+}
+
+fn execute_one(step: &Step, done: &mut Vec<Mounted>) -> Result<()> {
+    match step {
+        Step::Mkdir { path } => {
+            std::fs::create_dir_all(path).with_context(|| format!("creating {}", path.display()))
+        }
+        Step::Mount { source, target, fstype, options } => {
+            mount(source, target, fstype, options)?;
+            log::info!("mounted {fstype} on {}", target.display());
+            done.push(Mounted { target: target.clone(), fstype: fstype.clone(), source: source.clone(), options: options.clone() });
+            Ok(())
+        }
+        Step::Bind { source, target } => {
+            nix::mount::mount(Some(source.as_path()), target.as_path(), None::<&str>, MsFlags::MS_BIND, None::<&str>)
+                .with_context(|| format!("bind-mounting {} on {}", source.display(), target.display()))?;
+            log::info!("bound {} on {}", source.display(), target.display());
+            done.push(Mounted {
+                target: target.clone(),
+                fstype: "bind".into(),
+                source: source.display().to_string(),
+                options: "bind".into(),
+            });
+            Ok(())
+        }
+        Step::Seed { from, to } => {
+            crate::fsutil::copy_tree(from, to).with_context(|| format!("seeding {} from {}", to.display(), from.display()))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::size::Size;
+
+    fn p(s: &str) -> PathBuf {
+        PathBuf::from(s)
+    }
+
+    #[test]
+    fn persistent_plan_is_exact() {
+        let s = Settings {
+            overlay_dirs: vec!["/etc".into(), "/opt".into()],
+            tmpfs: vec![crate::config::TmpfsMount { path: "/tmp".into(), size: Size::Percent(50) }],
+            cache_binds: vec!["/var/cache/pacman/pkg".into()],
+            ..Default::default()
+        };
+        let exists = |q: &Path| q != Path::new("/new_root/opt");
+        let fresh = |_: &Path| true;
+        let plan = persistent_plan(&p("/new_root"), &p("/run/mados/persistence"), &s, 1000, &exists, &fresh);
+        assert_eq!(
+            plan,
+            vec![
+                Step::Mkdir { path: p("/run/mados/persistence/overlays/etc/upper") },
+                Step::Mkdir { path: p("/run/mados/persistence/overlays/etc/work") },
+                Step::Mount {
+                    source: "overlay".into(),
+                    target: p("/new_root/etc"),
+                    fstype: "overlay".into(),
+                    options: "lowerdir=/new_root/etc,upperdir=/run/mados/persistence/overlays/etc/upper,\
+                              workdir=/run/mados/persistence/overlays/etc/work"
+                        .into(),
+                },
+                Step::Mkdir { path: p("/run/mados/persistence/home") },
+                Step::Seed { from: p("/new_root/home"), to: p("/run/mados/persistence/home") },
+                Step::Mkdir { path: p("/new_root/home") },
+                Step::Bind { source: p("/run/mados/persistence/home"), target: p("/new_root/home") },
+                Step::Mkdir { path: p("/new_root/tmp") },
+                Step::Mount {
+                    source: "tmpfs".into(),
+                    target: p("/new_root/tmp"),
+                    fstype: "tmpfs".into(),
+                    options: "size=500,mode=1777,nosuid,nodev".into(),
+                },
+                Step::Mkdir { path: p("/run/mados/persistence/cache/var-cache-pacman-pkg") },
+                Step::Mkdir { path: p("/new_root/var/cache/pacman/pkg") },
+                Step::Bind {
+                    source: p("/run/mados/persistence/cache/var-cache-pacman-pkg"),
+                    target: p("/new_root/var/cache/pacman/pkg")
+                },
+            ]
+        );
+        // an existing home is not seeded again
+        let plan2 = persistent_plan(&p("/r"), &p("/p"), &s, 1000, &exists, &|_| false);
+        assert!(!plan2.iter().any(|st| matches!(st, Step::Seed { .. })));
+    }
+
+    #[test]
+    fn ram_plan_on_a_read_only_root_uses_one_cow_tmpfs() {
+        let s = Settings { cow_spacesize: Size::Bytes(64 << 20), tmpfs: vec![], ..Default::default() };
+        let plan = ram_plan(&p("/new_root"), &p("/run/mados/cow"), &s, 8 << 30, false, &|_| true);
+        assert_eq!(
+            plan[1],
+            Step::Mount {
+                source: "cow".into(),
+                target: p("/run/mados/cow"),
+                fstype: "tmpfs".into(),
+                options: format!("size={},mode=0755", 64 << 20)
+            }
+        );
+        let overlays: Vec<_> = plan
+            .iter()
+            .filter_map(|s| match s {
+                Step::Mount { fstype, target, .. } if fstype == "overlay" => Some(target.clone()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(overlays, ["/etc", "/usr", "/var", "/opt", "/home"].map(|d| p(&format!("/new_root{d}"))));
+        // a writable root (archiso's own cow) gets no overlays
+        let plan = ram_plan(&p("/new_root"), &p("/run/mados/cow"), &s, 8 << 30, true, &|_| true);
+        assert!(plan.is_empty());
+    }
+
+    #[test]
+    fn tmpfs_sizes_are_clamped_to_ram() {
+        let s = Settings::default(); // /tmp 5G, /var/tmp 1G
+        let plan = ram_plan(&p("/r"), &p("/c"), &s, 2 << 30, true, &|_| true);
+        let opts: Vec<_> = plan
+            .iter()
+            .filter_map(|s| match s {
+                Step::Mount { options, .. } => Some(options.clone()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(opts[0], format!("size={},mode=1777,nosuid,nodev", 2u64 << 30));
+        assert_eq!(opts[1], format!("size={},mode=1777,nosuid,nodev", 1u64 << 30));
+    }
+}

@@ -1,0 +1,52 @@
+//! `/run/mados-persistence/state.json`: what a boot did and why, for the
+//! post-boot tools. The schema is documented in README.md; add fields, do
+//! not rename them.
+
+use crate::detect::Reason;
+use crate::e2fs::Fsck;
+use crate::mounts::Mounted;
+use serde::{Deserialize, Serialize};
+
+pub const STATE_DIR: &str = "mados-persistence";
+pub const STATE_FILE: &str = "state.json";
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct BootDevice {
+    pub device: String,
+    pub disk: String,
+    pub kind: String,
+    pub description: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Partition {
+    pub device: String,
+    /// The node mounted: the partition, or a loop device over the disk when
+    /// the whole disk was busy.
+    pub mounted_from: String,
+    pub created: bool,
+    pub start: u64,
+    pub size: u64,
+    pub mountpoint: String,
+    pub fsck: Option<Fsck>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Timing {
+    pub step: String,
+    pub ms: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+pub struct State {
+    pub version: u32,
+    /// "persistent" or "ram".
+    pub mode: String,
+    pub reason: Option<Reason>,
+    pub boot_device: Option<BootDevice>,
+    pub partition: Option<Partition>,
+    pub mounts: Vec<Mounted>,
+    pub warnings: Vec<String>,
+    pub timings: Vec<Timing>,
+    pub cmdline: String,
+}
