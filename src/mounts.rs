@@ -144,10 +144,29 @@ pub struct Mounted {
     pub options: String,
 }
 
+/// Split `mount -o` style options into mount flags and filesystem data.
+pub fn split_options(options: &str) -> (MsFlags, String) {
+    let mut flags = MsFlags::empty();
+    let mut data = Vec::new();
+    for o in options.split(',').filter(|o| !o.is_empty()) {
+        match o {
+            "ro" => flags |= MsFlags::MS_RDONLY,
+            "nosuid" => flags |= MsFlags::MS_NOSUID,
+            "nodev" => flags |= MsFlags::MS_NODEV,
+            "noexec" => flags |= MsFlags::MS_NOEXEC,
+            "noatime" => flags |= MsFlags::MS_NOATIME,
+            "relatime" => flags |= MsFlags::MS_RELATIME,
+            other => data.push(other),
+        }
+    }
+    (flags, data.join(","))
+}
+
 /// Mount one filesystem; `source` may be a device or a pseudo name.
 pub fn mount(source: &str, target: &Path, fstype: &str, options: &str) -> Result<()> {
     log::debug!("mount -t {fstype} -o {options} {source} {}", target.display());
-    nix::mount::mount(Some(source), target, Some(fstype), MsFlags::empty(), Some(options))
+    let (flags, data) = split_options(options);
+    nix::mount::mount(Some(source), target, Some(fstype), flags, Some(data.as_str()))
         .with_context(|| format!("mounting {fstype} {source} on {} ({options})", target.display()))
 }
 
@@ -291,6 +310,16 @@ mod tests {
         // a writable root (archiso's own cow) gets no overlays
         let plan = ram_plan(&p("/new_root"), &p("/run/mados/cow"), &s, 8 << 30, true, &|_| true);
         assert!(plan.is_empty());
+    }
+
+    #[test]
+    fn options_split_into_flags_and_data() {
+        let (f, d) = split_options("size=5,mode=1777,nosuid,nodev");
+        assert_eq!(f, MsFlags::MS_NOSUID | MsFlags::MS_NODEV);
+        assert_eq!(d, "size=5,mode=1777");
+        let (f, d) = split_options(&persist_mount_options(DataMode::Writeback));
+        assert_eq!(f, MsFlags::MS_NOATIME);
+        assert_eq!(d, "commit=60,data=writeback");
     }
 
     #[test]

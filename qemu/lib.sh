@@ -1,0 +1,157 @@
+# Shared by qemu/demo and qemu/scenarios: build the test kernel, initramfs,
+# live root and ISO, and boot virtual machines. Source it; needs root for
+# nothing but is run as root in CI.
+# shellcheck shell=bash
+
+set -euo pipefail
+QEMU_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO=$(dirname "$QEMU_DIR")
+WORK=${MADOS_QEMU_WORK:-$QEMU_DIR/work}
+ISO_LABEL=MADOS_TEST
+mkdir -p "$WORK"
+
+log() { printf '\033[1m[qemu]\033[0m %s\n' "$*" >&2; }
+
+# Debian packages the QEMU tests need; installed when missing (as root).
+QEMU_PACKAGES=(qemu-system-x86 linux-image-amd64 busybox-static xorriso isolinux syslinux-common
+	squashfs-tools mtools dosfstools cpio e2fsprogs fdisk grub-pc-bin grub-efi-amd64-bin grub-common ovmf)
+
+ensure_packages() {
+	local missing=()
+	for p in "${QEMU_PACKAGES[@]}"; do
+		dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
+	done
+	if ((${#missing[@]})); then
+		log "installing ${missing[*]}"
+		if [[ $(id -u) != 0 ]]; then
+			echo "qemu: needs these Debian packages: ${missing[*]} (run as root to install them)" >&2
+			return 1
+		fi
+		apt-get update -qq
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+	fi
+}
+
+kernel_version() {
+	local v
+	v=$(find /boot -maxdepth 1 -name 'vmlinuz-*-amd64' -printf '%f\n' | sed 's/^vmlinuz-//' | sort -V | tail -n1)
+	[[ -n $v ]] || { echo "qemu: no Debian amd64 kernel in /boot (apt-get install linux-image-amd64)" >&2; return 1; }
+	echo "$v"
+}
+
+build_binary() {
+	log "building mados-persistence (static, release)"
+	(cd "$REPO" && cargo build --release --quiet)
+	BIN=$REPO/target/x86_64-unknown-linux-gnu/release/mados-persistence
+	file "$BIN" | grep -Eq 'static(-pie)? linked|statically linked' || { echo "qemu: $BIN is not static" >&2; return 1; }
+}
+
+# Copy a module and its dependencies; append them to modules.order in load order.
+add_module() {
+	local root=$1 kv=$2 m=$3 f dep
+	f=$(modinfo -k "$kv" -F filename "$m" 2>/dev/null) || { echo "qemu: module $m not found" >&2; return 1; }
+	[[ $f == "(builtin)" ]] && return 0
+	grep -qxF "$f" "$root/modules.order" 2>/dev/null && return 0
+	for dep in $(modinfo -k "$kv" -F depends "$m" | tr ',' ' '); do
+		add_module "$root" "$kv" "$dep"
+	done
+	mkdir -p "$root/$(dirname "${f#/}")"
+	cp "$f" "$root/${f#/}"
+	echo "$f" >>"$root/modules.order"
+}
+
+# Dynamic programs and the libraries they need.
+add_program() {
+	local root=$1 prog=$2 lib
+	mkdir -p "$root/$(dirname "${prog#/}")"
+	cp -L "$prog" "$root/${prog#/}"
+	for lib in $(ldd "$prog" | grep -o '/[^ ]*'); do
+		mkdir -p "$root/$(dirname "${lib#/}")"
+		cp -L "$lib" "$root/${lib#/}"
+	done
+}
+
+busybox_tree() {
+	local root=$1 a
+	mkdir -p "$root"/{bin,sbin,usr/bin,usr/sbin,dev,proc,sys,run,tmp,etc}
+	cp /bin/busybox "$root/bin/busybox"
+	for a in $(/bin/busybox --list); do
+		[[ -e $root/bin/$a ]] || ln -s busybox "$root/bin/$a"
+	done
+}
+
+build_initramfs() {
+	local kv root
+	kv=$(kernel_version)
+	root=$WORK/initramfs
+	rm -rf "$root"
+	busybox_tree "$root"
+	: >"$root/modules.order"
+	for m in xhci_pci xhci_hcd usb_storage uas sd_mod sr_mod cdrom isofs squashfs loop ext4 overlay \
+		ata_piix ata_generic virtio_pci virtio_blk crc32c_generic; do
+		add_module "$root" "$kv" "$m"
+	done
+	add_program "$root" /usr/sbin/mke2fs
+	add_program "$root" /usr/sbin/e2fsck
+	cp "$BIN" "$root/usr/bin/mados-persistence"
+	cp "$QEMU_DIR/initramfs-init" "$root/init"
+	chmod +x "$root/init"
+	(cd "$root" && find . | cpio -o -H newc --quiet | gzip -1) >"$WORK/initramfs.img"
+	cp "/boot/vmlinuz-$kv" "$WORK/vmlinuz"
+}
+
+build_liveroot() {
+	local root=$WORK/liveroot
+	rm -rf "$root"
+	busybox_tree "$root"
+	mkdir -p "$root"/{etc,usr/share/madOS,var/log,var/cache,var/tmp,opt,home/live,root,mnt}
+	echo "madOS test live system" >"$root/usr/share/madOS/release"
+	echo "madOS" >"$root/etc/hostname"
+	echo "welcome home" >"$root/home/live/.profile"
+	cp "$QEMU_DIR/live-init" "$root/sbin/init"
+	chmod +x "$root/sbin/init"
+	rm -f "$WORK/airootfs.sfs"
+	mksquashfs "$root" "$WORK/airootfs.sfs" -quiet -noappend -comp gzip >/dev/null
+}
+
+# build_iso LAYOUT OUT: the live ISO in a distribution's layout.
+build_iso() {
+	local layout=$1 out=$2 tree=$WORK/isotree
+	rm -rf "$tree"
+	mkdir -p "$tree/arch/x86_64" "$tree/arch/boot/x86_64" "$tree/boot/syslinux"
+	cp "$WORK/airootfs.sfs" "$tree/arch/x86_64/"
+	cp "$WORK/vmlinuz" "$tree/arch/boot/x86_64/vmlinuz-linux"
+	cp "$WORK/initramfs.img" "$tree/arch/boot/x86_64/initramfs-linux.img"
+	"$REPO/tests/fixtures/mkimage" "$layout" "$out" "$tree"
+}
+
+build_all() {
+	ensure_packages
+	build_binary
+	log "building the test initramfs and live root"
+	build_initramfs
+	build_liveroot
+	build_iso archiso "$WORK/madOS-archiso.iso"
+}
+
+# boot_vm NAME TIMEOUT APPEND QEMU-ARGS...: boot with -kernel, serial to $WORK/NAME.log
+boot_vm() {
+	local name=$1 timeout=$2 append=$3
+	shift 3
+	local logf=$WORK/$name.log
+	timeout "$timeout" qemu-system-x86_64 -machine pc,accel=tcg -m 1024 -smp 1 \
+		-nographic -no-reboot -nodefaults -serial "file:$logf" \
+		-kernel "$WORK/vmlinuz" -initrd "$WORK/initramfs.img" \
+		-append "console=ttyS0 panic=-1 loglevel=4 archisolabel=$ISO_LABEL $append" \
+		"$@" </dev/null >/dev/null 2>"$WORK/$name.qemu.err" || true
+	tr -d '\r' <"$logf" >"$logf.txt"
+	mv "$logf.txt" "$logf"
+}
+
+# QEMU arguments for a USB stick / CD-ROM / virtio disk.
+usb_stick() { echo "-device qemu-xhci,id=xhci -drive if=none,id=stick,format=raw,file=$1 -device usb-storage,bus=xhci.0,drive=stick,removable=on"; }
+cdrom() { echo "-drive if=none,id=cd,format=raw,media=cdrom,readonly=on,file=$1 -device ide-cd,drive=cd"; }
+virtio_disk() { echo "-drive if=virtio,format=raw,file=$1"; }
+
+# The state.json a boot printed between the markers.
+state_of() { sed -n '/^=== MADOS-STATE$/,/^=== MADOS-END$/p' "$WORK/$1.log" | sed '1d;$d'; }
