@@ -58,6 +58,14 @@ pub fn find_iso<'a>(devs: &'a [Probed], s: &Settings, bootmnt: Option<&str>) -> 
         // prefer the whole disk over partition 1 when both carry the ISO
         devs.iter().filter(|p| f(p)).min_by_key(|p| p.dev.partition.is_some())
     };
+    // What the initramfs actually mounted is the ground truth: the same
+    // ISO may be on a CD and on a stick at once.
+    if let Some(src) = bootmnt {
+        let name = src.trim_start_matches("/dev/");
+        if let Some(p) = pick(&|p| p.dev.name == name) {
+            return Ok(p);
+        }
+    }
     if let Some(spec) = &s.iso_device {
         return pick(&|p| matches_spec(p, spec))
             .ok_or_else(|| Reason::new("no_boot_device", format!("archisodevice={spec:?} matches no block device")));
@@ -70,12 +78,6 @@ pub fn find_iso<'a>(devs: &'a [Probed], s: &Settings, bootmnt: Option<&str>) -> 
     if let Some(label) = &s.iso_label {
         return pick(&|p| is_iso(p) && p.fs.as_ref().is_some_and(|f| f.label() == label))
             .ok_or_else(|| Reason::new("no_boot_device", format!("no ISO 9660 volume is labelled {label}")));
-    }
-    if let Some(src) = bootmnt {
-        let name = src.trim_start_matches("/dev/");
-        if let Some(p) = pick(&|p| p.dev.name == name) {
-            return Ok(p);
-        }
     }
     let isos: Vec<&Probed> = devs.iter().filter(|p| is_iso(p)).collect();
     let disks: std::collections::BTreeSet<&str> = isos.iter().map(|p| p.dev.disk_name()).collect();
@@ -242,6 +244,11 @@ mod tests {
         let s = Settings::default();
         assert!(find_iso(&devs, &s, None).unwrap_err().message.contains("several disks"));
         assert_eq!(find_iso(&devs, &s, Some("/dev/sr0")).unwrap().dev.name, "sr0");
+        // the boot mount wins over a label both carry
+        let s = Settings { iso_label: Some("MADOS".into()), ..Default::default() };
+        devs.push(dev("sr1", None, iso("MADOS")));
+        assert_eq!(find_iso(&devs, &s, Some("/dev/sr1")).unwrap().dev.name, "sr1");
+        assert_eq!(find_iso(&devs, &s, None).unwrap().dev.name, "sda");
     }
 
     #[test]
