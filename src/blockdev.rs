@@ -61,7 +61,9 @@ const BLKPG_DEL_PARTITION: i32 = 2;
 const LO_FLAGS_AUTOCLEAR: u32 = 4;
 
 pub fn is_block_device(p: &Path) -> bool {
-    std::fs::metadata(p).map(|m| m.file_type().is_block_device()).unwrap_or(false)
+    std::fs::metadata(p)
+        .map(|m| m.file_type().is_block_device())
+        .unwrap_or(false)
 }
 
 /// Size in bytes and logical sector size of a block device or image file.
@@ -156,7 +158,8 @@ impl Loop {
             .open(backing)
             .with_context(|| format!("opening {}", backing.display()))?;
         for _ in 0..5 {
-            let n = unsafe { ioctls::loop_ctl_get_free(ctl.as_raw_fd()) }.context("LOOP_CTL_GET_FREE")?;
+            let n = unsafe { ioctls::loop_ctl_get_free(ctl.as_raw_fd()) }
+                .context("LOOP_CTL_GET_FREE")?;
             let path = PathBuf::from(format!("/dev/loop{n}"));
             if !wait_for_node(&path, Duration::from_secs(2)) {
                 bail!("{} did not appear", path.display());
@@ -202,8 +205,17 @@ mod tests {
 
     #[test]
     fn partition_names() {
-        assert_eq!(partition_path(Path::new("/dev/sda"), 3), PathBuf::from("/dev/sda3"));
-        assert_eq!(partition_path(Path::new("/dev/nvme0n1"), 2), PathBuf::from("/dev/nvme0n1p2"));
-        assert_eq!(partition_path(Path::new("/dev/mmcblk0"), 1), PathBuf::from("/dev/mmcblk0p1"));
+        assert_eq!(
+            partition_path(Path::new("/dev/sda"), 3),
+            PathBuf::from("/dev/sda3")
+        );
+        assert_eq!(
+            partition_path(Path::new("/dev/nvme0n1"), 2),
+            PathBuf::from("/dev/nvme0n1p2")
+        );
+        assert_eq!(
+            partition_path(Path::new("/dev/mmcblk0"), 1),
+            PathBuf::from("/dev/mmcblk0p1")
+        );
     }
 }

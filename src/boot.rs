@@ -49,7 +49,10 @@ struct Timer {
 impl Timer {
     fn lap(&mut self, step: &str) {
         let ms = self.t.elapsed().as_secs_f64() * 1000.0;
-        self.out.push(Timing { step: step.into(), ms: (ms * 100.0).round() / 100.0 });
+        self.out.push(Timing {
+            step: step.into(),
+            ms: (ms * 100.0).round() / 100.0,
+        });
         self.t = Instant::now();
     }
 }
@@ -80,7 +83,9 @@ pub fn probe_all(sys: &Sysfs) -> Vec<Probed> {
         .into_iter()
         .filter(|d| d.size > 0 && !d.name.starts_with("ram") && !d.name.starts_with("zram"))
         .map(|dev| {
-            let fs = File::open(dev.dev_path()).ok().and_then(|mut f| superblock::probe(&mut f).ok().flatten());
+            let fs = File::open(dev.dev_path())
+                .ok()
+                .and_then(|mut f| superblock::probe(&mut f).ok().flatten());
             Probed { dev, fs }
         })
         .collect()
@@ -101,16 +106,39 @@ fn random_guid() -> [u8; 16] {
 /// initramfs mount the ISO from /dev/sda, not /dev/sda1) the kernel refuses
 /// the partition node with EBUSY: then a loop device over the disk at the
 /// partition's offset reaches the same bytes.
-pub fn reach_partition(disk: &Path, node: &Path, start: u64, size: u64) -> Result<(PathBuf, Option<Loop>)> {
+pub fn reach_partition(
+    disk: &Path,
+    node: &Path,
+    start: u64,
+    size: u64,
+) -> Result<(PathBuf, Option<Loop>)> {
     if blockdev::wait_for_node(node, Duration::from_secs(5)) {
-        match OpenOptions::new().read(true).write(true).custom_flags(nix::libc::O_EXCL).open(node) {
+        match OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(nix::libc::O_EXCL)
+            .open(node)
+        {
             Ok(_) => return Ok((node.to_path_buf(), None)),
-            Err(e) => log::warn!("{} cannot be opened exclusively ({e}); using a loop device over {}", node.display(), disk.display()),
+            Err(e) => log::warn!(
+                "{} cannot be opened exclusively ({e}); using a loop device over {}",
+                node.display(),
+                disk.display()
+            ),
         }
     } else {
-        log::warn!("{} did not appear; using a loop device over {}", node.display(), disk.display());
+        log::warn!(
+            "{} did not appear; using a loop device over {}",
+            node.display(),
+            disk.display()
+        );
     }
-    let lp = Loop::attach(disk, start, size).with_context(|| format!("setting up a loop device over {} at byte {start}", disk.display()))?;
+    let lp = Loop::attach(disk, start, size).with_context(|| {
+        format!(
+            "setting up a loop device over {} at byte {start}",
+            disk.display()
+        )
+    })?;
     log::info!("reaching the partition through {}", lp.path.display());
     Ok((lp.path.clone(), Some(lp)))
 }
@@ -126,11 +154,25 @@ pub struct Created {
 }
 
 /// Plan, back up, write, announce, format. Restores the table on failure.
-pub fn create_partition(disk: &Path, s: &Settings, kernel: Vec<layout::KernelPart>, backup_dir: &Path) -> Result<Created> {
-    let mut f = OpenOptions::new().read(true).write(true).open(disk).with_context(|| format!("opening {}", disk.display()))?;
+pub fn create_partition(
+    disk: &Path,
+    s: &Settings,
+    kernel: Vec<layout::KernelPart>,
+    backup_dir: &Path,
+) -> Result<Created> {
+    let mut f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(disk)
+        .with_context(|| format!("opening {}", disk.display()))?;
     let (size, ss) = blockdev::geometry(&f)?;
-    let ss = if ss == 0 { layout::guess_sector_size(&mut f)? } else { ss };
-    let l = layout::read_layout(&mut f, size, ss, kernel).with_context(|| format!("reading the partition tables of {}", disk.display()))?;
+    let ss = if ss == 0 {
+        layout::guess_sector_size(&mut f)?
+    } else {
+        ss
+    };
+    let l = layout::read_layout(&mut f, size, ss, kernel)
+        .with_context(|| format!("reading the partition tables of {}", disk.display()))?;
     for finding in &l.findings {
         log::info!("layout: {finding}");
     }
@@ -150,11 +192,17 @@ pub fn create_partition(disk: &Path, s: &Settings, kernel: Vec<layout::KernelPar
         crate::size::human(plan.size)
     );
     let backup = table::take_backup(&mut f, &disk.display().to_string(), size, &plan.writes)?;
-    fsutil::write_atomic(&backup_dir.join("table-backup.json"), serde_json::to_string_pretty(&backup)?.as_bytes())?;
+    fsutil::write_atomic(
+        &backup_dir.join("table-backup.json"),
+        serde_json::to_string_pretty(&backup)?.as_bytes(),
+    )?;
     let restore = |f: &mut File, why: &anyhow::Error| {
         log::error!("{why:#}; restoring the partition table");
         if let Err(e) = table::restore(f, &backup).and_then(|_| blockdev::flush_buffers(f)) {
-            log::error!("restoring the partition table of {} failed: {e:#}", disk.display());
+            log::error!(
+                "restoring the partition table of {} failed: {e:#}",
+                disk.display()
+            );
         }
     };
     let node = blockdev::partition_path(disk, plan.number);
@@ -185,13 +233,28 @@ pub fn create_partition(disk: &Path, s: &Settings, kernel: Vec<layout::KernelPar
         let _ = blockdev::del_partition(&f, plan.number);
         return Err(e);
     }
-    Ok(Created { node, target, number: plan.number, start: plan.start, size: plan.size, backup, _loop: lp })
+    Ok(Created {
+        node,
+        target,
+        number: plan.number,
+        start: plan.start,
+        size: plan.size,
+        backup,
+        _loop: lp,
+    })
 }
 
 /// The whole boot. Never returns an error: failures end in RAM mode.
 pub fn run(o: &BootOptions) -> State {
-    let mut t = Timer { t: Instant::now(), out: vec![] };
-    let mut st = State { version: 1, cmdline: o.cmdline.trim().to_string(), ..Default::default() };
+    let mut t = Timer {
+        t: Instant::now(),
+        out: vec![],
+    };
+    let mut st = State {
+        version: 1,
+        cmdline: o.cmdline.trim().to_string(),
+        ..Default::default()
+    };
     let params = cmdline::parse(&o.cmdline);
     let s = config::resolve(&o.root, &params, &mut st.warnings);
     for w in &st.warnings {
@@ -205,11 +268,19 @@ pub fn run(o: &BootOptions) -> State {
     let iso = detect::find_iso(&devs, &s, bootmnt.as_deref());
     let kind = iso.as_ref().ok().map(|p| sys.kind(p.dev.disk_name()));
     if let (Ok(p), Some(k)) = (&iso, &kind) {
-        log::info!("boot device: {} on {} ({})", p.dev.dev_path().display(), p.dev.disk_name(), k.describe());
+        log::info!(
+            "boot device: {} on {} ({})",
+            p.dev.dev_path().display(),
+            p.dev.disk_name(),
+            k.describe()
+        );
         st.boot_device = Some(BootDevice {
             device: p.dev.dev_path().display().to_string(),
             disk: format!("/dev/{}", p.dev.disk_name()),
-            kind: serde_json::to_value(k).ok().and_then(|v| v["kind"].as_str().map(String::from)).unwrap_or_default(),
+            kind: serde_json::to_value(k)
+                .ok()
+                .and_then(|v| v["kind"].as_str().map(String::from))
+                .unwrap_or_default(),
             description: k.describe(),
         });
     }
@@ -223,7 +294,11 @@ pub fn run(o: &BootOptions) -> State {
     let persistent = match decision {
         Decision::Ram { reason } => Err(reason),
         Decision::Use { device, explicit } => {
-            let dev = devs.iter().find(|p| p.dev.name == device).map(|p| p.dev.clone()).unwrap();
+            let dev = devs
+                .iter()
+                .find(|p| p.dev.name == device)
+                .map(|p| p.dev.clone())
+                .unwrap();
             if explicit {
                 log::info!("using {} named by cow_device=", dev.dev_path().display());
             }
@@ -232,7 +307,18 @@ pub fn run(o: &BootOptions) -> State {
                 .map_err(|e| Reason::new("open_failed", format!("{e:#}")))
                 .and_then(|(target, lp)| {
                     t.lap("open");
-                    mount_persistence(o, &s, &mut st, &mut t, &target, dev.dev_path(), false, dev.start, dev.size, lp)
+                    mount_persistence(
+                        o,
+                        &s,
+                        &mut st,
+                        &mut t,
+                        &target,
+                        dev.dev_path(),
+                        false,
+                        dev.start,
+                        dev.size,
+                        lp,
+                    )
                 })
         }
         Decision::Create { disk } => {
@@ -240,12 +326,30 @@ pub fn run(o: &BootOptions) -> State {
             match create_partition(&disk_path, &s, sys.partitions_of(&disk), &o.state_dir()) {
                 Ok(c) => {
                     t.lap("create");
-                    log::info!("created {} ({})", c.node.display(), crate::size::human(c.size));
+                    log::info!(
+                        "created {} ({})",
+                        c.node.display(),
+                        crate::size::human(c.size)
+                    );
                     let backup = c.backup.clone();
-                    let r = mount_persistence(o, &s, &mut st, &mut t, &c.target, c.node.clone(), true, c.start, c.size, c._loop);
+                    let r = mount_persistence(
+                        o,
+                        &s,
+                        &mut st,
+                        &mut t,
+                        &c.target,
+                        c.node.clone(),
+                        true,
+                        c.start,
+                        c.size,
+                        c._loop,
+                    );
                     if r.is_ok() {
                         let p = o.pmount().join(".mados/table-backup.json");
-                        if let Err(e) = fsutil::write_atomic(&p, serde_json::to_string_pretty(&backup).unwrap().as_bytes()) {
+                        if let Err(e) = fsutil::write_atomic(
+                            &p,
+                            serde_json::to_string_pretty(&backup).unwrap().as_bytes(),
+                        ) {
                             log::warn!("keeping the table backup on the partition: {e:#}");
                         }
                     }
@@ -259,7 +363,10 @@ pub fn run(o: &BootOptions) -> State {
                         Some(_) => "refused",
                         None => "create_failed",
                     };
-                    Err(Reason::new(code, format!("not creating persistence on /dev/{disk}: {e:#}")))
+                    Err(Reason::new(
+                        code,
+                        format!("not creating persistence on /dev/{disk}: {e:#}"),
+                    ))
                 }
             }
         }
@@ -271,7 +378,10 @@ pub fn run(o: &BootOptions) -> State {
             st.mode = "ram".into();
             st.reason = Some(reason);
             let writable = root_writable(&o.root);
-            let plan = mounts::ram_plan(&o.root, &o.run.join("mados/cow"), &s, ram, writable, &|p| p.is_dir());
+            let plan =
+                mounts::ram_plan(&o.root, &o.run.join("mados/cow"), &s, ram, writable, &|p| {
+                    p.is_dir()
+                });
             let mut done = Vec::new();
             if let Err(e) = mounts::execute(&plan, &mut done) {
                 log::error!("RAM mode mounts: {e:#}");
@@ -306,7 +416,12 @@ fn mount_persistence(
 ) -> Result<(), Reason> {
     let fsck = e2fs::fsck(target).map_err(|e| Reason::new("fsck_failed", format!("{e:#}")))?;
     t.lap("fsck");
-    log::info!("e2fsck -p {}: {} (exit {})", target.display(), fsck.summary, fsck.code);
+    log::info!(
+        "e2fsck -p {}: {} (exit {})",
+        target.display(),
+        fsck.summary,
+        fsck.code
+    );
     let mut part = Partition {
         device: node.display().to_string(),
         mounted_from: target.display().to_string(),
@@ -335,9 +450,16 @@ fn mount_persistence(
         std::fs::create_dir_all(&pm)?;
         let opts = mounts::persist_mount_options(s.data_mode);
         mounts::mount(&target.display().to_string(), &pm, "ext4", &opts)?;
-        done.push(Mounted { target: pm.clone(), fstype: "ext4".into(), source: node.display().to_string(), options: opts });
+        done.push(Mounted {
+            target: pm.clone(),
+            fstype: "ext4".into(),
+            source: node.display().to_string(),
+            options: opts,
+        });
         t.lap("mount persistence");
-        let plan = mounts::persistent_plan(&o.root, &pm, s, mem_total(), &|p| p.is_dir(), &|p| !p.exists());
+        let plan = mounts::persistent_plan(&o.root, &pm, s, mem_total(), &|p| p.is_dir(), &|p| {
+            !p.exists()
+        });
         mounts::execute(&plan, &mut done)?;
         t.lap("layer");
         Ok(())
@@ -368,7 +490,9 @@ fn finish(o: &BootOptions, st: &mut State, mut t: Timer) {
         .and_then(|_| OpenOptions::new().create(true).append(true).open(&log_path))
         .and_then(|mut f| std::io::Write::write_all(&mut f, text.as_bytes()));
     if let Err(e) = appended {
-        st.warnings.push(format!("could not keep the boot log at /var/log/mados-persistence.log: {e}"));
+        st.warnings.push(format!(
+            "could not keep the boot log at /var/log/mados-persistence.log: {e}"
+        ));
     }
     t.lap("finish");
     st.timings = std::mem::take(&mut t.out);
@@ -377,7 +501,10 @@ fn finish(o: &BootOptions, st: &mut State, mut t: Timer) {
         log::error!("writing state: {e:#}");
     }
     match &st.reason {
-        None => log::info!("persistence active on {}", st.partition.as_ref().map_or("?", |p| p.device.as_str())),
+        None => log::info!(
+            "persistence active on {}",
+            st.partition.as_ref().map_or("?", |p| p.device.as_str())
+        ),
         Some(r) => log::warn!("running in RAM mode: {}", r.message),
     }
 }
@@ -386,7 +513,11 @@ fn finish(o: &BootOptions, st: &mut State, mut t: Timer) {
 pub fn plan_device(path: &Path, s: &Settings) -> Result<serde_json::Value> {
     let mut f = File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let (size, ss) = blockdev::geometry(&f)?;
-    let ss = if ss == 0 { layout::guess_sector_size(&mut f)? } else { ss };
+    let ss = if ss == 0 {
+        layout::guess_sector_size(&mut f)?
+    } else {
+        ss
+    };
     let kernel = if blockdev::is_block_device(path) {
         let name = path.file_name().unwrap().to_string_lossy().into_owned();
         Sysfs::default().partitions_of(&name)
@@ -398,19 +529,26 @@ pub fn plan_device(path: &Path, s: &Settings) -> Result<serde_json::Value> {
     let mut existing = None;
     for (n, start, len) in l.table_entries() {
         let mut sub = crate::superblock::Window::new(&mut f, start, len);
-        if let Ok(Some(superblock::Fs::Ext4(e))) = superblock::probe(&mut sub) {
-            if e.label == s.label {
-                existing = Some(serde_json::json!({"number": n, "start": start, "size": len, "uuid": e.uuid}));
-            }
+        if let Ok(Some(superblock::Fs::Ext4(e))) = superblock::probe(&mut sub)
+            && e.label == s.label
+        {
+            existing =
+                Some(serde_json::json!({"number": n, "start": start, "size": len, "uuid": e.uuid}));
         }
     }
     let action = match &existing {
         Some(e) => serde_json::json!({"action": "use", "partition": e}),
         None => {
-            let opts = PlanOptions { min_free: s.min_free, max_size: s.max_size.map(|m| m.resolve(u64::MAX)), ..Default::default() };
+            let opts = PlanOptions {
+                min_free: s.min_free,
+                max_size: s.max_size.map(|m| m.resolve(u64::MAX)),
+                ..Default::default()
+            };
             match partplan::plan(&l, &opts) {
                 Ok(p) => serde_json::json!({"action": "create", "plan": p}),
-                Err(r) => serde_json::json!({"action": "none", "refusal": r, "message": r.to_string()}),
+                Err(r) => {
+                    serde_json::json!({"action": "none", "refusal": r, "message": r.to_string()})
+                }
             }
         }
     };

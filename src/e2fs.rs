@@ -20,26 +20,49 @@ pub fn find(prog: &str) -> Result<PathBuf> {
     for d in DIRS {
         let p = Path::new(d).join(prog);
         if let Ok(real) = std::fs::canonicalize(&p) {
-            if real.file_name().is_some_and(|n| n.to_string_lossy().contains("busybox")) {
-                log::warn!("{} is busybox's applet; looking further for e2fsprogs' {prog}", p.display());
+            if real
+                .file_name()
+                .is_some_and(|n| n.to_string_lossy().contains("busybox"))
+            {
+                log::warn!(
+                    "{} is busybox's applet; looking further for e2fsprogs' {prog}",
+                    p.display()
+                );
                 continue;
             }
             return Ok(p);
         }
     }
-    bail!("e2fsprogs' {prog} not found in {} (a busybox applet does not do)", DIRS.join(":"))
+    bail!(
+        "e2fsprogs' {prog} not found in {} (a busybox applet does not do)",
+        DIRS.join(":")
+    )
 }
 
 fn run(cmd: &mut Command) -> Result<(i32, String)> {
     log::info!("running {cmd:?}");
     let out = cmd.output().with_context(|| format!("starting {cmd:?}"))?;
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     Ok((out.status.code().unwrap_or(-1), text.trim().to_string()))
 }
 
 pub fn mkfs(dev: &Path, label: &str) -> Result<()> {
     let mut cmd = Command::new(find("mke2fs")?);
-    cmd.args(["-q", "-t", "ext4", "-L", label, "-m", "1", "-E", MKFS_EXTENDED]);
+    cmd.args([
+        "-q",
+        "-t",
+        "ext4",
+        "-L",
+        label,
+        "-m",
+        "1",
+        "-E",
+        MKFS_EXTENDED,
+    ]);
     if !crate::blockdev::is_block_device(dev) {
         cmd.arg("-F");
     }
@@ -81,7 +104,11 @@ pub fn fsck(dev: &Path) -> Result<Fsck> {
     let mut cmd = Command::new(find("e2fsck")?);
     cmd.arg("-p").arg(dev);
     let (code, output) = run(&mut cmd)?;
-    Ok(Fsck { code, summary: describe_fsck(code).into(), output })
+    Ok(Fsck {
+        code,
+        summary: describe_fsck(code).into(),
+        output,
+    })
 }
 
 #[cfg(test)]
@@ -90,7 +117,11 @@ mod tests {
 
     #[test]
     fn fsck_codes() {
-        let f = |code| Fsck { code, summary: describe_fsck(code).into(), output: String::new() };
+        let f = |code| Fsck {
+            code,
+            summary: describe_fsck(code).into(),
+            output: String::new(),
+        };
         assert!(f(0).mountable() && f(1).mountable());
         assert!(!f(2).mountable() && !f(4).mountable() && !f(8).mountable());
         assert!(describe_fsck(4).contains("uncorrected"));

@@ -43,7 +43,8 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
     let tmp = path.with_extension("tmp");
     fs::write(&tmp, data).with_context(|| format!("writing {}", tmp.display()))?;
     fs::File::open(&tmp)?.sync_all()?;
-    fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
+    fs::rename(&tmp, path)
+        .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
 }
 
 #[cfg(test)]
@@ -61,8 +62,14 @@ mod tests {
         std::os::unix::fs::symlink(".config/x", a.join("live/link")).unwrap();
         fs::create_dir_all(&b).unwrap();
         copy_tree(&a, &b).unwrap();
-        assert_eq!(fs::read_to_string(b.join("live/.config/x")).unwrap(), "hello");
-        assert_eq!(fs::read_link(b.join("live/link")).unwrap(), Path::new(".config/x"));
+        assert_eq!(
+            fs::read_to_string(b.join("live/.config/x")).unwrap(),
+            "hello"
+        );
+        assert_eq!(
+            fs::read_link(b.join("live/link")).unwrap(),
+            Path::new(".config/x")
+        );
         assert_eq!(fs::metadata(b.join("live")).unwrap().mode() & 0o777, 0o700);
         write_atomic(&b.join("new/state.json"), b"{}").unwrap();
         assert_eq!(fs::read(b.join("new/state.json")).unwrap(), b"{}");

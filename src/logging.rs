@@ -42,15 +42,29 @@ impl log::Log for Logger {
                 eprintln!("mados-persistence: {tag}{msg}");
             }
         }
-        self.lines.lock().unwrap().push(format!("{:<5} {msg}", r.level()));
+        self.lines
+            .lock()
+            .unwrap()
+            .push(format!("{:<5} {msg}", r.level()));
     }
     fn flush(&self) {}
 }
 
 /// Install the logger once. `kmsg`: write to /dev/kmsg when it opens.
 pub fn init(kmsg: bool, level: log::LevelFilter) {
-    let kmsg = kmsg.then(|| std::fs::OpenOptions::new().write(true).open("/dev/kmsg").ok()).flatten();
-    let l = LOGGER.get_or_init(|| Logger { kmsg: kmsg.map(Mutex::new), lines: Mutex::new(vec![]), level });
+    let kmsg = kmsg
+        .then(|| {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open("/dev/kmsg")
+                .ok()
+        })
+        .flatten();
+    let l = LOGGER.get_or_init(|| Logger {
+        kmsg: kmsg.map(Mutex::new),
+        lines: Mutex::new(vec![]),
+        level,
+    });
     if log::set_logger(l).is_ok() {
         log::set_max_level(level);
     }
@@ -58,5 +72,8 @@ pub fn init(kmsg: bool, level: log::LevelFilter) {
 
 /// Everything logged so far.
 pub fn captured() -> Vec<String> {
-    LOGGER.get().map(|l| l.lines.lock().unwrap().clone()).unwrap_or_default()
+    LOGGER
+        .get()
+        .map(|l| l.lines.lock().unwrap().clone())
+        .unwrap_or_default()
 }

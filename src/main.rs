@@ -26,7 +26,9 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Early boot: find the stick, create/check/mount persistence, layer the overlays.
-    #[command(after_help = "Example (mkinitcpio late hook):\n  mados-persistence boot --root /new_root")]
+    #[command(
+        after_help = "Example (mkinitcpio late hook):\n  mados-persistence boot --root /new_root"
+    )]
     Boot {
         /// The live root assembled by the initramfs.
         #[arg(long, default_value = "/new_root")]
@@ -42,7 +44,9 @@ enum Cmd {
         run: PathBuf,
     },
     /// Show a device's or image's layout, its isohybrid gaps, and what boot would do. Changes nothing.
-    #[command(after_help = "Examples:\n  mados-persistence plan --device /dev/sdb\n  mados-persistence plan --device madOS.img --json")]
+    #[command(
+        after_help = "Examples:\n  mados-persistence plan --device /dev/sdb\n  mados-persistence plan --device madOS.img --json"
+    )]
     Plan {
         /// A block device or a disk image file.
         #[arg(long)]
@@ -69,19 +73,42 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.cmd {
-        Cmd::Boot { root, cmdline, sysfs, run } => {
+        Cmd::Boot {
+            root,
+            cmdline,
+            sysfs,
+            run,
+        } => {
             let cmdline = match cmdline {
                 Some(c) => c,
-                None => std::fs::read_to_string("/proc/cmdline").context("reading /proc/cmdline")?,
+                None => {
+                    std::fs::read_to_string("/proc/cmdline").context("reading /proc/cmdline")?
+                }
             };
             let debug = cmdline::parse(&cmdline).debug;
-            logging::init(true, if debug { log::LevelFilter::Debug } else { log::LevelFilter::Info });
-            let st = boot::run(&boot::BootOptions { root, cmdline, sysfs, run });
+            logging::init(
+                true,
+                if debug {
+                    log::LevelFilter::Debug
+                } else {
+                    log::LevelFilter::Info
+                },
+            );
+            let st = boot::run(&boot::BootOptions {
+                root,
+                cmdline,
+                sysfs,
+                run,
+            });
             // The boot goes on whatever happened; the exit code only tells the hook.
             println!("mados-persistence: mode {}", st.mode);
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Plan { device, json, cmdline } => {
+        Cmd::Plan {
+            device,
+            json,
+            cmdline,
+        } => {
             logging::init(false, log::LevelFilter::Warn);
             let mut warnings = vec![];
             let mut s = config::Settings::default();
@@ -104,7 +131,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
 fn print_plan(v: &serde_json::Value) {
     let u = |x: &serde_json::Value| x.as_u64().unwrap_or(0);
     println!("device:       {}", v["device"].as_str().unwrap_or("?"));
-    println!("size:         {} ({} bytes, {}-byte sectors)", human(u(&v["size"])), u(&v["size"]), u(&v["sector_size"]));
+    println!(
+        "size:         {} ({} bytes, {}-byte sectors)",
+        human(u(&v["size"])),
+        u(&v["size"]),
+        u(&v["sector_size"])
+    );
     let l = &v["layout"];
     println!("table in use: {}", l["table"].as_str().unwrap_or("?"));
     if let Some(iso) = l["iso"].as_object() {
@@ -115,9 +147,17 @@ fn print_plan(v: &serde_json::Value) {
             human(u(&iso["size"]))
         );
     }
-    println!("\nwhat is on it (nothing is placed below its end, byte {}):", u(&v["used_end"]));
+    println!(
+        "\nwhat is on it (nothing is placed below its end, byte {}):",
+        u(&v["used_end"])
+    );
     for e in v["extents"].as_array().into_iter().flatten() {
-        println!("  {:>14} .. {:<14} {}", u(&e["start"]), u(&e["end"]), e["what"].as_str().unwrap_or(""));
+        println!(
+            "  {:>14} .. {:<14} {}",
+            u(&e["start"]),
+            u(&e["end"]),
+            e["what"].as_str().unwrap_or("")
+        );
     }
     let f = l["findings"].as_array().cloned().unwrap_or_default();
     if !f.is_empty() {
@@ -129,7 +169,10 @@ fn print_plan(v: &serde_json::Value) {
     let r = &v["result"];
     println!();
     match r["action"].as_str() {
-        Some("use") => println!("persistence partition {} exists: nothing to do", r["partition"]["number"]),
+        Some("use") => println!(
+            "persistence partition {} exists: nothing to do",
+            r["partition"]["number"]
+        ),
         Some("create") => {
             let p = &r["plan"];
             println!(
@@ -140,9 +183,17 @@ fn print_plan(v: &serde_json::Value) {
                 human(u(&p["size"]))
             );
             for w in p["writes"].as_array().into_iter().flatten() {
-                println!("  {} bytes at {}: {}", u(&w["len"]), u(&w["offset"]), w["what"].as_str().unwrap_or(""));
+                println!(
+                    "  {} bytes at {}: {}",
+                    u(&w["len"]),
+                    u(&w["offset"]),
+                    w["what"].as_str().unwrap_or("")
+                );
             }
         }
-        _ => println!("would not create persistence: {}", r["message"].as_str().unwrap_or("?")),
+        _ => println!(
+            "would not create persistence: {}",
+            r["message"].as_str().unwrap_or("?")
+        ),
     }
 }

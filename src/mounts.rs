@@ -16,11 +16,24 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Step {
-    Mkdir { path: PathBuf },
-    Mount { source: String, target: PathBuf, fstype: String, options: String },
-    Bind { source: PathBuf, target: PathBuf },
+    Mkdir {
+        path: PathBuf,
+    },
+    Mount {
+        source: String,
+        target: PathBuf,
+        fstype: String,
+        options: String,
+    },
+    Bind {
+        source: PathBuf,
+        target: PathBuf,
+    },
     /// Copy the live root's content into a new, empty persistent dir.
-    Seed { from: PathBuf, to: PathBuf },
+    Seed {
+        from: PathBuf,
+        to: PathBuf,
+    },
 }
 
 /// `/var/lib` → `var-lib`: a dir's name on the partition.
@@ -49,14 +62,21 @@ fn overlay(root: &Path, dir: &str, base: &Path, steps: &mut Vec<Step>) {
         source: "overlay".into(),
         target: target.clone(),
         fstype: "overlay".into(),
-        options: format!("lowerdir={},upperdir={},workdir={}", target.display(), up.display(), work.display()),
+        options: format!(
+            "lowerdir={},upperdir={},workdir={}",
+            target.display(),
+            up.display(),
+            work.display()
+        ),
     });
 }
 
 fn tmpfs_steps(root: &Path, s: &Settings, ram: u64, steps: &mut Vec<Step>) {
     for t in &s.tmpfs {
         let target = under(root, &t.path);
-        steps.push(Step::Mkdir { path: target.clone() });
+        steps.push(Step::Mkdir {
+            path: target.clone(),
+        });
         steps.push(Step::Mount {
             source: "tmpfs".into(),
             target,
@@ -90,19 +110,32 @@ pub fn persistent_plan(
         if fresh(&src) {
             steps.push(Step::Mkdir { path: src.clone() });
             if exists(&target) {
-                steps.push(Step::Seed { from: target.clone(), to: src.clone() });
+                steps.push(Step::Seed {
+                    from: target.clone(),
+                    to: src.clone(),
+                });
             }
         }
-        steps.push(Step::Mkdir { path: target.clone() });
-        steps.push(Step::Bind { source: src, target });
+        steps.push(Step::Mkdir {
+            path: target.clone(),
+        });
+        steps.push(Step::Bind {
+            source: src,
+            target,
+        });
     }
     tmpfs_steps(root, s, ram, &mut steps);
     for d in &s.cache_binds {
         let src = pmount.join("cache").join(escape(d));
         let target = under(root, d);
         steps.push(Step::Mkdir { path: src.clone() });
-        steps.push(Step::Mkdir { path: target.clone() });
-        steps.push(Step::Bind { source: src, target });
+        steps.push(Step::Mkdir {
+            path: target.clone(),
+        });
+        steps.push(Step::Bind {
+            source: src,
+            target,
+        });
     }
     steps
 }
@@ -118,7 +151,9 @@ pub fn ram_plan(
 ) -> Vec<Step> {
     let mut steps = Vec::new();
     if !root_writable {
-        steps.push(Step::Mkdir { path: cow.to_path_buf() });
+        steps.push(Step::Mkdir {
+            path: cow.to_path_buf(),
+        });
         steps.push(Step::Mount {
             source: "cow".into(),
             target: cow.to_path_buf(),
@@ -164,10 +199,24 @@ pub fn split_options(options: &str) -> (MsFlags, String) {
 
 /// Mount one filesystem; `source` may be a device or a pseudo name.
 pub fn mount(source: &str, target: &Path, fstype: &str, options: &str) -> Result<()> {
-    log::debug!("mount -t {fstype} -o {options} {source} {}", target.display());
+    log::debug!(
+        "mount -t {fstype} -o {options} {source} {}",
+        target.display()
+    );
     let (flags, data) = split_options(options);
-    nix::mount::mount(Some(source), target, Some(fstype), flags, Some(data.as_str()))
-        .with_context(|| format!("mounting {fstype} {source} on {} ({options})", target.display()))
+    nix::mount::mount(
+        Some(source),
+        target,
+        Some(fstype),
+        flags,
+        Some(data.as_str()),
+    )
+    .with_context(|| {
+        format!(
+            "mounting {fstype} {source} on {} ({options})",
+            target.display()
+        )
+    })
 }
 
 pub fn umount(target: &Path) -> Result<()> {
@@ -205,15 +254,33 @@ fn execute_one(step: &Step, done: &mut Vec<Mounted>) -> Result<()> {
         Step::Mkdir { path } => {
             std::fs::create_dir_all(path).with_context(|| format!("creating {}", path.display()))
         }
-        Step::Mount { source, target, fstype, options } => {
+        Step::Mount {
+            source,
+            target,
+            fstype,
+            options,
+        } => {
             mount(source, target, fstype, options)?;
             log::info!("mounted {fstype} on {}", target.display());
-            done.push(Mounted { target: target.clone(), fstype: fstype.clone(), source: source.clone(), options: options.clone() });
+            done.push(Mounted {
+                target: target.clone(),
+                fstype: fstype.clone(),
+                source: source.clone(),
+                options: options.clone(),
+            });
             Ok(())
         }
         Step::Bind { source, target } => {
-            nix::mount::mount(Some(source.as_path()), target.as_path(), None::<&str>, MsFlags::MS_BIND, None::<&str>)
-                .with_context(|| format!("bind-mounting {} on {}", source.display(), target.display()))?;
+            nix::mount::mount(
+                Some(source.as_path()),
+                target.as_path(),
+                None::<&str>,
+                MsFlags::MS_BIND,
+                None::<&str>,
+            )
+            .with_context(|| {
+                format!("bind-mounting {} on {}", source.display(), target.display())
+            })?;
             log::info!("bound {} on {}", source.display(), target.display());
             done.push(Mounted {
                 target: target.clone(),
@@ -223,9 +290,8 @@ fn execute_one(step: &Step, done: &mut Vec<Mounted>) -> Result<()> {
             });
             Ok(())
         }
-        Step::Seed { from, to } => {
-            crate::fsutil::copy_tree(from, to).with_context(|| format!("seeding {} from {}", to.display(), from.display()))
-        }
+        Step::Seed { from, to } => crate::fsutil::copy_tree(from, to)
+            .with_context(|| format!("seeding {} from {}", to.display(), from.display())),
     }
 }
 
@@ -242,39 +308,70 @@ mod tests {
     fn persistent_plan_is_exact() {
         let s = Settings {
             overlay_dirs: vec!["/etc".into(), "/opt".into()],
-            tmpfs: vec![crate::config::TmpfsMount { path: "/tmp".into(), size: Size::Percent(50) }],
+            tmpfs: vec![crate::config::TmpfsMount {
+                path: "/tmp".into(),
+                size: Size::Percent(50),
+            }],
             cache_binds: vec!["/var/cache/pacman/pkg".into()],
             ..Default::default()
         };
         let exists = |q: &Path| q != Path::new("/new_root/opt");
         let fresh = |_: &Path| true;
-        let plan = persistent_plan(&p("/new_root"), &p("/run/mados/persistence"), &s, 1000, &exists, &fresh);
+        let plan = persistent_plan(
+            &p("/new_root"),
+            &p("/run/mados/persistence"),
+            &s,
+            1000,
+            &exists,
+            &fresh,
+        );
         assert_eq!(
             plan,
             vec![
-                Step::Mkdir { path: p("/run/mados/persistence/overlays/etc/upper") },
-                Step::Mkdir { path: p("/run/mados/persistence/overlays/etc/work") },
+                Step::Mkdir {
+                    path: p("/run/mados/persistence/overlays/etc/upper")
+                },
+                Step::Mkdir {
+                    path: p("/run/mados/persistence/overlays/etc/work")
+                },
                 Step::Mount {
                     source: "overlay".into(),
                     target: p("/new_root/etc"),
                     fstype: "overlay".into(),
-                    options: "lowerdir=/new_root/etc,upperdir=/run/mados/persistence/overlays/etc/upper,\
+                    options:
+                        "lowerdir=/new_root/etc,upperdir=/run/mados/persistence/overlays/etc/upper,\
                               workdir=/run/mados/persistence/overlays/etc/work"
-                        .into(),
+                            .into(),
                 },
-                Step::Mkdir { path: p("/run/mados/persistence/home") },
-                Step::Seed { from: p("/new_root/home"), to: p("/run/mados/persistence/home") },
-                Step::Mkdir { path: p("/new_root/home") },
-                Step::Bind { source: p("/run/mados/persistence/home"), target: p("/new_root/home") },
-                Step::Mkdir { path: p("/new_root/tmp") },
+                Step::Mkdir {
+                    path: p("/run/mados/persistence/home")
+                },
+                Step::Seed {
+                    from: p("/new_root/home"),
+                    to: p("/run/mados/persistence/home")
+                },
+                Step::Mkdir {
+                    path: p("/new_root/home")
+                },
+                Step::Bind {
+                    source: p("/run/mados/persistence/home"),
+                    target: p("/new_root/home")
+                },
+                Step::Mkdir {
+                    path: p("/new_root/tmp")
+                },
                 Step::Mount {
                     source: "tmpfs".into(),
                     target: p("/new_root/tmp"),
                     fstype: "tmpfs".into(),
                     options: "size=500,mode=1777,nosuid,nodev".into(),
                 },
-                Step::Mkdir { path: p("/run/mados/persistence/cache/var-cache-pacman-pkg") },
-                Step::Mkdir { path: p("/new_root/var/cache/pacman/pkg") },
+                Step::Mkdir {
+                    path: p("/run/mados/persistence/cache/var-cache-pacman-pkg")
+                },
+                Step::Mkdir {
+                    path: p("/new_root/var/cache/pacman/pkg")
+                },
                 Step::Bind {
                     source: p("/run/mados/persistence/cache/var-cache-pacman-pkg"),
                     target: p("/new_root/var/cache/pacman/pkg")
@@ -288,8 +385,19 @@ mod tests {
 
     #[test]
     fn ram_plan_on_a_read_only_root_uses_one_cow_tmpfs() {
-        let s = Settings { cow_spacesize: Size::Bytes(64 << 20), tmpfs: vec![], ..Default::default() };
-        let plan = ram_plan(&p("/new_root"), &p("/run/mados/cow"), &s, 8 << 30, false, &|_| true);
+        let s = Settings {
+            cow_spacesize: Size::Bytes(64 << 20),
+            tmpfs: vec![],
+            ..Default::default()
+        };
+        let plan = ram_plan(
+            &p("/new_root"),
+            &p("/run/mados/cow"),
+            &s,
+            8 << 30,
+            false,
+            &|_| true,
+        );
         assert_eq!(
             plan[1],
             Step::Mount {
@@ -306,9 +414,19 @@ mod tests {
                 _ => None,
             })
             .collect();
-        assert_eq!(overlays, ["/etc", "/usr", "/var", "/opt", "/home"].map(|d| p(&format!("/new_root{d}"))));
+        assert_eq!(
+            overlays,
+            ["/etc", "/usr", "/var", "/opt", "/home"].map(|d| p(&format!("/new_root{d}")))
+        );
         // a writable root (archiso's own cow) gets no overlays
-        let plan = ram_plan(&p("/new_root"), &p("/run/mados/cow"), &s, 8 << 30, true, &|_| true);
+        let plan = ram_plan(
+            &p("/new_root"),
+            &p("/run/mados/cow"),
+            &s,
+            8 << 30,
+            true,
+            &|_| true,
+        );
         assert!(plan.is_empty());
     }
 
@@ -333,7 +451,13 @@ mod tests {
                 _ => None,
             })
             .collect();
-        assert_eq!(opts[0], format!("size={},mode=1777,nosuid,nodev", 2u64 << 30));
-        assert_eq!(opts[1], format!("size={},mode=1777,nosuid,nodev", 1u64 << 30));
+        assert_eq!(
+            opts[0],
+            format!("size={},mode=1777,nosuid,nodev", 2u64 << 30)
+        );
+        assert_eq!(
+            opts[1],
+            format!("size={},mode=1777,nosuid,nodev", 1u64 << 30)
+        );
     }
 }

@@ -79,7 +79,7 @@ pub fn human(b: u64) -> String {
     ];
     for (u, m) in UNITS {
         if b >= m {
-            return if b % m == 0 {
+            return if b.is_multiple_of(m) {
                 format!("{}{u}", b / m)
             } else {
                 format!("{:.1}{u}", b as f64 / m as f64)

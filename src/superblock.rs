@@ -165,20 +165,20 @@ pub fn parse_vfat(bs: &[u8]) -> Option<String> {
 /// Recognise whatever filesystem starts at the beginning of `r`.
 pub fn probe<R: Read + Seek>(r: &mut R) -> io::Result<Option<Fs>> {
     let mut b = vec![0u8; 2048];
-    if read_at(r, 1024, &mut b[..1024])? {
-        if let Some(e) = parse_ext4(&b[..1024]) {
-            return Ok(Some(Fs::Ext4(e)));
-        }
+    if read_at(r, 1024, &mut b[..1024])?
+        && let Some(e) = parse_ext4(&b[..1024])
+    {
+        return Ok(Some(Fs::Ext4(e)));
     }
-    if read_at(r, 32768, &mut b)? {
-        if let Some(i) = parse_iso(&b) {
-            return Ok(Some(Fs::Iso9660(i)));
-        }
+    if read_at(r, 32768, &mut b)?
+        && let Some(i) = parse_iso(&b)
+    {
+        return Ok(Some(Fs::Iso9660(i)));
     }
-    if read_at(r, 0, &mut b[..512])? {
-        if let Some(label) = parse_vfat(&b[..512]) {
-            return Ok(Some(Fs::Vfat { label }));
-        }
+    if read_at(r, 0, &mut b[..512])?
+        && let Some(label) = parse_vfat(&b[..512])
+    {
+        return Ok(Some(Fs::Vfat { label }));
     }
     Ok(None)
 }
@@ -193,7 +193,12 @@ pub struct Window<'a, R> {
 
 impl<'a, R: Read + Seek> Window<'a, R> {
     pub fn new(inner: &'a mut R, base: u64, len: u64) -> Self {
-        Window { inner, base, len, pos: 0 }
+        Window {
+            inner,
+            base,
+            len,
+            pos: 0,
+        }
     }
 }
 

@@ -13,9 +13,13 @@ pub enum DiskKind {
     Usb,
     Optical,
     /// An ISO file on a loop device (GRUB loopback, Ventoy-like).
-    IsoFile { backing: String },
+    IsoFile {
+        backing: String,
+    },
     /// ata, nvme, virtio, mmc, scsi: an internal or VM disk.
-    Internal { bus: String },
+    Internal {
+        bus: String,
+    },
     Other,
 }
 
@@ -59,12 +63,16 @@ pub struct Sysfs {
 
 impl Default for Sysfs {
     fn default() -> Self {
-        Sysfs { root: PathBuf::from("/sys") }
+        Sysfs {
+            root: PathBuf::from("/sys"),
+        }
     }
 }
 
 fn read_trim(p: &Path) -> Option<String> {
-    std::fs::read_to_string(p).ok().map(|s| s.trim().to_string())
+    std::fs::read_to_string(p)
+        .ok()
+        .map(|s| s.trim().to_string())
 }
 fn read_u64(p: &Path) -> Option<u64> {
     read_trim(p)?.parse().ok()
@@ -74,7 +82,9 @@ fn read_u64(p: &Path) -> Option<u64> {
 pub fn classify(name: &str, device_path: &str, loop_backing: Option<String>) -> DiskKind {
     let comps: Vec<&str> = device_path.split('/').collect();
     if name.starts_with("loop") {
-        return DiskKind::IsoFile { backing: loop_backing.unwrap_or_else(|| "unknown file".into()) };
+        return DiskKind::IsoFile {
+            backing: loop_backing.unwrap_or_else(|| "unknown file".into()),
+        };
     }
     if name.starts_with("sr") {
         return DiskKind::Optical;
@@ -82,7 +92,13 @@ pub fn classify(name: &str, device_path: &str, loop_backing: Option<String>) -> 
     if comps.iter().any(|c| c.starts_with("usb")) {
         return DiskKind::Usb;
     }
-    for (needle, bus) in [("nvme", "nvme"), ("mmc", "mmc"), ("virtio", "virtio"), ("ata", "ata"), ("host", "scsi")] {
+    for (needle, bus) in [
+        ("nvme", "nvme"),
+        ("mmc", "mmc"),
+        ("virtio", "virtio"),
+        ("ata", "ata"),
+        ("host", "scsi"),
+    ] {
         if comps.iter().any(|c| c.starts_with(needle)) {
             return DiskKind::Internal { bus: bus.into() };
         }
@@ -98,30 +114,34 @@ impl Sysfs {
     /// Every block device: disks and their partitions.
     pub fn list(&self) -> Vec<BlockDev> {
         let dir = self.root.join("class/block");
-        let Ok(rd) = std::fs::read_dir(&dir) else { return vec![] };
+        let Ok(rd) = std::fs::read_dir(&dir) else {
+            return vec![];
+        };
         let mut out: Vec<BlockDev> = rd
             .flatten()
-            .filter_map(|e| {
+            .map(|e| {
                 let name = e.file_name().to_string_lossy().into_owned();
                 let p = dir.join(&name);
                 let partition = read_u64(&p.join("partition")).map(|n| n as u32);
                 let parent = if partition.is_some() {
-                    std::fs::canonicalize(&p)
-                        .ok()
-                        .and_then(|c| c.parent().map(|pp| pp.file_name().unwrap().to_string_lossy().into_owned()))
+                    std::fs::canonicalize(&p).ok().and_then(|c| {
+                        c.parent()
+                            .map(|pp| pp.file_name().unwrap().to_string_lossy().into_owned())
+                    })
                 } else {
                     None
                 };
                 let disk = parent.clone().unwrap_or_else(|| name.clone());
-                Some(BlockDev {
+                BlockDev {
                     start: read_u64(&p.join("start")).unwrap_or(0) * 512,
                     size: read_u64(&p.join("size")).unwrap_or(0) * 512,
-                    removable: read_u64(&self.root.join("block").join(&disk).join("removable")) == Some(1),
+                    removable: read_u64(&self.root.join("block").join(&disk).join("removable"))
+                        == Some(1),
                     read_only: read_u64(&p.join("ro")) == Some(1),
                     name,
                     parent,
                     partition,
-                })
+                }
             })
             .collect();
         out.sort_by(|a, b| a.name.cmp(&b.name));
@@ -142,7 +162,12 @@ impl Sysfs {
         self.list()
             .into_iter()
             .filter(|d| d.parent.as_deref() == Some(disk))
-            .map(|d| KernelPart { number: d.partition.unwrap_or(0), start: d.start, size: d.size, name: d.name })
+            .map(|d| KernelPart {
+                number: d.partition.unwrap_or(0),
+                start: d.start,
+                size: d.size,
+                name: d.name,
+            })
             .collect()
     }
 }
@@ -158,14 +183,31 @@ mod tests {
         let cd = "/sys/devices/pci0000:00/0000:00:01.1/ata2/host1/target1:0:0/1:0:0:0/block/sr0";
         assert_eq!(classify("sr0", cd, None), DiskKind::Optical);
         let sata = "/sys/devices/pci0000:00/0000:00:1f.2/ata1/host0/target0:0:0/0:0:0:0/block/sda";
-        assert_eq!(classify("sda", sata, None), DiskKind::Internal { bus: "ata".into() });
-        let vd = "/sys/devices/pci0000:00/0000:00:05.0/virtio2/block/vda";
-        assert_eq!(classify("vda", vd, None), DiskKind::Internal { bus: "virtio".into() });
-        let nv = "/sys/devices/pci0000:00/0000:00:06.0/nvme/nvme0/nvme0n1";
-        assert_eq!(classify("nvme0n1", nv, None), DiskKind::Internal { bus: "nvme".into() });
         assert_eq!(
-            classify("loop0", "/sys/devices/virtual/block/loop0", Some("/iso/madOS.iso".into())),
-            DiskKind::IsoFile { backing: "/iso/madOS.iso".into() }
+            classify("sda", sata, None),
+            DiskKind::Internal { bus: "ata".into() }
+        );
+        let vd = "/sys/devices/pci0000:00/0000:00:05.0/virtio2/block/vda";
+        assert_eq!(
+            classify("vda", vd, None),
+            DiskKind::Internal {
+                bus: "virtio".into()
+            }
+        );
+        let nv = "/sys/devices/pci0000:00/0000:00:06.0/nvme/nvme0/nvme0n1";
+        assert_eq!(
+            classify("nvme0n1", nv, None),
+            DiskKind::Internal { bus: "nvme".into() }
+        );
+        assert_eq!(
+            classify(
+                "loop0",
+                "/sys/devices/virtual/block/loop0",
+                Some("/iso/madOS.iso".into())
+            ),
+            DiskKind::IsoFile {
+                backing: "/iso/madOS.iso".into()
+            }
         );
     }
 
@@ -193,7 +235,15 @@ mod tests {
         assert_eq!(l[1].parent.as_deref(), Some("sda"));
         assert_eq!(s.kind("sda"), DiskKind::Usb);
         let parts = s.partitions_of("sda");
-        assert_eq!(parts, vec![KernelPart { name: "sda1".into(), number: 1, start: 64 * 512, size: 6080 * 512 }]);
+        assert_eq!(
+            parts,
+            vec![KernelPart {
+                name: "sda1".into(),
+                number: 1,
+                start: 64 * 512,
+                size: 6080 * 512
+            }]
+        );
         std::fs::remove_dir_all(&root).unwrap();
     }
 }

@@ -1,0 +1,220 @@
+//! Root tests on loop devices: create the partition on a real archiso
+//! image through the same code `boot` uses, then boot-layer it in a private
+//! mount namespace (`unshare -m`). Needs root; CI runs them.
+
+mod common;
+
+use common::*;
+use mados_persistence::boot;
+use mados_persistence::config::Settings;
+use std::path::Path;
+use std::process::Command;
+
+const GIB: u64 = 1 << 30;
+
+struct LoopDev(String);
+impl Drop for LoopDev {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").args(["-d", &self.0]).status();
+    }
+}
+
+fn sha(path: &Path, start: u64, end: u64) -> Vec<u8> {
+    bytes(path, start, end)
+}
+
+#[test]
+fn create_on_a_loop_device_then_layer_in_a_private_namespace() {
+    if !require_root("create_on_a_loop_device_then_layer_in_a_private_namespace") {
+        return;
+    }
+    let d = tmpdir("root-apply");
+    let img = image("archiso", &d, None);
+    let iso_len = std::fs::metadata(&img).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&img)
+        .unwrap()
+        .set_len(GIB)
+        .unwrap();
+    let before_iso = sha(&img, 512, iso_len);
+    let before_sfdisk = run("sfdisk", &["-d", img.to_str().unwrap()]);
+    let lo = LoopDev(
+        run("losetup", &["-f", "--show", img.to_str().unwrap()])
+            .trim()
+            .to_string(),
+    );
+    let disk = Path::new(&lo.0);
+
+    let backup_dir = d.join("run-state");
+    let created =
+        boot::create_partition(disk, &Settings::default(), vec![], &backup_dir).expect("create");
+    assert_eq!(created.number, 3);
+    assert_eq!(created.node, Path::new(&format!("{}p3", lo.0)));
+    assert!(backup_dir.join("table-backup.json").exists());
+    drop(created);
+
+    // the kernel knows the new partition; blkid sees the filesystem
+    let label = run(
+        "blkid",
+        &["-o", "value", "-s", "LABEL", &format!("{}p3", lo.0)],
+    );
+    assert_eq!(label.trim(), "persistence");
+    // re-plan: nothing to do
+    let v = boot::plan_device(disk, &Settings::default()).unwrap();
+    assert_eq!(v["result"]["action"], "use", "{v:#}");
+    // sfdisk shows the new entry, the old ones unchanged
+    let after_sfdisk = run("sfdisk", &["-d", img.to_str().unwrap()]);
+    for line in before_sfdisk.lines().filter(|l| l.contains(" : start=")) {
+        assert!(
+            after_sfdisk.contains(line.split_once(':').unwrap().1),
+            "{line} changed:\n{after_sfdisk}"
+        );
+    }
+    assert!(after_sfdisk.contains("type=83"), "{after_sfdisk}");
+    // every byte of the ISO (and its appended EFI partition) but the MBR sector is identical
+    assert!(
+        sha(&img, 512, iso_len) == before_iso,
+        "ISO/EFI bytes changed"
+    );
+
+    // boot-layer it in a private mount namespace on a fake live root
+    let root = d.join("new_root");
+    for dir in ["etc", "usr", "var", "opt", "home/live", "tmp"] {
+        std::fs::create_dir_all(root.join(dir)).unwrap();
+    }
+    std::fs::write(root.join("home/live/.profile"), "hi").unwrap();
+    let run_dir = d.join("run");
+    let bin = env!("CARGO_BIN_EXE_mados-persistence");
+    let script = format!(
+        "set -e
+        {bin} boot --root {r} --run {run} --cmdline 'cow_device={lo}p3'
+        echo written > {r}/etc/from-test
+        echo mine > {r}/home/live/note
+        grep -c ' {r}/' /proc/self/mountinfo
+        sync",
+        r = root.display(),
+        run = run_dir.display(),
+        lo = lo.0
+    );
+    let out = Command::new("unshare")
+        .args(["-m", "--propagation", "private", "sh", "-c", &script])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("mode persistent"), "{stdout}");
+    // etc usr var opt overlays + home bind + /tmp + /var/tmp tmpfs
+    assert!(
+        stdout.lines().any(|l| l.trim() == "7"),
+        "mount count: {stdout}"
+    );
+    let state: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(run_dir.join("mados-persistence/state.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(state["mode"], "persistent");
+    // the namespace is gone, nothing leaked into ours
+    assert!(
+        !root.join("etc/from-test").exists(),
+        "overlay leaked out of the namespace"
+    );
+    // what was written went to the partition
+    let mnt = d.join("check");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let check = format!(
+        "mount {lo}p3 {m} && cat {m}/overlays/etc/upper/from-test {m}/home/live/note {m}/home/live/.profile; umount {m}",
+        lo = lo.0,
+        m = mnt.display()
+    );
+    let out = Command::new("unshare")
+        .args(["-m", "sh", "-c", &check])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "written\nmine\nhi",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    drop(lo);
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
+#[test]
+fn failed_layering_falls_back_to_ram_and_unmounts() {
+    if !require_root("failed_layering_falls_back_to_ram_and_unmounts") {
+        return;
+    }
+    let d = tmpdir("root-fallback");
+    let part = d.join("part.img");
+    std::fs::File::create(&part)
+        .unwrap()
+        .set_len(256 << 20)
+        .unwrap();
+    run(
+        "mke2fs",
+        &[
+            "-q",
+            "-t",
+            "ext4",
+            "-L",
+            "persistence",
+            "-F",
+            part.to_str().unwrap(),
+        ],
+    );
+    let lo = LoopDev(
+        run("losetup", &["-f", "--show", part.to_str().unwrap()])
+            .trim()
+            .to_string(),
+    );
+    // /home is a file in this live root: the bind fails after the four
+    // overlays were mounted, and they must be undone
+    let root = d.join("new_root");
+    for dir in ["etc", "usr", "var", "opt"] {
+        std::fs::create_dir_all(root.join(dir)).unwrap();
+    }
+    std::fs::write(root.join("home"), "not a directory").unwrap();
+    let run_dir = d.join("run");
+    let bin = env!("CARGO_BIN_EXE_mados-persistence");
+    let script = format!(
+        "{bin} boot --root {r} --run {run} --cmdline 'cow_device={lo}' && grep -c ' {r}/' /proc/self/mountinfo || true",
+        r = root.display(),
+        run = run_dir.display(),
+        lo = lo.0
+    );
+    let out = Command::new("unshare")
+        .args(["-m", "--propagation", "private", "sh", "-c", &script])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("mode ram"),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let state: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(run_dir.join("mados-persistence/state.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(state["reason"]["code"], "mount_failed", "{state:#}");
+    // only the RAM-mode tmpfs mounts remain (/tmp, /var/tmp): the overlays were undone
+    let mounts: Vec<&str> = state["mounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["fstype"].as_str().unwrap())
+        .collect();
+    assert_eq!(mounts, ["tmpfs", "tmpfs"], "{state:#}");
+    assert!(
+        stdout.lines().any(|l| l.trim() == "2"),
+        "mounts left in the namespace: {stdout}"
+    );
+    drop(lo);
+    std::fs::remove_dir_all(&d).unwrap();
+}
