@@ -114,15 +114,65 @@ build_liveroot() {
 	mksquashfs "$root" "$WORK/airootfs.sfs" -quiet -noappend -comp gzip >/dev/null
 }
 
-# build_iso LAYOUT OUT: the live ISO in a distribution's layout.
+# Kernel parameters the test ISO's own boot menus pass (after the
+# product's own): serial console, and the live system checks what persisted.
+BOOTMENU_EXTRA="console=ttyS0 panic=-1 loglevel=4 madostest=check"
+
+# The product's GRUB menu with mkarchiso's substitutions, as on a real ISO.
+grub_cfg() {
+	sed -e "s|%ARCHISO_LABEL%|$ISO_LABEL|g" -e 's|%INSTALL_DIR%|arch|g' -e 's|%ARCH%|x86_64|g' "$REPO/grub/grub.cfg"
+}
+
+# build_iso LAYOUT OUT: the live ISO in a distribution's layout, bootable
+# by its own loaders: syslinux (BIOS) and GRUB (UEFI) for archiso layouts,
+# GRUB for both with grub-mkrescue.
 build_iso() {
 	local layout=$1 out=$2 tree=$WORK/isotree
 	rm -rf "$tree"
-	mkdir -p "$tree/arch/x86_64" "$tree/arch/boot/x86_64" "$tree/boot/syslinux"
+	mkdir -p "$tree/arch/x86_64" "$tree/arch/boot/x86_64" "$tree/boot/syslinux" "$tree/boot/grub" "$tree/EFI/BOOT"
 	cp "$WORK/airootfs.sfs" "$tree/arch/x86_64/"
 	cp "$WORK/vmlinuz" "$tree/arch/boot/x86_64/vmlinuz-linux"
 	cp "$WORK/initramfs.img" "$tree/arch/boot/x86_64/initramfs-linux.img"
+	cat >"$tree/boot/syslinux/syslinux.cfg" <<SYSLINUX
+SERIAL 0 115200
+DEFAULT mados
+PROMPT 0
+TIMEOUT 0
+LABEL mados
+  LINUX /arch/boot/x86_64/vmlinuz-linux
+  INITRD /arch/boot/x86_64/initramfs-linux.img
+  APPEND archisobasedir=arch archisolabel=$ISO_LABEL $BOOTMENU_EXTRA
+SYSLINUX
+	grub_cfg >"$tree/boot/grub/grub.cfg"
+	printf 'set timeout=0\nset mados_extra="%s"\n' "$BOOTMENU_EXTRA" >"$tree/boot/grub/mados-local.cfg"
+	if [[ ! -e $WORK/BOOTx64.EFI ]]; then
+		# shellcheck disable=SC2016 # $root is GRUB's, not the shell's
+		printf 'search --no-floppy --set=root --label %s\nset prefix=($root)/boot/grub\nconfigfile /boot/grub/grub.cfg\n' \
+			"$ISO_LABEL" >"$WORK/grub-early.cfg"
+		grub-mkstandalone -O x86_64-efi -o "$WORK/BOOTx64.EFI" --locales= --fonts= --themes= \
+			--modules="part_gpt part_msdos iso9660 fat search search_label linux normal configfile test echo" \
+			"boot/grub/grub.cfg=$WORK/grub-early.cfg"
+	fi
+	cp "$WORK/BOOTx64.EFI" "$tree/EFI/BOOT/BOOTx64.EFI"
 	"$REPO/tests/fixtures/mkimage" "$layout" "$out" "$tree"
+}
+
+# boot_firmware NAME TIMEOUT bios|uefi IMAGE: boot a stick through its own
+# bootloader (no -kernel), serial to $WORK/NAME.log
+boot_firmware() {
+	local name=$1 timeout=$2 fw=$3 img=$4 logf=$WORK/$1.log fwargs=()
+	if [[ $fw == uefi ]]; then
+		cp /usr/share/OVMF/OVMF_VARS_4M.fd "$WORK/$name.vars"
+		fwargs=(-drive "if=pflash,format=raw,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd"
+			-drive "if=pflash,format=raw,file=$WORK/$name.vars")
+	fi
+	timeout "$timeout" qemu-system-x86_64 -machine q35,accel=tcg -m 1024 -smp 1 \
+		-nographic -no-reboot -nodefaults -serial "file:$logf" "${fwargs[@]}" \
+		-device qemu-xhci,id=xhci -drive "if=none,id=stick,format=raw,file=$img" \
+		-device usb-storage,bus=xhci.0,drive=stick,removable=on,bootindex=1 \
+		</dev/null >/dev/null 2>"$WORK/$name.qemu.err" || true
+	tr -d '\r' <"$logf" >"$logf.txt"
+	mv "$logf.txt" "$logf"
 }
 
 build_all() {
