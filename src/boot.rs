@@ -153,6 +153,12 @@ pub struct Created {
     pub _loop: Option<Loop>,
 }
 
+fn disk_name(disk: &Path) -> String {
+    disk.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
 /// Plan, back up, write, announce, format. Restores the table on failure.
 pub fn create_partition(
     disk: &Path,
@@ -210,7 +216,21 @@ pub fn create_partition(
         table::apply(&mut f, &plan.writes)?;
         blockdev::flush_buffers(&f)?;
         if blockdev::is_block_device(disk) {
-            blockdev::add_partition(&f, plan.number, plan.start, plan.size)?;
+            if let Err(e) = blockdev::add_partition(&f, plan.number, plan.start, plan.size) {
+                // The kernel may already know it (a re-read raced us): fine
+                // only if it is exactly the partition we planned.
+                let known = l
+                    .kernel
+                    .iter()
+                    .chain(&Sysfs::default().partitions_of(&disk_name(disk)))
+                    .any(|k| {
+                        k.number == plan.number && k.start == plan.start && k.size == plan.size
+                    });
+                if !known {
+                    return Err(e);
+                }
+                log::info!("the kernel already knows partition {}", plan.number);
+            }
             reach_partition(disk, &node, plan.start, plan.size)
         } else {
             let lp = Loop::attach(disk, plan.start, plan.size)?;

@@ -7,14 +7,30 @@ mod common;
 use common::*;
 use mados_persistence::boot;
 use mados_persistence::config::Settings;
+use mados_persistence::sysfs::Sysfs;
 use std::path::Path;
 use std::process::Command;
 
 const GIB: u64 = 1 << 30;
 
 struct LoopDev(String);
+impl LoopDev {
+    /// Attached with partition scanning, so that detaching drops the
+    /// partitions BLKPG added (without it they outlive the detach).
+    fn attach(file: &Path) -> LoopDev {
+        LoopDev(
+            run("losetup", &["-P", "-f", "--show", file.to_str().unwrap()])
+                .trim()
+                .to_string(),
+        )
+    }
+    fn name(&self) -> &str {
+        self.0.trim_start_matches("/dev/")
+    }
+}
 impl Drop for LoopDev {
     fn drop(&mut self) {
+        let _ = Command::new("partx").args(["-d", &self.0]).status();
         let _ = Command::new("losetup").args(["-d", &self.0]).status();
     }
 }
