@@ -55,16 +55,13 @@ fn create_on_a_loop_device_then_layer_in_a_private_namespace() {
         .unwrap();
     let before_iso = sha(&img, 512, iso_len);
     let before_sfdisk = run("sfdisk", &["-d", img.to_str().unwrap()]);
-    let lo = LoopDev(
-        run("losetup", &["-f", "--show", img.to_str().unwrap()])
-            .trim()
-            .to_string(),
-    );
+    let lo = LoopDev::attach(&img);
     let disk = Path::new(&lo.0);
 
     let backup_dir = d.join("run-state");
+    let kernel = Sysfs::default().partitions_of(lo.name());
     let created =
-        boot::create_partition(disk, &Settings::default(), vec![], &backup_dir).expect("create");
+        boot::create_partition(disk, &Settings::default(), kernel, &backup_dir).expect("create");
     assert_eq!(created.number, 3);
     assert_eq!(created.node, Path::new(&format!("{}p3", lo.0)));
     assert!(backup_dir.join("table-backup.json").exists());
@@ -184,11 +181,7 @@ fn failed_layering_falls_back_to_ram_and_unmounts() {
             part.to_str().unwrap(),
         ],
     );
-    let lo = LoopDev(
-        run("losetup", &["-f", "--show", part.to_str().unwrap()])
-            .trim()
-            .to_string(),
-    );
+    let lo = LoopDev::attach(&part);
     // /home is a file in this live root: the bind fails after the four
     // overlays were mounted, and they must be undone
     let root = d.join("new_root");
