@@ -329,6 +329,18 @@ cow_spacesize = "128M"
     }
 
     #[test]
+    fn shipped_config_parses_cleanly() {
+        let text = include_str!("../iso-profile/airootfs/etc/mados/persistence.toml");
+        let mut w = vec![];
+        let mut s = Settings::default();
+        apply_toml(&mut s, text, &mut w);
+        assert!(w.is_empty(), "{w:?}");
+        assert_eq!(s.cache_binds, ["/var/cache/pacman/pkg"]);
+        let defaults = Settings { cache_binds: s.cache_binds.clone(), ..Default::default() };
+        assert_eq!(s, defaults, "the shipped file restates the defaults");
+    }
+
+    #[test]
     fn broken_toml_keeps_defaults() {
         let mut w = vec![];
         let mut s = Settings::default();
