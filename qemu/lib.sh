@@ -108,6 +108,7 @@ build_liveroot() {
 	echo "madOS test live system" >"$root/usr/share/madOS/release"
 	echo "madOS" >"$root/etc/hostname"
 	echo "welcome home" >"$root/home/live/.profile"
+	cp "$BIN" "$root/usr/bin/mados-persistence"
 	cp "$QEMU_DIR/live-init" "$root/sbin/init"
 	chmod +x "$root/sbin/init"
 	rm -f "$WORK/airootfs.sfs"

@@ -9,15 +9,15 @@ use crate::cmdline;
 use crate::config::{self, Settings};
 use crate::detect::{self, Decision, Probed, Reason};
 use crate::e2fs;
+use crate::flags;
 use crate::fsutil;
-use crate::layout;
 use crate::mounts::{self, Mounted};
 use crate::partplan::{self, PlanOptions};
 use crate::state::{self, BootDevice, Partition, State, Timing};
 use crate::superblock;
 use crate::sysfs::Sysfs;
 use crate::table;
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, anyhow};
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
@@ -160,25 +160,10 @@ fn disk_name(disk: &Path) -> String {
 }
 
 /// Plan, back up, write, announce, format. Restores the table on failure.
-pub fn create_partition(
-    disk: &Path,
-    s: &Settings,
-    kernel: Vec<layout::KernelPart>,
-    backup_dir: &Path,
-) -> Result<Created> {
-    let mut f = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(disk)
-        .with_context(|| format!("opening {}", disk.display()))?;
-    let (size, ss) = blockdev::geometry(&f)?;
-    let ss = if ss == 0 {
-        layout::guess_sector_size(&mut f)?
-    } else {
-        ss
-    };
-    let l = layout::read_layout(&mut f, size, ss, kernel)
-        .with_context(|| format!("reading the partition tables of {}", disk.display()))?;
+pub fn create_partition(disk: &Path, s: &Settings, backup_dir: &Path) -> Result<Created> {
+    let o = crate::manage::open_device(disk, true)?;
+    let size = o.layout.size;
+    let (l, mut f) = (o.layout, o.file);
     for finding in &l.findings {
         log::info!("layout: {finding}");
     }
@@ -272,6 +257,7 @@ pub fn run(o: &BootOptions) -> State {
     };
     let mut st = State {
         version: 1,
+        root: o.root.display().to_string(),
         cmdline: o.cmdline.trim().to_string(),
         ..Default::default()
     };
@@ -323,27 +309,27 @@ pub fn run(o: &BootOptions) -> State {
                 log::info!("using {} named by cow_device=", dev.dev_path().display());
             }
             let disk = PathBuf::from("/dev").join(dev.disk_name());
-            reach_partition(&disk, &dev.dev_path(), dev.start, dev.size)
-                .map_err(|e| Reason::new("open_failed", format!("{e:#}")))
-                .and_then(|(target, lp)| {
+            match reach_partition(&disk, &dev.dev_path(), dev.start, dev.size) {
+                Err(e) => Err(Reason::new("open_failed", format!("{e:#}"))),
+                Ok((via, lp)) => {
                     t.lap("open");
-                    mount_persistence(
-                        o,
-                        &s,
-                        &mut st,
-                        &mut t,
-                        &target,
-                        dev.dev_path(),
-                        false,
-                        dev.start,
-                        dev.size,
-                        lp,
-                    )
-                })
+                    let tg = Target {
+                        disk,
+                        node: dev.dev_path(),
+                        via,
+                        number: dev.partition.unwrap_or(0),
+                        start: dev.start,
+                        size: dev.size,
+                        created: false,
+                        _loop: lp,
+                    };
+                    mount_persistence(o, &s, &mut st, &mut t, tg)
+                }
+            }
         }
         Decision::Create { disk } => {
             let disk_path = PathBuf::from("/dev").join(&disk);
-            match create_partition(&disk_path, &s, sys.partitions_of(&disk), &o.state_dir()) {
+            match create_partition(&disk_path, &s, &o.state_dir()) {
                 Ok(c) => {
                     t.lap("create");
                     log::info!(
@@ -352,24 +338,19 @@ pub fn run(o: &BootOptions) -> State {
                         crate::size::human(c.size)
                     );
                     let backup = c.backup.clone();
-                    let r = mount_persistence(
-                        o,
-                        &s,
-                        &mut st,
-                        &mut t,
-                        &c.target,
-                        c.node.clone(),
-                        true,
-                        c.start,
-                        c.size,
-                        c._loop,
-                    );
+                    let tg = Target {
+                        disk: disk_path.clone(),
+                        node: c.node,
+                        via: c.target,
+                        number: c.number,
+                        start: c.start,
+                        size: c.size,
+                        created: true,
+                        _loop: c._loop,
+                    };
+                    let r = mount_persistence(o, &s, &mut st, &mut t, tg);
                     if r.is_ok() {
-                        let p = o.pmount().join(".mados/table-backup.json");
-                        if let Err(e) = fsutil::write_atomic(
-                            &p,
-                            serde_json::to_string_pretty(&backup).unwrap().as_bytes(),
-                        ) {
+                        if let Err(e) = flags::write_backup(&o.pmount(), &backup) {
                             log::warn!("keeping the table backup on the partition: {e:#}");
                         }
                     }
@@ -421,73 +402,122 @@ fn root_writable(root: &Path) -> bool {
         .unwrap_or(false)
 }
 
-#[allow(clippy::too_many_arguments)]
+/// Where the persistence partition is and how it is reached.
+pub struct Target {
+    pub disk: PathBuf,
+    pub node: PathBuf,
+    /// What is opened: the node, or a loop device over the disk.
+    pub via: PathBuf,
+    pub number: u32,
+    pub start: u64,
+    pub size: u64,
+    pub created: bool,
+    pub _loop: Option<Loop>,
+}
+
 fn mount_persistence(
     o: &BootOptions,
     s: &Settings,
     st: &mut State,
     t: &mut Timer,
-    target: &Path,
-    node: PathBuf,
-    created: bool,
-    start: u64,
-    size: u64,
-    _lp: Option<Loop>,
+    tg: Target,
 ) -> Result<(), Reason> {
-    let fsck = e2fs::fsck(target).map_err(|e| Reason::new("fsck_failed", format!("{e:#}")))?;
+    let fsck = e2fs::fsck(&tg.via).map_err(|e| Reason::new("fsck_failed", format!("{e:#}")))?;
     t.lap("fsck");
     log::info!(
         "e2fsck -p {}: {} (exit {})",
-        target.display(),
+        tg.via.display(),
         fsck.summary,
         fsck.code
     );
-    let mut part = Partition {
-        device: node.display().to_string(),
-        mounted_from: target.display().to_string(),
-        created,
-        start,
-        size,
+    let node = tg.node.display().to_string();
+    st.partition = Some(Partition {
+        device: node.clone(),
+        number: tg.number,
+        mounted_from: tg.via.display().to_string(),
+        created: tg.created,
+        start: tg.start,
+        size: tg.size,
         mountpoint: o.pmount().display().to_string(),
         fsck: Some(fsck.clone()),
-    };
+    });
     if !fsck.mountable() {
-        st.partition = Some(part);
         return Err(Reason::new(
             "fsck_failed",
             format!(
-                "e2fsck -p found {} on {} (exit {}); not mounting it. Repair it with `e2fsck -f {}` from another system; nothing was changed on it",
-                fsck.summary,
-                node.display(),
-                fsck.code,
-                node.display()
+                "e2fsck -p found {} on {node} (exit {}); not mounting it. Repair it with `e2fsck -f {node}` \
+                 from another system; nothing was changed on it",
+                fsck.summary, fsck.code
             ),
         ));
     }
     let pm = o.pmount();
-    let mut done: Vec<Mounted> = Vec::new();
-    let r = (|| -> Result<()> {
-        std::fs::create_dir_all(&pm)?;
-        let opts = mounts::persist_mount_options(s.data_mode);
-        mounts::mount(&target.display().to_string(), &pm, "ext4", &opts)?;
-        done.push(Mounted {
-            target: pm.clone(),
-            fstype: "ext4".into(),
-            source: node.display().to_string(),
-            options: opts,
+    let opts = mounts::persist_mount_options(s.data_mode);
+    std::fs::create_dir_all(&pm)
+        .map_err(anyhow::Error::from)
+        .and_then(|_| mounts::mount(&tg.via.display().to_string(), &pm, "ext4", &opts))
+        .map_err(|e| Reason::new("mount_failed", format!("{e:#}")))?;
+    t.lap("mount persistence");
+    // Requests left for this boot by `disable` and `remove`.
+    let f = flags::read(&pm);
+    if f.remove {
+        let backup = flags::read_backup(&pm);
+        let _ = mounts::umount(&pm);
+        drop(tg._loop);
+        return Err(
+            match crate::manage::remove_partition(
+                &tg.disk,
+                tg.number,
+                tg.start,
+                tg.size,
+                backup.as_ref(),
+            ) {
+                Ok(how) => {
+                    st.partition = None;
+                    Reason::new(
+                        "removed",
+                        format!(
+                            "the persistence partition {node} was removed as requested ({how})"
+                        ),
+                    )
+                }
+                Err(e) => Reason::new(
+                    "remove_failed",
+                    format!("removing {node} as requested failed: {e:#}"),
+                ),
+            },
+        );
+    }
+    if let Some(d) = f.disabled {
+        if d == flags::Disabled::Once {
+            if let Err(e) = flags::clear_disabled_once(&pm) {
+                log::error!("{e:#}");
+            }
+        }
+        let _ = mounts::umount(&pm);
+        return Err(match d {
+            flags::Disabled::Once => Reason::new(
+                "disabled_once",
+                "persistence is off for this boot only (`mados-persistence disable --once`); it is back at the next boot",
+            ),
+            flags::Disabled::Always => Reason::new(
+                "disabled",
+                "persistence is turned off on the stick (`mados-persistence disable`); `mados-persistence enable` turns it on",
+            ),
         });
-        t.lap("mount persistence");
-        let plan = mounts::persistent_plan(&o.root, &pm, s, mem_total(), &|p| p.is_dir(), &|p| {
-            !p.exists()
-        });
-        mounts::execute(&plan, &mut done)?;
-        t.lap("layer");
-        Ok(())
-    })();
-    part.fsck = Some(fsck);
-    st.partition = Some(part);
-    match r {
+    }
+    let mut done = vec![Mounted {
+        target: pm.clone(),
+        fstype: "ext4".into(),
+        source: node,
+        options: opts,
+    }];
+    let plan = mounts::persistent_plan(&o.root, &pm, s, mem_total(), &|p| p.is_dir(), &|p| {
+        !p.exists()
+    });
+    match mounts::execute(&plan, &mut done) {
         Ok(()) => {
+            t.lap("layer");
             st.mounts.extend(done);
             Ok(())
         }
@@ -531,31 +561,9 @@ fn finish(o: &BootOptions, st: &mut State, mut t: Timer) {
 
 /// For `plan --device`: read a device or image and say what boot would do.
 pub fn plan_device(path: &Path, s: &Settings) -> Result<serde_json::Value> {
-    let mut f = File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let (size, ss) = blockdev::geometry(&f)?;
-    let ss = if ss == 0 {
-        layout::guess_sector_size(&mut f)?
-    } else {
-        ss
-    };
-    let kernel = if blockdev::is_block_device(path) {
-        let name = path.file_name().unwrap().to_string_lossy().into_owned();
-        Sysfs::default().partitions_of(&name)
-    } else {
-        vec![]
-    };
-    let l = layout::read_layout(&mut f, size, ss, kernel)?;
-    // an existing persistence filesystem in the table?
-    let mut existing = None;
-    for (n, start, len) in l.table_entries() {
-        let mut sub = crate::superblock::Window::new(&mut f, start, len);
-        if let Ok(Some(superblock::Fs::Ext4(e))) = superblock::probe(&mut sub)
-            && e.label == s.label
-        {
-            existing =
-                Some(serde_json::json!({"number": n, "start": start, "size": len, "uuid": e.uuid}));
-        }
-    }
+    let mut o = crate::manage::open_device(path, false)?;
+    let existing = crate::manage::find_persistence(&mut o, &s.label);
+    let (l, size, ss) = (&o.layout, o.layout.size, o.layout.sector_size);
     let action = match &existing {
         Some(e) => serde_json::json!({"action": "use", "partition": e}),
         None => {
@@ -564,7 +572,7 @@ pub fn plan_device(path: &Path, s: &Settings) -> Result<serde_json::Value> {
                 max_size: s.max_size.map(|m| m.resolve(u64::MAX)),
                 ..Default::default()
             };
-            match partplan::plan(&l, &opts) {
+            match partplan::plan(l, &opts) {
                 Ok(p) => serde_json::json!({"action": "create", "plan": p}),
                 Err(r) => {
                     serde_json::json!({"action": "none", "refusal": r, "message": r.to_string()})
@@ -572,9 +580,6 @@ pub fn plan_device(path: &Path, s: &Settings) -> Result<serde_json::Value> {
             }
         }
     };
-    if size == 0 {
-        bail!("{} is empty", path.display());
-    }
     Ok(serde_json::json!({
         "device": path.display().to_string(),
         "size": size,

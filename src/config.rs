@@ -336,7 +336,10 @@ cow_spacesize = "128M"
         apply_toml(&mut s, text, &mut w);
         assert!(w.is_empty(), "{w:?}");
         assert_eq!(s.cache_binds, ["/var/cache/pacman/pkg"]);
-        let defaults = Settings { cache_binds: s.cache_binds.clone(), ..Default::default() };
+        let defaults = Settings {
+            cache_binds: s.cache_binds.clone(),
+            ..Default::default()
+        };
         assert_eq!(s, defaults, "the shipped file restates the defaults");
     }
 

@@ -2,8 +2,9 @@
 //! commands come as further subcommands. All logic is in the library.
 
 use anyhow::{Context, Result};
-use clap::{Parser, Subcommand};
-use mados_persistence::{boot, cmdline, config, logging, size::human};
+use clap::{CommandFactory, Parser, Subcommand};
+use mados_persistence::size::{Size, human};
+use mados_persistence::{boot, cmdline, config, logging, manage};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -43,6 +44,63 @@ enum Cmd {
         #[arg(long, default_value = "/run", hide = true)]
         run: PathBuf,
     },
+    /// Is my work being saved, and if not, why? (no root needed)
+    #[command(
+        after_help = "Examples:\n  mados-persistence status\n  mados-persistence status --json | jq .mode"
+    )]
+    Status {
+        /// Print one JSON document (schema in README: \"status --json\").
+        #[arg(long)]
+        json: bool,
+    },
+    /// Create persistence on the boot stick (or --device), keeping this session's changes.
+    #[command(after_help = "Examples:\n  sudo mados-persistence enable\n  \
+        mados-persistence enable --device madOS.img --size 4G --yes   # prepare an image before its first boot")]
+    Enable {
+        /// A block device or disk image file (default: the stick this system booted from).
+        #[arg(long)]
+        device: Option<PathBuf>,
+        /// Cap on the new partition's size (default: all free space after the ISO).
+        #[arg(long, value_parser = parse_size)]
+        size: Option<Size>,
+        /// Do not ask for confirmation.
+        #[arg(long)]
+        yes: bool,
+    },
+    /// Boot in RAM mode from the next boot on (or once), keeping the data.
+    #[command(
+        after_help = "Examples:\n  sudo mados-persistence disable --once\n  sudo mados-persistence enable   # undo"
+    )]
+    Disable {
+        /// Only the next boot runs in RAM mode.
+        #[arg(long)]
+        once: bool,
+        /// A block device or disk image file (default: the boot stick).
+        #[arg(long)]
+        device: Option<PathBuf>,
+    },
+    /// Permanently delete the persistence partition; the ISO stays bootable.
+    #[command(
+        after_help = "Examples:\n  sudo mados-persistence remove\n  mados-persistence remove --device madOS.img --yes"
+    )]
+    Remove {
+        /// Do not ask (otherwise you type the word `remove`).
+        #[arg(long)]
+        yes: bool,
+        /// A block device or disk image file (default: the boot stick).
+        #[arg(long)]
+        device: Option<PathBuf>,
+    },
+    /// Print shell completions.
+    #[command(
+        after_help = "Example:\n  mados-persistence completions bash > /usr/share/bash-completion/completions/mados-persistence"
+    )]
+    Completions { shell: clap_complete::Shell },
+    /// Print the man page (roff).
+    #[command(
+        after_help = "Example:\n  mados-persistence man > /usr/share/man/man8/mados-persistence.8"
+    )]
+    Man,
     /// Show a device's or image's layout, its isohybrid gaps, and what boot would do. Changes nothing.
     #[command(
         after_help = "Examples:\n  mados-persistence plan --device /dev/sdb\n  mados-persistence plan --device madOS.img --json"
@@ -60,15 +118,42 @@ enum Cmd {
     },
 }
 
+fn parse_size(s: &str) -> Result<Size, String> {
+    match Size::parse(s) {
+        Ok(Size::Percent(_)) => Err("give an absolute size such as 8G".into()),
+        Ok(v) => Ok(v),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Exit codes: 0 ok, 1 error, 2 usage (clap), 3 refused for safety.
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli) {
         Ok(code) => code,
+        Err(e) if e.downcast_ref::<manage::Refused>().is_some() => {
+            eprintln!("mados-persistence: {e:#}");
+            ExitCode::from(3)
+        }
         Err(e) => {
             eprintln!("mados-persistence: error: {e:#}");
             ExitCode::from(1)
         }
     }
+}
+
+/// Settings for the after-boot commands: the running system's config.
+fn running_settings() -> config::Settings {
+    let mut w = vec![];
+    let s = config::resolve(
+        std::path::Path::new("/"),
+        &cmdline::BootParams::default(),
+        &mut w,
+    );
+    for x in w {
+        eprintln!("mados-persistence: warning: {x}");
+    }
+    s
 }
 
 fn run(cli: Cli) -> Result<ExitCode> {
@@ -102,6 +187,38 @@ fn run(cli: Cli) -> Result<ExitCode> {
             });
             // The boot goes on whatever happened; the exit code only tells the hook.
             println!("mados-persistence: mode {}", st.mode);
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Status { json } => {
+            manage::status(json)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Enable { device, size, yes } => {
+            logging::init(false, log::LevelFilter::Warn);
+            manage::enable(device, size, yes, &running_settings())?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Disable { once, device } => {
+            logging::init(false, log::LevelFilter::Warn);
+            manage::disable(device, once, &running_settings())?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Remove { yes, device } => {
+            logging::init(false, log::LevelFilter::Warn);
+            manage::remove(device, yes, &running_settings())?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "mados-persistence",
+                &mut std::io::stdout(),
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Man => {
+            clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout())?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Plan {

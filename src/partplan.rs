@@ -1,7 +1,7 @@
 //! Where a new persistence partition goes, and the exact sector writes that
 //! create it. Pure: takes a `Layout`, returns a plan; `table` applies it.
 
-use crate::layout::{KernelPart, Layout, TableKind};
+use crate::layout::{Gpt, KernelPart, Layout, TableKind};
 use crate::size::{MIB, human};
 use serde::Serialize;
 
@@ -206,12 +206,35 @@ fn plan_gpt(
         e[56 + 2 * i..58 + 2 * i].copy_from_slice(&c.to_le_bytes());
     }
     let last = l.size / ss - 1;
+    let writes = gpt_writes(l, g, &entries, slot, last, "at the device's end");
+    Ok(PartPlan {
+        table: TableKind::Gpt,
+        number: slot as u32 + 1,
+        start,
+        size: end - start,
+        used_end,
+        writes,
+    })
+}
+
+/// The sector writes for a GPT whose entry array is now `entries` (entry
+/// `slot` changed), with the backup header at `alt`: primary header, the
+/// one primary entry sector that changed, backup array, backup header.
+fn gpt_writes(
+    l: &Layout,
+    g: &Gpt,
+    entries: &[u8],
+    slot: usize,
+    alt: u64,
+    where_: &str,
+) -> Vec<Write> {
+    let ss = l.sector_size;
+    let es = g.entry_size as usize;
     let arr_sectors = g.entries_bytes().div_ceil(ss);
-    let backup_entries_lba = last - arr_sectors;
+    let backup_entries_lba = alt - arr_sectors;
     let entries_crc = crc32fast::hash(&entries[..g.entries_bytes() as usize]);
     let hsize = g.header_size();
-
-    let header = |my: u64, alt: u64, entries_lba: u64| {
+    let header = |my: u64, other: u64, entries_lba: u64| {
         let mut s = if my == 1 {
             g.header_sector.clone()
         } else {
@@ -221,7 +244,7 @@ fn plan_gpt(
             s[..hsize].copy_from_slice(&g.header_sector[..hsize]);
         }
         put_u64(&mut s, 24, my);
-        put_u64(&mut s, 32, alt);
+        put_u64(&mut s, 32, other);
         put_u64(&mut s, 48, backup_entries_lba - 1); // last usable LBA
         put_u64(&mut s, 72, entries_lba);
         put_u32(&mut s, 88, entries_crc);
@@ -233,41 +256,71 @@ fn plan_gpt(
     // The backup array: the entries, zero-padded to whole sectors.
     let mut backup = entries[..g.entries_bytes() as usize].to_vec();
     backup.resize((arr_sectors * ss) as usize, 0);
-    // The primary: only the one sector holding the new entry changes.
+    // The primary: only the one sector holding the changed entry.
     let sec = (slot * es) / ss as usize * ss as usize;
-    let primary_sector = entries[sec..sec + ss as usize].to_vec();
-    let writes = vec![
+    vec![
         Write {
             what: "primary GPT header".into(),
             offset: ss,
             len: ss as usize,
-            data: header(1, last, g.entries_lba),
+            data: header(1, alt, g.entries_lba),
         },
         Write {
             what: format!("primary GPT entries (entry {})", slot + 1),
             offset: g.entries_lba * ss + sec as u64,
             len: ss as usize,
-            data: primary_sector,
+            data: entries[sec..sec + ss as usize].to_vec(),
         },
         Write {
-            what: "backup GPT entries at the device's end".into(),
+            what: format!("backup GPT entries {where_}"),
             offset: backup_entries_lba * ss,
             len: backup.len(),
             data: backup,
         },
         Write {
-            what: "backup GPT header at the device's end".into(),
-            offset: last * ss,
+            what: format!("backup GPT header {where_}"),
+            offset: alt * ss,
             len: ss as usize,
-            data: header(last, 1, backup_entries_lba),
+            data: header(alt, 1, backup_entries_lba),
         },
-    ];
-    Ok(PartPlan {
-        table: TableKind::Gpt,
-        number: slot as u32 + 1,
-        start,
-        size: end - start,
-        used_end,
-        writes,
-    })
+    ]
+}
+
+/// The writes that delete partition `number` from the table in use, and
+/// nothing else (when no creation backup can be restored).
+pub fn plan_delete(l: &Layout, number: u32) -> Result<Vec<Write>, String> {
+    let idx = number
+        .checked_sub(1)
+        .ok_or("partition numbers start at 1")? as usize;
+    match l.table {
+        TableKind::Mbr => {
+            let m = l.mbr.as_ref().expect("MBR table kind has an MBR");
+            if idx >= 4 || !m.entries.iter().any(|e| e.number == number) {
+                return Err(format!("the MBR has no entry {number}"));
+            }
+            let mut sector = m.raw.clone();
+            sector[446 + 16 * idx..462 + 16 * idx].fill(0);
+            Ok(vec![Write {
+                what: format!("MBR (entry {number})"),
+                offset: 0,
+                len: sector.len(),
+                data: sector,
+            }])
+        }
+        TableKind::Gpt => {
+            let g = l.gpt.as_ref().expect("GPT table kind has a GPT");
+            if !g.valid() {
+                return Err("the GPT's checksums are wrong".into());
+            }
+            if !g.entries.iter().any(|e| e.number == number) {
+                return Err(format!("the GPT has no entry {number}"));
+            }
+            let es = g.entry_size as usize;
+            let mut entries = g.entries_raw.clone();
+            entries[idx * es..(idx + 1) * es].fill(0);
+            let alt = g.alternate_lba.min(l.size / l.sector_size - 1);
+            Ok(gpt_writes(l, g, &entries, idx, alt, "in place"))
+        }
+        TableKind::None => Err("the device has no partition table".into()),
+    }
 }

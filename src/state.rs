@@ -21,6 +21,9 @@ pub struct BootDevice {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Partition {
     pub device: String,
+    /// The partition's number on its disk.
+    #[serde(default)]
+    pub number: u32,
     /// The node mounted: the partition, or a loop device over the disk when
     /// the whole disk was busy.
     pub mounted_from: String,
@@ -49,4 +52,7 @@ pub struct State {
     pub warnings: Vec<String>,
     pub timings: Vec<Timing>,
     pub cmdline: String,
+    /// The live root the mounts were made under (`/new_root`).
+    #[serde(default)]
+    pub root: String,
 }

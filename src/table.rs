@@ -14,6 +14,10 @@ pub struct Region {
     pub offset: u64,
     /// The original bytes, hex-encoded.
     pub hex: String,
+    /// What the change wrote there: a restore is safe only while the
+    /// region still holds exactly this (nobody changed the table since).
+    #[serde(default)]
+    pub after_hex: String,
 }
 
 /// The original content of every sector a plan writes.
@@ -60,6 +64,7 @@ pub fn take_backup<R: Read + Seek>(
                 what: w.what.clone(),
                 offset: w.offset,
                 hex: to_hex(&old),
+                after_hex: to_hex(&w.data),
             })
         })
         .collect::<Result<_>>()?;
@@ -83,6 +88,21 @@ pub fn apply<W: Write + Seek>(w: &mut W, writes: &[SectorWrite]) -> Result<()> {
         write_at(w, x.offset, &x.data, &x.what)?;
     }
     w.flush().context("flushing the partition table")
+}
+
+/// Whether every region still holds what the change wrote.
+pub fn unchanged_since<R: Read + Seek>(r: &mut R, b: &Backup) -> Result<bool> {
+    for reg in &b.regions {
+        if reg.after_hex.is_empty() {
+            return Ok(false);
+        }
+        let now = read_exact_at(r, reg.offset, reg.after_hex.len() / 2)
+            .with_context(|| format!("reading {} at byte {}", reg.what, reg.offset))?;
+        if to_hex(&now) != reg.after_hex {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
 
 pub fn restore<W: Write + Seek>(w: &mut W, b: &Backup) -> Result<()> {
@@ -121,7 +141,9 @@ mod tests {
         assert_eq!(&dev.get_ref()[512..1024], &[1; 512][..]);
         assert_ne!(dev.get_ref(), &orig);
         let b2: Backup = serde_json::from_str(&json).unwrap();
+        assert!(unchanged_since(&mut dev, &b2).unwrap());
         restore(&mut dev, &b2).unwrap();
+        assert!(!unchanged_since(&mut dev, &b2).unwrap());
         assert_eq!(dev.get_ref(), &orig);
     }
 }

@@ -1,0 +1,115 @@
+//! Requests left on the persistence partition for the next boot, in
+//! `.mados/` at its root: `disabled` ("once" or "always", from `disable`)
+//! and `remove` (from `remove` while persistence was in use). `boot` reads
+//! them right after mounting the partition, before anything is layered.
+
+use anyhow::{Context, Result};
+use std::path::{Path, PathBuf};
+
+pub const DIR: &str = ".mados";
+pub const BACKUP: &str = "table-backup.json";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Disabled {
+    Once,
+    Always,
+}
+
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Flags {
+    pub disabled: Option<Disabled>,
+    pub remove: bool,
+}
+
+fn path(pmount: &Path, name: &str) -> PathBuf {
+    pmount.join(DIR).join(name)
+}
+
+pub fn read(pmount: &Path) -> Flags {
+    let disabled = match std::fs::read_to_string(path(pmount, "disabled"))
+        .as_deref()
+        .map(str::trim)
+    {
+        Ok("once") => Some(Disabled::Once),
+        Ok(_) => Some(Disabled::Always),
+        Err(_) => None,
+    };
+    Flags {
+        disabled,
+        remove: path(pmount, "remove").exists(),
+    }
+}
+
+pub fn set_disabled(pmount: &Path, d: Disabled) -> Result<()> {
+    let text = match d {
+        Disabled::Once => "once\n",
+        Disabled::Always => "always\n",
+    };
+    crate::fsutil::write_atomic(&path(pmount, "disabled"), text.as_bytes())
+}
+
+/// Clear `disabled` (and a pending `remove`); true if there was one.
+pub fn clear(pmount: &Path) -> Result<bool> {
+    let mut any = false;
+    for f in ["disabled", "remove"] {
+        let p = path(pmount, f);
+        if p.exists() {
+            std::fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?;
+            any = true;
+        }
+    }
+    Ok(any)
+}
+
+pub fn clear_disabled_once(pmount: &Path) -> Result<()> {
+    let p = path(pmount, "disabled");
+    std::fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))
+}
+
+pub fn set_remove(pmount: &Path) -> Result<()> {
+    crate::fsutil::write_atomic(
+        &path(pmount, "remove"),
+        b"scheduled by `mados-persistence remove`\n",
+    )
+}
+
+pub fn read_backup(pmount: &Path) -> Option<crate::table::Backup> {
+    let text = std::fs::read_to_string(path(pmount, BACKUP)).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+pub fn write_backup(pmount: &Path, b: &crate::table::Backup) -> Result<()> {
+    crate::fsutil::write_atomic(
+        &path(pmount, BACKUP),
+        serde_json::to_string_pretty(b)?.as_bytes(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip() {
+        let d = std::env::temp_dir().join(format!("mados-flags-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        assert_eq!(read(&d), Flags::default());
+        set_disabled(&d, Disabled::Once).unwrap();
+        set_remove(&d).unwrap();
+        assert_eq!(
+            read(&d),
+            Flags {
+                disabled: Some(Disabled::Once),
+                remove: true
+            }
+        );
+        set_disabled(&d, Disabled::Always).unwrap();
+        assert_eq!(read(&d).disabled, Some(Disabled::Always));
+        assert!(clear(&d).unwrap());
+        assert!(!clear(&d).unwrap());
+        assert_eq!(read(&d), Flags::default());
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+}
