@@ -109,6 +109,9 @@ build_liveroot() {
 	echo "madOS" >"$root/etc/hostname"
 	echo "welcome home" >"$root/home/live/.profile"
 	cp "$BIN" "$root/usr/bin/mados-persistence"
+	# a real live system has e2fsprogs (iso-profile/packages.x86_64): enable needs it
+	add_program "$root" /usr/sbin/mke2fs
+	add_program "$root" /usr/sbin/e2fsck
 	cp "$QEMU_DIR/live-init" "$root/sbin/init"
 	chmod +x "$root/sbin/init"
 	rm -f "$WORK/airootfs.sfs"

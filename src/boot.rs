@@ -349,10 +349,10 @@ pub fn run(o: &BootOptions) -> State {
                         _loop: c._loop,
                     };
                     let r = mount_persistence(o, &s, &mut st, &mut t, tg);
-                    if r.is_ok() {
-                        if let Err(e) = flags::write_backup(&o.pmount(), &backup) {
-                            log::warn!("keeping the table backup on the partition: {e:#}");
-                        }
+                    if r.is_ok()
+                        && let Err(e) = flags::write_backup(&o.pmount(), &backup)
+                    {
+                        log::warn!("keeping the table backup on the partition: {e:#}");
                     }
                     r
                 }
@@ -489,10 +489,10 @@ fn mount_persistence(
         );
     }
     if let Some(d) = f.disabled {
-        if d == flags::Disabled::Once {
-            if let Err(e) = flags::clear_disabled_once(&pm) {
-                log::error!("{e:#}");
-            }
+        if d == flags::Disabled::Once
+            && let Err(e) = flags::clear_disabled_once(&pm)
+        {
+            log::error!("{e:#}");
         }
         let _ = mounts::umount(&pm);
         return Err(match d {

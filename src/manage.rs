@@ -137,10 +137,10 @@ pub fn remove_partition(
     std::io::Seek::seek(&mut o.file, std::io::SeekFrom::Start(start))?;
     std::io::Write::write_all(&mut o.file, &wipe).context("wiping the filesystem's first MiB")?;
     blockdev::flush_buffers(&o.file)?;
-    if o.block {
-        if let Err(e) = blockdev::del_partition(&o.file, number) {
-            log::warn!("the kernel keeps partition {number} until the next boot: {e:#}");
-        }
+    if o.block
+        && let Err(e) = blockdev::del_partition(&o.file, number)
+    {
+        log::warn!("the kernel keeps partition {number} until the next boot: {e:#}");
     }
     Ok(how.into())
 }
@@ -390,10 +390,10 @@ pub fn enable(
         }
     };
     println!(
-        "Will create partition {} on {} in the {:?} table: byte {} to {} ({}), ext4 labelled '{}'.",
+        "Will create partition {} on {} in the {} table: byte {} to {} ({}), ext4 labelled '{}'.",
         plan.number,
         disk.display(),
-        plan.table,
+        format!("{:?}", plan.table).to_uppercase(),
         plan.start,
         plan.start + plan.size,
         crate::size::human(plan.size),
@@ -408,22 +408,19 @@ pub fn enable(
     }
     confirm("Create it?", None, yes)?;
     drop(o);
-    let total = if is_boot { 4 } else { 3 };
+    let total = if is_boot { 3 } else { 2 };
     step(
         1,
         total,
-        "writing the partition table (a backup of every touched sector is kept)",
-    );
-    let t0 = std::time::Instant::now();
-    std::fs::create_dir_all(RUN_DIR)?;
-    step(
-        2,
-        total,
         &format!(
-            "formatting {} with mke2fs (can take a minute on a slow stick)",
+            "creating partition {} (a backup of every table sector it touches is kept) and formatting {} \
+             with mke2fs; this can take a minute on a slow stick",
+            plan.number,
             crate::size::human(plan.size)
         ),
     );
+    let t0 = std::time::Instant::now();
+    std::fs::create_dir_all(RUN_DIR)?;
     let c = crate::boot::create_partition(&disk, &settings, Path::new(RUN_DIR))?;
     println!("      done in {:.1} s", t0.elapsed().as_secs_f64());
     let e = Existing {
@@ -434,11 +431,11 @@ pub fn enable(
     };
     let backup = c.backup.clone();
     drop(c);
-    step(3, total, "saving the table backup on the new partition");
+    step(2, total, "saving the table backup on the new partition");
     let m = TempMount::new(&disk, blockdev::is_block_device(&disk), &e, false)?;
     flags::write_backup(&m.dir, &backup)?;
     if is_boot {
-        step(4, total, "copying this session's changes into it");
+        step(3, total, "copying this session's changes into it");
         save_session(&m.dir, &settings)?;
         crate::fsutil::write_atomic(&pending_path(), b"enabled\n")?;
     }
