@@ -14,7 +14,8 @@ log() { printf '\033[1m[qemu]\033[0m %s\n' "$*" >&2; }
 
 # Debian packages the QEMU tests need; installed when missing (as root).
 QEMU_PACKAGES=(qemu-system-x86 linux-image-amd64 busybox-static xorriso isolinux syslinux-common
-	squashfs-tools mtools dosfstools cpio e2fsprogs fdisk grub-pc-bin grub-efi-amd64-bin grub-common ovmf)
+	squashfs-tools mtools dosfstools cpio e2fsprogs fdisk grub-pc-bin grub-efi-amd64-bin grub-common ovmf
+	dracut-core dracut-live)
 
 ensure_packages() {
 	local missing=()
@@ -209,3 +210,40 @@ virtio_disk() { echo "-drive if=virtio,format=raw,file=$1"; }
 
 # The state.json a boot printed between the markers.
 state_of() { sed -n '/^=== MADOS-STATE$/,/^=== MADOS-END$/p' "$WORK/$1.log" | sed '1d;$d'; }
+
+# A dracut initramfs for Debian's kernel with dmsquash-live and our module,
+# built from a copy of the installed dracut (nothing is installed into it).
+build_dracut() {
+	local kv base=$WORK/dracut-base
+	kv=$(kernel_version)
+	rm -rf "$base" "$WORK/dracut-bin"
+	cp -a /usr/lib/dracut "$base"
+	cp -r "$REPO/dracut-module/90mados-persistence" "$base/modules.d/"
+	mkdir -p "$WORK/dracut-bin"
+	cp "$BIN" "$WORK/dracut-bin/mados-persistence"
+	DRACUT_PATH="$WORK/dracut-bin /sbin /bin /usr/sbin /usr/bin" dracutbasedir=$base dracut --quiet --force --no-hostonly --no-hostonly-cmdline \
+		--kver "$kv" --omit "systemd systemd-initrd systemd-networkd dracut-systemd plymouth i18n resume" \
+		--add "dmsquash-live mados-persistence" \
+		--add-drivers "xhci_pci xhci_hcd usb_storage sd_mod sr_mod cdrom isofs squashfs overlay ext4 loop crc32c_generic ata_piix" \
+		"$WORK/initramfs-dracut.img" 2>"$WORK/dracut.log" || { cat "$WORK/dracut.log" >&2; return 1; }
+	# the ISO: a Fedora-style LiveOS/squashfs.img holding the live root
+	local tree=$WORK/dracut-isotree
+	rm -rf "$tree"
+	mkdir -p "$tree/LiveOS"
+	cp "$WORK/airootfs.sfs" "$tree/LiveOS/squashfs.img"
+	"$REPO/tests/fixtures/mkimage" archiso "$WORK/madOS-dracut.iso" "$tree"
+}
+
+# boot_dracut NAME APPEND QEMU-ARGS...: boot the dracut initramfs
+boot_dracut() {
+	local name=$1 append=$2
+	shift 2
+	local logf=$WORK/$name.log
+	timeout 300 qemu-system-x86_64 -machine pc,accel=tcg -m 1536 -smp 1 \
+		-nographic -no-reboot -nodefaults -serial "file:$logf" \
+		-kernel "$WORK/vmlinuz" -initrd "$WORK/initramfs-dracut.img" \
+		-append "console=ttyS0 panic=-1 root=live:CDLABEL=$ISO_LABEL rd.live.image rd.live.overlay.overlayfs=1 rd.shell=0 rd.emergency=poweroff $append" \
+		"$@" </dev/null >/dev/null 2>"$WORK/$name.qemu.err" || true
+	tr -d '\r' <"$logf" >"$logf.txt"
+	mv "$logf.txt" "$logf"
+}

@@ -20,7 +20,9 @@ installkernel() {
 }
 
 install() {
-    inst_multiple mados-persistence mke2fs e2fsck
+    # at /usr/bin in the initramfs wherever it is installed on the build host
+    inst_binary "$(command -v mados-persistence)" /usr/bin/mados-persistence
+    inst_multiple mke2fs e2fsck
     # shellcheck disable=SC2154 # moddir is set by dracut
     inst_hook pre-pivot 50 "$moddir/mados-persistence-hook.sh"
 }
