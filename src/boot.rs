@@ -271,7 +271,8 @@ pub fn run(o: &BootOptions) -> State {
     let devs = probe_all(&sys);
     t.lap("probe");
     // archiso mounts the ISO here, dracut's dmsquash-live there
-    let bootmnt = mount_source("/run/archiso/bootmnt").or_else(|| mount_source("/run/initramfs/live"));
+    let bootmnt =
+        mount_source("/run/archiso/bootmnt").or_else(|| mount_source("/run/initramfs/live"));
     let iso = detect::find_iso(&devs, &s, bootmnt.as_deref());
     let kind = iso.as_ref().ok().map(|p| sys.kind(p.dev.disk_name()));
     if let (Ok(p), Some(k)) = (&iso, &kind) {

@@ -162,15 +162,25 @@ fn archiso_uefi_only_layout_gets_a_gpt_entry_and_moved_backup() {
     assert!(verify.contains("No errors detected"), "{verify}");
     // deleting just our entry (no backup) leaves a valid GPT with the original three
     let writes = partplan::plan_delete(&l2, plan.number).unwrap();
-    let mut f = OpenOptions::new().read(true).write(true).open(&img).unwrap();
+    let mut f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&img)
+        .unwrap();
     table::apply(&mut f, &writes).unwrap();
     drop(f);
     let l3 = read(&img, None);
     let g3 = l3.gpt.as_ref().unwrap();
     assert!(g3.valid(), "GPT after deleting the entry");
     assert_eq!(g3.entries.len(), 3);
-    assert_eq!(l3.gpt.as_ref().unwrap().entries, l.gpt.as_ref().unwrap().entries);
-    assert!(partplan::plan_delete(&l3, plan.number).is_err(), "deleting twice must fail");
+    assert_eq!(
+        l3.gpt.as_ref().unwrap().entries,
+        l.gpt.as_ref().unwrap().entries
+    );
+    assert!(
+        partplan::plan_delete(&l3, plan.number).is_err(),
+        "deleting twice must fail"
+    );
     std::fs::remove_dir_all(&d).unwrap();
 }
 
