@@ -189,18 +189,25 @@ build_all() {
 	build_iso archiso "$WORK/madOS-archiso.iso"
 }
 
-# boot_vm NAME TIMEOUT APPEND QEMU-ARGS...: boot with -kernel, serial to $WORK/NAME.log
-boot_vm() {
-	local name=$1 timeout=$2 append=$3
-	shift 3
+# qemu_kernel NAME TIMEOUT INITRD APPEND QEMU-ARGS...: boot Debian's kernel
+# with an initramfs under TCG, serial console to $WORK/NAME.log
+qemu_kernel() {
+	local name=$1 timeout=$2 initrd=$3 append=$4
+	shift 4
 	local logf=$WORK/$name.log
-	timeout "$timeout" qemu-system-x86_64 -machine pc,accel=tcg -m 1024 -smp 1 \
+	timeout "$timeout" qemu-system-x86_64 -machine pc,accel=tcg -m 1536 -smp 1 \
 		-nographic -no-reboot -nodefaults -serial "file:$logf" \
-		-kernel "$WORK/vmlinuz" -initrd "$WORK/initramfs.img" \
-		-append "console=ttyS0 panic=-1 loglevel=4 archisolabel=$ISO_LABEL $append" \
+		-kernel "$WORK/vmlinuz" -initrd "$initrd" -append "console=ttyS0 panic=-1 $append" \
 		"$@" </dev/null >/dev/null 2>"$WORK/$name.qemu.err" || true
 	tr -d '\r' <"$logf" >"$logf.txt"
 	mv "$logf.txt" "$logf"
+}
+
+# boot_vm NAME TIMEOUT APPEND QEMU-ARGS...: the test initramfs (archiso-like)
+boot_vm() {
+	local name=$1 timeout=$2 append=$3
+	shift 3
+	qemu_kernel "$name" "$timeout" "$WORK/initramfs.img" "loglevel=4 archisolabel=$ISO_LABEL $append" "$@"
 }
 
 # QEMU arguments for a USB stick / CD-ROM / virtio disk.
@@ -234,16 +241,10 @@ build_dracut() {
 	"$REPO/tests/fixtures/mkimage" archiso "$WORK/madOS-dracut.iso" "$tree"
 }
 
-# boot_dracut NAME APPEND QEMU-ARGS...: boot the dracut initramfs
+# boot_dracut NAME APPEND QEMU-ARGS...: the dracut initramfs (dmsquash-live)
 boot_dracut() {
 	local name=$1 append=$2
 	shift 2
-	local logf=$WORK/$name.log
-	timeout 300 qemu-system-x86_64 -machine pc,accel=tcg -m 1536 -smp 1 \
-		-nographic -no-reboot -nodefaults -serial "file:$logf" \
-		-kernel "$WORK/vmlinuz" -initrd "$WORK/initramfs-dracut.img" \
-		-append "console=ttyS0 panic=-1 root=live:CDLABEL=$ISO_LABEL rd.live.image rd.live.overlay.overlayfs=1 rd.shell=0 rd.emergency=poweroff $append" \
-		"$@" </dev/null >/dev/null 2>"$WORK/$name.qemu.err" || true
-	tr -d '\r' <"$logf" >"$logf.txt"
-	mv "$logf.txt" "$logf"
+	qemu_kernel "$name" 300 "$WORK/initramfs-dracut.img" \
+		"root=live:CDLABEL=$ISO_LABEL rd.live.image rd.live.overlay.overlayfs=1 rd.shell=0 rd.emergency=poweroff $append" "$@"
 }

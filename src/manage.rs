@@ -499,17 +499,27 @@ fn save_session(pm: &Path, s: &Settings) -> Result<()> {
     Ok(())
 }
 
-pub fn disable(device: Option<PathBuf>, once: bool, s: &Settings) -> Result<()> {
+/// The persistence partition `disable` and `remove` act on, or a refusal.
+fn locate(
+    device: Option<PathBuf>,
+    verb: &str,
+    s: &Settings,
+) -> Result<(Option<State>, PathBuf, Opened, Existing)> {
     let st = read_state();
-    let disk = target_device(device, st.as_ref(), "disable")?;
+    let disk = target_device(device, st.as_ref(), verb)?;
     let mut o = open_device(&disk, false)?;
-    let Some(e) = find_persistence(&mut o, &s.label) else {
-        return refuse(format!(
+    match find_persistence(&mut o, &s.label) {
+        Some(e) => Ok((st, disk, o, e)),
+        None => refuse(format!(
             "{} has no persistence partition labelled '{}'",
             disk.display(),
             s.label
-        ));
-    };
+        )),
+    }
+}
+
+pub fn disable(device: Option<PathBuf>, once: bool, s: &Settings) -> Result<()> {
+    let (st, disk, o, e) = locate(device, "disable", s)?;
     let kind = if once {
         flags::Disabled::Once
     } else {
@@ -532,16 +542,7 @@ pub fn disable(device: Option<PathBuf>, once: bool, s: &Settings) -> Result<()> 
 }
 
 pub fn remove(device: Option<PathBuf>, yes: bool, s: &Settings) -> Result<()> {
-    let st = read_state();
-    let disk = target_device(device, st.as_ref(), "remove")?;
-    let mut o = open_device(&disk, false)?;
-    let Some(e) = find_persistence(&mut o, &s.label) else {
-        return refuse(format!(
-            "{} has no persistence partition labelled '{}'",
-            disk.display(),
-            s.label
-        ));
-    };
+    let (st, disk, o, e) = locate(device, "remove", s)?;
     let active = active_on(st.as_ref(), e.number, &disk);
     let used = match &active {
         Some(pm) => usage(&pm.to_string_lossy()),
