@@ -8,32 +8,8 @@ use common::*;
 use mados_persistence::boot;
 use mados_persistence::config::Settings;
 use std::path::Path;
-use std::process::Command;
 
 const GIB: u64 = 1 << 30;
-
-struct LoopDev(String);
-impl LoopDev {
-    /// Attached with partition scanning, so that detaching drops the
-    /// partitions BLKPG added (without it they outlive the detach).
-    fn attach(file: &Path) -> LoopDev {
-        LoopDev(
-            run("losetup", &["-P", "-f", "--show", file.to_str().unwrap()])
-                .trim()
-                .to_string(),
-        )
-    }
-}
-impl Drop for LoopDev {
-    fn drop(&mut self) {
-        let _ = Command::new("partx").args(["-d", &self.0]).status();
-        let _ = Command::new("losetup").args(["-d", &self.0]).status();
-    }
-}
-
-fn sha(path: &Path, start: u64, end: u64) -> Vec<u8> {
-    bytes(path, start, end)
-}
 
 #[test]
 fn create_on_a_loop_device_then_layer_in_a_private_namespace() {
@@ -49,7 +25,7 @@ fn create_on_a_loop_device_then_layer_in_a_private_namespace() {
         .unwrap()
         .set_len(GIB)
         .unwrap();
-    let before_iso = sha(&img, 512, iso_len);
+    let before_iso = bytes(&img, 512, iso_len);
     let before_sfdisk = run("sfdisk", &["-d", img.to_str().unwrap()]);
     let lo = LoopDev::attach(&img);
     let disk = Path::new(&lo.0);
@@ -81,7 +57,7 @@ fn create_on_a_loop_device_then_layer_in_a_private_namespace() {
     assert!(after_sfdisk.contains("type=83"), "{after_sfdisk}");
     // every byte of the ISO (and its appended EFI partition) but the MBR sector is identical
     assert!(
-        sha(&img, 512, iso_len) == before_iso,
+        bytes(&img, 512, iso_len) == before_iso,
         "ISO/EFI bytes changed"
     );
 
@@ -104,10 +80,7 @@ fn create_on_a_loop_device_then_layer_in_a_private_namespace() {
         run = run_dir.display(),
         lo = lo.0
     );
-    let out = Command::new("unshare")
-        .args(["-m", "--propagation", "private", "sh", "-c", &script])
-        .output()
-        .unwrap();
+    let out = in_namespace(&script);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -138,10 +111,7 @@ fn create_on_a_loop_device_then_layer_in_a_private_namespace() {
         lo = lo.0,
         m = mnt.display()
     );
-    let out = Command::new("unshare")
-        .args(["-m", "sh", "-c", &check])
-        .output()
-        .unwrap();
+    let out = in_namespace(&check);
     assert_eq!(
         String::from_utf8_lossy(&out.stdout),
         "written\nmine\nhi",
@@ -191,10 +161,7 @@ fn failed_layering_falls_back_to_ram_and_unmounts() {
         run = run_dir.display(),
         lo = lo.0
     );
-    let out = Command::new("unshare")
-        .args(["-m", "--propagation", "private", "sh", "-c", &script])
-        .output()
-        .unwrap();
+    let out = in_namespace(&script);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         stdout.contains("mode ram"),

@@ -137,11 +137,10 @@ fn size_cap_disable_and_remove_without_backup_on_a_loop_device() {
     let (img, iso_len) = grown("archiso", &d);
     let before = run("sfdisk", &["-d", img.to_str().unwrap()]);
     let iso_before = bytes(&img, 512, iso_len);
-    let lo = run("losetup", &["-P", "-f", "--show", img.to_str().unwrap()])
-        .trim()
-        .to_string();
-    let res = std::panic::catch_unwind(|| {
-        ok(&["enable", "--device", &lo, "--size", "200M", "--yes"]);
+    let lo = LoopDev::attach(&img);
+    {
+        let lo = lo.0.as_str();
+        ok(&["enable", "--device", lo, "--size", "200M", "--yes"]);
         let node = format!("{lo}p3");
         assert_eq!(
             run("blkid", &["-o", "value", "-s", "LABEL", &node]).trim(),
@@ -149,27 +148,23 @@ fn size_cap_disable_and_remove_without_backup_on_a_loop_device() {
         );
         let bytes_ = run("blockdev", &["--getsize64", &node]);
         assert_eq!(bytes_.trim(), (200u64 << 20).to_string());
-        ok(&["disable", "--device", &lo, "--once"]);
+        ok(&["disable", "--device", lo, "--once"]);
         let mnt = d.join("m");
         std::fs::create_dir_all(&mnt).unwrap();
         let m = mnt.to_str().unwrap();
         let read = format!(
             "mount {node} {m} && cat {m}/.mados/disabled; rm -f {m}/.mados/table-backup.json; umount {m}"
         );
-        let out = Command::new("unshare")
-            .args(["-m", "sh", "-c", &read])
-            .output()
-            .unwrap();
+        let out = in_namespace(&read);
         assert_eq!(String::from_utf8_lossy(&out.stdout), "once\n");
-        let out = ok(&["enable", "--device", &lo, "--yes"]);
+        let out = ok(&["enable", "--device", lo, "--yes"]);
         assert!(out.contains("was cleared"), "{out}");
         // with the backup gone, remove deletes just the entry
-        let out = ok(&["remove", "--device", &lo, "--yes"]);
+        let out = ok(&["remove", "--device", lo, "--yes"]);
         assert!(out.contains("table entry deleted"), "{out}");
         assert!(!Path::new(&node).exists(), "the kernel still shows {node}");
-    });
-    let _ = Command::new("losetup").args(["-d", &lo]).status();
-    res.unwrap();
+    }
+    drop(lo);
     assert_eq!(run("sfdisk", &["-d", img.to_str().unwrap()]), before);
     assert!(bytes(&img, 512, iso_len) == iso_before);
     std::fs::remove_dir_all(&d).unwrap();

@@ -69,3 +69,33 @@ pub fn bytes(path: &Path, start: u64, end: u64) -> Vec<u8> {
     f.read_exact(&mut b).unwrap();
     b
 }
+
+/// A loop device over a file, detached (with its partitions) when dropped.
+/// Attached with partition scanning, so that detaching drops the partitions
+/// BLKPG added (without it they outlive the detach).
+pub struct LoopDev(pub String);
+
+impl LoopDev {
+    pub fn attach(file: &Path) -> LoopDev {
+        LoopDev(
+            run("losetup", &["-P", "-f", "--show", file.to_str().unwrap()])
+                .trim()
+                .to_string(),
+        )
+    }
+}
+
+impl Drop for LoopDev {
+    fn drop(&mut self) {
+        let _ = Command::new("partx").args(["-d", &self.0]).status();
+        let _ = Command::new("losetup").args(["-d", &self.0]).status();
+    }
+}
+
+/// Run a shell script in a private mount namespace; its mounts die with it.
+pub fn in_namespace(script: &str) -> std::process::Output {
+    Command::new("unshare")
+        .args(["-m", "--propagation", "private", "sh", "-c", script])
+        .output()
+        .expect("running unshare")
+}
