@@ -1,23 +1,19 @@
 //! mados-persistence: persistence for live USB sticks.
 //!
-//! See ARCHITECTURE.md for the code map.
+//! The modules are grouped by stage, and depend only downwards
+//! (ARCHITECTURE.md has the code map):
+//!
+//! - `util`: logging and file helpers; depends on nothing here.
+//! - `settings`: what the user asked for (kernel command line, config, sizes).
+//! - `disk`: how a stick is read and changed (sysfs, superblocks, tables,
+//!   partition planning and writing, ioctls, e2fsprogs, the persistence
+//!   partition's shared operations).
+//! - `boot`: what happens in the initramfs (detection, mounts, flags, state).
+//! - `manage`: what a person runs after boot (status, enable, disable,
+//!   remove, plan) and its text rendering.
 
-pub mod blockdev;
 pub mod boot;
-pub mod cmdline;
-pub mod config;
-pub mod detect;
-pub mod e2fs;
-pub mod flags;
-pub mod fsutil;
-pub mod layout;
-pub mod logging;
+pub mod disk;
 pub mod manage;
-pub mod mounts;
-pub mod partplan;
-pub mod size;
-pub mod state;
-pub mod status;
-pub mod superblock;
-pub mod sysfs;
-pub mod table;
+pub mod settings;
+pub mod util;

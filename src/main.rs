@@ -1,10 +1,10 @@
 //! The one binary: early boot (`boot`), planning (`plan`); after-boot
 //! commands come as further subcommands. All logic is in the library.
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::{CommandFactory, Parser, Subcommand};
-use mados_persistence::size::{Size, human};
-use mados_persistence::{boot, cmdline, config, logging, manage};
+use mados_persistence::settings::size::Size;
+use mados_persistence::{boot, manage};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -142,20 +142,6 @@ fn main() -> ExitCode {
     }
 }
 
-/// Settings for the after-boot commands: the running system's config.
-fn running_settings() -> config::Settings {
-    let mut w = vec![];
-    let s = config::resolve(
-        std::path::Path::new("/"),
-        &cmdline::BootParams::default(),
-        &mut w,
-    );
-    for x in w {
-        eprintln!("mados-persistence: warning: {x}");
-    }
-    s
-}
-
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.cmd {
         Cmd::Boot {
@@ -164,29 +150,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
             sysfs,
             run,
         } => {
-            let cmdline = match cmdline {
-                Some(c) => c,
-                None => {
-                    std::fs::read_to_string("/proc/cmdline").context("reading /proc/cmdline")?
-                }
-            };
-            let debug = cmdline::parse(&cmdline).debug;
-            logging::init(
-                true,
-                if debug {
-                    log::LevelFilter::Debug
-                } else {
-                    log::LevelFilter::Info
-                },
-            );
-            let st = boot::run(&boot::BootOptions {
-                root,
-                cmdline,
-                sysfs,
-                run,
-            });
+            let mode = boot::run_from_cli(root, cmdline, sysfs, run)?;
             // The boot goes on whatever happened; the exit code only tells the hook.
-            println!("mados-persistence: mode {}", st.mode);
+            println!("mados-persistence: mode {mode}");
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Status { json } => {
@@ -194,18 +160,15 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Enable { device, size, yes } => {
-            logging::init(false, log::LevelFilter::Warn);
-            manage::enable(device, size, yes, &running_settings())?;
+            manage::enable(device, size, yes)?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Disable { once, device } => {
-            logging::init(false, log::LevelFilter::Warn);
-            manage::disable(device, once, &running_settings())?;
+            manage::disable(device, once)?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Remove { yes, device } => {
-            logging::init(false, log::LevelFilter::Warn);
-            manage::remove(device, yes, &running_settings())?;
+            manage::remove(device, yes)?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Completions { shell } => {
@@ -226,91 +189,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
             json,
             cmdline,
         } => {
-            logging::init(false, log::LevelFilter::Warn);
-            let mut warnings = vec![];
-            let mut s = config::Settings::default();
-            config::merge_params(&mut s, &cmdline::parse(&cmdline));
-            warnings.extend(cmdline::parse(&cmdline).warnings);
-            for w in &warnings {
-                eprintln!("mados-persistence: warning: {w}");
-            }
-            let v = boot::plan_device(&device, &s)?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&v)?);
-            } else {
-                print_plan(&v);
-            }
+            manage::plan::plan(&device, json, &cmdline)?;
             Ok(ExitCode::SUCCESS)
         }
-    }
-}
-
-fn print_plan(v: &serde_json::Value) {
-    let u = |x: &serde_json::Value| x.as_u64().unwrap_or(0);
-    println!("device:       {}", v["device"].as_str().unwrap_or("?"));
-    println!(
-        "size:         {} ({} bytes, {}-byte sectors)",
-        human(u(&v["size"])),
-        u(&v["size"]),
-        u(&v["sector_size"])
-    );
-    let l = &v["layout"];
-    println!("table in use: {}", l["table"].as_str().unwrap_or("?"));
-    if let Some(iso) = l["iso"].as_object() {
-        println!(
-            "ISO 9660:     '{}' uuid {} ({})",
-            iso["label"].as_str().unwrap_or(""),
-            iso["uuid"].as_str().unwrap_or(""),
-            human(u(&iso["size"]))
-        );
-    }
-    println!(
-        "\nwhat is on it (nothing is placed below its end, byte {}):",
-        u(&v["used_end"])
-    );
-    for e in v["extents"].as_array().into_iter().flatten() {
-        println!(
-            "  {:>14} .. {:<14} {}",
-            u(&e["start"]),
-            u(&e["end"]),
-            e["what"].as_str().unwrap_or("")
-        );
-    }
-    let f = l["findings"].as_array().cloned().unwrap_or_default();
-    if !f.is_empty() {
-        println!("\nfindings:");
-        for x in f {
-            println!("  - {}", x.as_str().unwrap_or(""));
-        }
-    }
-    let r = &v["result"];
-    println!();
-    match r["action"].as_str() {
-        Some("use") => println!(
-            "persistence partition {} exists: nothing to do",
-            r["partition"]["number"]
-        ),
-        Some("create") => {
-            let p = &r["plan"];
-            println!(
-                "would create partition {} in the {} table at byte {} ({}), writing:",
-                p["number"],
-                p["table"].as_str().unwrap_or("?"),
-                u(&p["start"]),
-                human(u(&p["size"]))
-            );
-            for w in p["writes"].as_array().into_iter().flatten() {
-                println!(
-                    "  {} bytes at {}: {}",
-                    u(&w["len"]),
-                    u(&w["offset"]),
-                    w["what"].as_str().unwrap_or("")
-                );
-            }
-        }
-        _ => println!(
-            "would not create persistence: {}",
-            r["message"].as_str().unwrap_or("?")
-        ),
     }
 }

@@ -5,9 +5,9 @@
 mod common;
 
 use common::*;
-use mados_persistence::layout::{self, Layout, TableKind};
-use mados_persistence::partplan::{self, PlanOptions, Refusal};
-use mados_persistence::table;
+use mados_persistence::disk::layout::{self, Layout, TableKind};
+use mados_persistence::disk::partplan::{self, PlanOptions, Refusal};
+use mados_persistence::disk::table;
 use std::fs::{File, OpenOptions};
 use std::path::Path;
 

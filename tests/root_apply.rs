@@ -5,8 +5,9 @@
 mod common;
 
 use common::*;
-use mados_persistence::boot;
-use mados_persistence::config::Settings;
+use mados_persistence::disk::stick;
+use mados_persistence::manage::plan;
+use mados_persistence::settings::config::Settings;
 use std::path::Path;
 
 const GIB: u64 = 1 << 30;
@@ -31,7 +32,7 @@ fn create_on_a_loop_device_then_layer_in_a_private_namespace() {
     let disk = Path::new(&lo.0);
 
     let backup_dir = d.join("run-state");
-    let created = boot::create_partition(disk, &Settings::default(), &backup_dir).expect("create");
+    let created = stick::create_partition(disk, &Settings::default(), &backup_dir).expect("create");
     assert_eq!(created.number, 3);
     assert_eq!(created.node, Path::new(&format!("{}p3", lo.0)));
     assert!(backup_dir.join("table-backup.json").exists());
@@ -44,7 +45,7 @@ fn create_on_a_loop_device_then_layer_in_a_private_namespace() {
     );
     assert_eq!(label.trim(), "persistence");
     // re-plan: nothing to do
-    let v = boot::plan_device(disk, &Settings::default()).unwrap();
+    let v = plan::plan_device(disk, &Settings::default()).unwrap();
     assert_eq!(v["result"]["action"], "use", "{v:#}");
     // sfdisk shows the new entry, the old ones unchanged
     let after_sfdisk = run("sfdisk", &["-d", img.to_str().unwrap()]);

@@ -6,8 +6,8 @@
 //! tmpfs mounts; cache binds. RAM mode: tmpfs mounts, and if the root is
 //! read-only, overlays with uppers on one tmpfs of `cow_spacesize`.
 
-use crate::cmdline::DataMode;
-use crate::config::Settings;
+use crate::settings::cmdline::DataMode;
+use crate::settings::config::Settings;
 use anyhow::{Context, Result};
 use nix::mount::{MntFlags, MsFlags};
 use serde::Serialize;
@@ -290,7 +290,7 @@ fn execute_one(step: &Step, done: &mut Vec<Mounted>) -> Result<()> {
             });
             Ok(())
         }
-        Step::Seed { from, to } => crate::fsutil::copy_tree(from, to)
+        Step::Seed { from, to } => crate::util::fsutil::copy_tree(from, to)
             .with_context(|| format!("seeding {} from {}", to.display(), from.display())),
     }
 }
@@ -298,7 +298,7 @@ fn execute_one(step: &Step, done: &mut Vec<Mounted>) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::size::Size;
+    use crate::settings::size::Size;
 
     fn p(s: &str) -> PathBuf {
         PathBuf::from(s)
@@ -308,7 +308,7 @@ mod tests {
     fn persistent_plan_is_exact() {
         let s = Settings {
             overlay_dirs: vec!["/etc".into(), "/opt".into()],
-            tmpfs: vec![crate::config::TmpfsMount {
+            tmpfs: vec![crate::settings::config::TmpfsMount {
                 path: "/tmp".into(),
                 size: Size::Percent(50),
             }],

@@ -46,7 +46,7 @@ pub fn set_disabled(pmount: &Path, d: Disabled) -> Result<()> {
         Disabled::Once => "once\n",
         Disabled::Always => "always\n",
     };
-    crate::fsutil::write_atomic(&path(pmount, "disabled"), text.as_bytes())
+    crate::util::fsutil::write_atomic(&path(pmount, "disabled"), text.as_bytes())
 }
 
 /// Clear `disabled` (and a pending `remove`); true if there was one.
@@ -68,19 +68,19 @@ pub fn clear_disabled_once(pmount: &Path) -> Result<()> {
 }
 
 pub fn set_remove(pmount: &Path) -> Result<()> {
-    crate::fsutil::write_atomic(
+    crate::util::fsutil::write_atomic(
         &path(pmount, "remove"),
         b"scheduled by `mados-persistence remove`\n",
     )
 }
 
-pub fn read_backup(pmount: &Path) -> Option<crate::table::Backup> {
+pub fn read_backup(pmount: &Path) -> Option<crate::disk::table::Backup> {
     let text = std::fs::read_to_string(path(pmount, BACKUP)).ok()?;
     serde_json::from_str(&text).ok()
 }
 
-pub fn write_backup(pmount: &Path, b: &crate::table::Backup) -> Result<()> {
-    crate::fsutil::write_atomic(
+pub fn write_backup(pmount: &Path, b: &crate::disk::table::Backup) -> Result<()> {
+    crate::util::fsutil::write_atomic(
         &path(pmount, BACKUP),
         serde_json::to_string_pretty(b)?.as_bytes(),
     )

@@ -2,7 +2,7 @@
 //! kind of bus a disk hangs off. Reads a sysfs tree at any root so tests can
 //! use a fake one.
 
-use crate::layout::KernelPart;
+use crate::disk::layout::KernelPart;
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 

@@ -2,8 +2,12 @@
 //! needs to know: is my work being saved, and if not, why. `gather` reads
 //! the live system; `render` is pure and unit-tested on state samples.
 
-use crate::state::State;
+use super::{RUN_DIR, mounted_targets, pending_path, read_state, usage};
+use crate::boot::flags;
+use crate::boot::state::{self, State};
+use anyhow::Result;
 use serde::Serialize;
+use std::path::Path;
 
 /// Use of a mounted filesystem, from statvfs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -35,9 +39,9 @@ pub struct Status {
     /// "persistent", "ram", or "unknown" (not booted with mados-persistence).
     pub mode: String,
     pub active: bool,
-    pub reason: Option<crate::detect::Reason>,
-    pub boot_device: Option<crate::state::BootDevice>,
-    pub partition: Option<crate::state::Partition>,
+    pub reason: Option<crate::boot::detect::Reason>,
+    pub boot_device: Option<crate::boot::state::BootDevice>,
+    pub partition: Option<crate::boot::state::Partition>,
     pub partition_usage: Option<Usage>,
     pub full_warning: bool,
     pub mounts: Vec<MountStatus>,
@@ -65,7 +69,7 @@ pub fn build(
             schema: 1,
             mode: "unknown".into(),
             active: false,
-            reason: Some(crate::detect::Reason::new(
+            reason: Some(crate::boot::detect::Reason::new(
                 "not_booted",
                 format!(
                     "no {state_file}: this system was not booted from a madOS stick with mados-persistence"
@@ -146,7 +150,7 @@ pub fn build(
 }
 
 fn h(b: u64) -> String {
-    crate::size::human(b)
+    crate::settings::size::human(b)
 }
 
 /// Human-readable, aligned.
@@ -248,6 +252,51 @@ pub fn render(s: &Status) -> String {
     }
     o.push_str(&format!("\nlog: {}   state: {}\n", s.log, s.state_file));
     o
+}
+
+pub fn status(json: bool) -> Result<()> {
+    let st = read_state();
+    let mounted = mounted_targets();
+    let next = std::fs::read_to_string(pending_path())
+        .ok()
+        .map(|s| s.trim().to_string())
+        .or_else(|| {
+            let p = st
+                .as_ref()
+                .filter(|s| s.mode == "persistent")?
+                .partition
+                .as_ref()?;
+            let f = flags::read(Path::new(&p.mountpoint));
+            if f.remove {
+                Some("remove".into())
+            } else {
+                f.disabled.map(|d| {
+                    if d == flags::Disabled::Once {
+                        "disabled-once"
+                    } else {
+                        "disabled"
+                    }
+                    .into()
+                })
+            }
+        });
+    let state_file = Path::new(RUN_DIR)
+        .join(state::STATE_FILE)
+        .display()
+        .to_string();
+    let s = build(
+        st.as_ref(),
+        &state_file,
+        &|p| mounted.iter().any(|m| m == p),
+        &usage,
+        next,
+    );
+    if json {
+        println!("{}", serde_json::to_string_pretty(&s)?);
+    } else {
+        print!("{}", render(&s));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -1,8 +1,8 @@
 //! Where a new persistence partition goes, and the exact sector writes that
 //! create it. Pure: takes a `Layout`, returns a plan; `table` applies it.
 
-use crate::layout::{Gpt, KernelPart, Layout, TableKind};
-use crate::size::{MIB, human};
+use crate::disk::layout::{Gpt, KernelPart, Layout, TableKind};
+use crate::settings::size::{MIB, human};
 use serde::Serialize;
 
 /// GPT type for "Linux filesystem data".

@@ -4,24 +4,27 @@
 //! failure on the persistent path ends in RAM mode; this never fails the
 //! boot.
 
-use crate::blockdev::{self, Loop};
-use crate::cmdline;
-use crate::config::{self, Settings};
-use crate::detect::{self, Decision, Probed, Reason};
-use crate::e2fs;
-use crate::flags;
-use crate::fsutil;
-use crate::mounts::{self, Mounted};
-use crate::partplan::{self, PlanOptions};
-use crate::state::{self, BootDevice, Partition, State, Timing};
-use crate::superblock;
-use crate::sysfs::Sysfs;
-use crate::table;
-use anyhow::{Context, Result, anyhow};
+pub mod detect;
+pub mod flags;
+pub mod mounts;
+pub mod state;
+
+use crate::disk::blockdev::Loop;
+use crate::disk::e2fs;
+use crate::disk::partplan;
+use crate::disk::stick::{create_partition, reach_partition};
+use crate::disk::superblock;
+use crate::disk::sysfs::Sysfs;
+use crate::settings::cmdline;
+use crate::settings::config::{self, Settings};
+use crate::util::fsutil;
+use anyhow::{Context, Result};
+use detect::{Decision, Probed, Reason};
+use mounts::Mounted;
+use state::{BootDevice, Partition, State, Timing};
 use std::fs::{File, OpenOptions};
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 pub struct BootOptions {
     /// The live root assembled by the initramfs (`/new_root`).
@@ -91,162 +94,34 @@ pub fn probe_all(sys: &Sysfs) -> Vec<Probed> {
         .collect()
 }
 
-fn random_guid() -> [u8; 16] {
-    let mut g = [0u8; 16];
-    if let Ok(mut f) = File::open("/dev/urandom") {
-        use std::io::Read;
-        let _ = f.read_exact(&mut g);
-    }
-    g[7] = (g[7] & 0x0F) | 0x40; // version 4, as stored (mixed-endian time_hi)
-    g[8] = (g[8] & 0x3F) | 0x80;
-    g
-}
-
-/// Open a partition for use. While the whole disk is mounted (some
-/// initramfs mount the ISO from /dev/sda, not /dev/sda1) the kernel refuses
-/// the partition node with EBUSY: then a loop device over the disk at the
-/// partition's offset reaches the same bytes.
-pub fn reach_partition(
-    disk: &Path,
-    node: &Path,
-    start: u64,
-    size: u64,
-) -> Result<(PathBuf, Option<Loop>)> {
-    if blockdev::wait_for_node(node, Duration::from_secs(5)) {
-        match OpenOptions::new()
-            .read(true)
-            .write(true)
-            .custom_flags(nix::libc::O_EXCL)
-            .open(node)
-        {
-            Ok(_) => return Ok((node.to_path_buf(), None)),
-            Err(e) => log::warn!(
-                "{} cannot be opened exclusively ({e}); using a loop device over {}",
-                node.display(),
-                disk.display()
-            ),
-        }
-    } else {
-        log::warn!(
-            "{} did not appear; using a loop device over {}",
-            node.display(),
-            disk.display()
-        );
-    }
-    let lp = Loop::attach(disk, start, size).with_context(|| {
-        format!(
-            "setting up a loop device over {} at byte {start}",
-            disk.display()
-        )
-    })?;
-    log::info!("reaching the partition through {}", lp.path.display());
-    Ok((lp.path.clone(), Some(lp)))
-}
-
-pub struct Created {
-    pub node: PathBuf,
-    pub target: PathBuf,
-    pub number: u32,
-    pub start: u64,
-    pub size: u64,
-    pub backup: table::Backup,
-    pub _loop: Option<Loop>,
-}
-
-fn disk_name(disk: &Path) -> String {
-    disk.file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default()
-}
-
-/// Plan, back up, write, announce, format. Restores the table on failure.
-pub fn create_partition(disk: &Path, s: &Settings, backup_dir: &Path) -> Result<Created> {
-    let o = crate::manage::open_device(disk, true)?;
-    let size = o.layout.size;
-    let (l, mut f) = (o.layout, o.file);
-    for finding in &l.findings {
-        log::info!("layout: {finding}");
-    }
-    let opts = PlanOptions {
-        min_free: s.min_free,
-        max_size: s.max_size.map(|m| m.resolve(u64::MAX)),
-        guid: random_guid(),
-        name: s.label.clone(),
-        ..Default::default()
+/// `mados-persistence boot`: read the command line (or take `cmdline`), log
+/// to /dev/kmsg, run the boot. Returns the mode it ended in.
+pub fn run_from_cli(
+    root: PathBuf,
+    cmdline: Option<String>,
+    sysfs: PathBuf,
+    run_dir: PathBuf,
+) -> Result<String> {
+    let cmdline = match cmdline {
+        Some(c) => c,
+        None => std::fs::read_to_string("/proc/cmdline").context("reading /proc/cmdline")?,
     };
-    let plan = partplan::plan(&l, &opts).map_err(|r| anyhow!(r))?;
-    log::info!(
-        "creating partition {} ({:?} table) at byte {} size {}",
-        plan.number,
-        plan.table,
-        plan.start,
-        crate::size::human(plan.size)
-    );
-    let backup = table::take_backup(&mut f, &disk.display().to_string(), size, &plan.writes)?;
-    fsutil::write_atomic(
-        &backup_dir.join("table-backup.json"),
-        serde_json::to_string_pretty(&backup)?.as_bytes(),
-    )?;
-    let restore = |f: &mut File, why: &anyhow::Error| {
-        log::error!("{why:#}; restoring the partition table");
-        if let Err(e) = table::restore(f, &backup).and_then(|_| blockdev::flush_buffers(f)) {
-            log::error!(
-                "restoring the partition table of {} failed: {e:#}",
-                disk.display()
-            );
-        }
-    };
-    let node = blockdev::partition_path(disk, plan.number);
-    let made = (|| -> Result<(PathBuf, Option<Loop>)> {
-        table::apply(&mut f, &plan.writes)?;
-        blockdev::flush_buffers(&f)?;
-        if blockdev::is_block_device(disk) {
-            if let Err(e) = blockdev::add_partition(&f, plan.number, plan.start, plan.size) {
-                // The kernel may already know it (a re-read raced us): fine
-                // only if it is exactly the partition we planned.
-                let known = l
-                    .kernel
-                    .iter()
-                    .chain(&Sysfs::default().partitions_of(&disk_name(disk)))
-                    .any(|k| {
-                        k.number == plan.number && k.start == plan.start && k.size == plan.size
-                    });
-                if !known {
-                    return Err(e);
-                }
-                log::info!("the kernel already knows partition {}", plan.number);
-            }
-            reach_partition(disk, &node, plan.start, plan.size)
+    let debug = cmdline::parse(&cmdline).debug;
+    crate::util::logging::init(
+        true,
+        if debug {
+            log::LevelFilter::Debug
         } else {
-            let lp = Loop::attach(disk, plan.start, plan.size)?;
-            Ok((lp.path.clone(), Some(lp)))
-        }
-    })();
-    let (target, lp) = match made {
-        Ok(x) => x,
-        Err(e) => {
-            restore(&mut f, &e);
-            let _ = blockdev::del_partition(&f, plan.number);
-            return Err(e);
-        }
-    };
-    if let Err(e) = e2fs::mkfs(&target, &s.label) {
-        restore(&mut f, &e);
-        if let Some(lp) = lp {
-            let _ = lp.detach();
-        }
-        let _ = blockdev::del_partition(&f, plan.number);
-        return Err(e);
-    }
-    Ok(Created {
-        node,
-        target,
-        number: plan.number,
-        start: plan.start,
-        size: plan.size,
-        backup,
-        _loop: lp,
-    })
+            log::LevelFilter::Info
+        },
+    );
+    let st = run(&BootOptions {
+        root,
+        cmdline,
+        sysfs,
+        run: run_dir,
+    });
+    Ok(st.mode)
 }
 
 /// The whole boot. Never returns an error: failures end in RAM mode.
@@ -337,7 +212,7 @@ pub fn run(o: &BootOptions) -> State {
                     log::info!(
                         "created {} ({})",
                         c.node.display(),
-                        crate::size::human(c.size)
+                        crate::settings::size::human(c.size)
                     );
                     let backup = c.backup.clone();
                     let tg = Target {
@@ -467,7 +342,7 @@ fn mount_persistence(
         let _ = mounts::umount(&pm);
         drop(tg._loop);
         return Err(
-            match crate::manage::remove_partition(
+            match crate::disk::stick::remove_partition(
                 &tg.disk,
                 tg.number,
                 tg.start,
@@ -534,7 +409,7 @@ fn finish(o: &BootOptions, st: &mut State, mut t: Timer) {
     let dir = o.state_dir();
     let log_path = o.root.join("var/log/mados-persistence.log");
     let mut text = format!("=== boot: mode {} ===\n", st.mode);
-    for l in crate::logging::captured() {
+    for l in crate::util::logging::captured() {
         text.push_str(&l);
         text.push('\n');
     }
@@ -559,36 +434,4 @@ fn finish(o: &BootOptions, st: &mut State, mut t: Timer) {
         ),
         Some(r) => log::warn!("running in RAM mode: {}", r.message),
     }
-}
-
-/// For `plan --device`: read a device or image and say what boot would do.
-pub fn plan_device(path: &Path, s: &Settings) -> Result<serde_json::Value> {
-    let mut o = crate::manage::open_device(path, false)?;
-    let existing = crate::manage::find_persistence(&mut o, &s.label);
-    let (l, size, ss) = (&o.layout, o.layout.size, o.layout.sector_size);
-    let action = match &existing {
-        Some(e) => serde_json::json!({"action": "use", "partition": e}),
-        None => {
-            let opts = PlanOptions {
-                min_free: s.min_free,
-                max_size: s.max_size.map(|m| m.resolve(u64::MAX)),
-                ..Default::default()
-            };
-            match partplan::plan(l, &opts) {
-                Ok(p) => serde_json::json!({"action": "create", "plan": p}),
-                Err(r) => {
-                    serde_json::json!({"action": "none", "refusal": r, "message": r.to_string()})
-                }
-            }
-        }
-    };
-    Ok(serde_json::json!({
-        "device": path.display().to_string(),
-        "size": size,
-        "sector_size": ss,
-        "layout": l,
-        "extents": l.extents(),
-        "used_end": l.used_end(),
-        "result": action,
-    }))
 }

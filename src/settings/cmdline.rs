@@ -2,7 +2,7 @@
 //! parameters we honour into typed values. Bad values never fail the boot:
 //! they become warnings naming the parameter and the default kept.
 
-use crate::size::Size;
+use crate::settings::size::Size;
 use serde::Serialize;
 
 /// `mados.persistence=`: what the boot may do with persistence.

@@ -2,9 +2,9 @@
 //! post-boot tools. The schema is documented in README.md; add fields, do
 //! not rename them.
 
-use crate::detect::Reason;
-use crate::e2fs::Fsck;
-use crate::mounts::Mounted;
+use crate::boot::detect::Reason;
+use crate::boot::mounts::Mounted;
+use crate::disk::e2fs::Fsck;
 use serde::{Deserialize, Serialize};
 
 pub const STATE_DIR: &str = "mados-persistence";

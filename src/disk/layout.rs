@@ -9,7 +9,7 @@
 //! instead of the device). We must see those entries exactly as the kernel
 //! and firmware do and change no byte but the one entry we add.
 
-use crate::superblock::{self, IsoInfo};
+use crate::disk::superblock::{self, IsoInfo};
 use serde::Serialize;
 use std::io::{self, Read, Seek, SeekFrom};
 

@@ -63,7 +63,7 @@ pub fn mkfs(dev: &Path, label: &str) -> Result<()> {
         "-E",
         MKFS_EXTENDED,
     ]);
-    if !crate::blockdev::is_block_device(dev) {
+    if !crate::disk::blockdev::is_block_device(dev) {
         cmd.arg("-F");
     }
     cmd.arg(dev);

@@ -2,8 +2,8 @@
 //! they touch taken first, so that a failure (or `remove`) can put the table
 //! back exactly as it was.
 
-use crate::layout::read_exact_at;
-use crate::partplan::Write as SectorWrite;
+use crate::disk::layout::read_exact_at;
+use crate::disk::partplan::Write as SectorWrite;
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 use std::io::{Read, Seek, SeekFrom, Write};

@@ -1,10 +1,10 @@
 //! Which device did we boot from, what is it, and may persistence be used
 //! there? Pure decisions over devices already probed.
 
-use crate::cmdline::{DeviceSpec, Mode};
-use crate::config::Settings;
-use crate::superblock::Fs;
-use crate::sysfs::{BlockDev, DiskKind};
+use crate::disk::superblock::Fs;
+use crate::disk::sysfs::{BlockDev, DiskKind};
+use crate::settings::cmdline::{DeviceSpec, Mode};
+use crate::settings::config::Settings;
 use serde::Serialize;
 
 /// A block device and the filesystem found on it, if any.
@@ -263,7 +263,7 @@ pub fn decide(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::superblock::{Ext4Info, IsoInfo};
+    use crate::disk::superblock::{Ext4Info, IsoInfo};
 
     fn dev(name: &str, parent: Option<&str>, fs: Option<Fs>) -> Probed {
         Probed {

@@ -3,8 +3,8 @@
 //! read on its own so that one bad value costs only that value: it is
 //! reported and its default kept.
 
-use crate::cmdline::{BootParams, DataMode, DeviceSpec, Mode};
-use crate::size::{MIB, Size};
+use crate::settings::cmdline::{BootParams, DataMode, DeviceSpec, Mode};
+use crate::settings::size::{MIB, Size};
 use serde::Serialize;
 use std::path::Path;
 
@@ -248,7 +248,7 @@ pub fn merge_params(s: &mut Settings, p: &BootParams) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cmdline;
+    use crate::settings::cmdline;
 
     #[test]
     fn defaults_follow_the_design() {
@@ -330,7 +330,7 @@ cow_spacesize = "128M"
 
     #[test]
     fn shipped_config_parses_cleanly() {
-        let text = include_str!("../iso-profile/airootfs/etc/mados/persistence.toml");
+        let text = include_str!("../../iso-profile/airootfs/etc/mados/persistence.toml");
         let mut w = vec![];
         let mut s = Settings::default();
         apply_toml(&mut s, text, &mut w);

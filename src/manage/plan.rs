@@ -1,0 +1,130 @@
+//! `plan --device`: read a device or image and say what `boot` would do,
+//! as a JSON value and as text. Changes nothing.
+
+use crate::disk::partplan::{self, PlanOptions};
+use crate::settings::config::Settings;
+use crate::settings::size::human;
+use crate::settings::{cmdline, config};
+use anyhow::Result;
+use std::path::Path;
+
+/// `plan --device PATH [--json] [--cmdline ...]`: print what boot would do.
+pub fn plan(device: &Path, json: bool, cmdline: &str) -> Result<()> {
+    crate::util::logging::init(false, log::LevelFilter::Warn);
+    let mut warnings = vec![];
+    let mut s = Settings::default();
+    config::merge_params(&mut s, &cmdline::parse(cmdline));
+    warnings.extend(cmdline::parse(cmdline).warnings);
+    for w in &warnings {
+        eprintln!("mados-persistence: warning: {w}");
+    }
+    let v = plan_device(device, &s)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        print_plan(&v);
+    }
+    Ok(())
+}
+
+/// For `plan --device`: read a device or image and say what boot would do.
+pub fn plan_device(path: &Path, s: &Settings) -> Result<serde_json::Value> {
+    let mut o = crate::disk::stick::open_device(path, false)?;
+    let existing = crate::disk::stick::find_persistence(&mut o, &s.label);
+    let (l, size, ss) = (&o.layout, o.layout.size, o.layout.sector_size);
+    let action = match &existing {
+        Some(e) => serde_json::json!({"action": "use", "partition": e}),
+        None => {
+            let opts = PlanOptions {
+                min_free: s.min_free,
+                max_size: s.max_size.map(|m| m.resolve(u64::MAX)),
+                ..Default::default()
+            };
+            match partplan::plan(l, &opts) {
+                Ok(p) => serde_json::json!({"action": "create", "plan": p}),
+                Err(r) => {
+                    serde_json::json!({"action": "none", "refusal": r, "message": r.to_string()})
+                }
+            }
+        }
+    };
+    Ok(serde_json::json!({
+        "device": path.display().to_string(),
+        "size": size,
+        "sector_size": ss,
+        "layout": l,
+        "extents": l.extents(),
+        "used_end": l.used_end(),
+        "result": action,
+    }))
+}
+
+fn print_plan(v: &serde_json::Value) {
+    let u = |x: &serde_json::Value| x.as_u64().unwrap_or(0);
+    println!("device:       {}", v["device"].as_str().unwrap_or("?"));
+    println!(
+        "size:         {} ({} bytes, {}-byte sectors)",
+        human(u(&v["size"])),
+        u(&v["size"]),
+        u(&v["sector_size"])
+    );
+    let l = &v["layout"];
+    println!("table in use: {}", l["table"].as_str().unwrap_or("?"));
+    if let Some(iso) = l["iso"].as_object() {
+        println!(
+            "ISO 9660:     '{}' uuid {} ({})",
+            iso["label"].as_str().unwrap_or(""),
+            iso["uuid"].as_str().unwrap_or(""),
+            human(u(&iso["size"]))
+        );
+    }
+    println!(
+        "\nwhat is on it (nothing is placed below its end, byte {}):",
+        u(&v["used_end"])
+    );
+    for e in v["extents"].as_array().into_iter().flatten() {
+        println!(
+            "  {:>14} .. {:<14} {}",
+            u(&e["start"]),
+            u(&e["end"]),
+            e["what"].as_str().unwrap_or("")
+        );
+    }
+    let f = l["findings"].as_array().cloned().unwrap_or_default();
+    if !f.is_empty() {
+        println!("\nfindings:");
+        for x in f {
+            println!("  - {}", x.as_str().unwrap_or(""));
+        }
+    }
+    let r = &v["result"];
+    println!();
+    match r["action"].as_str() {
+        Some("use") => println!(
+            "persistence partition {} exists: nothing to do",
+            r["partition"]["number"]
+        ),
+        Some("create") => {
+            let p = &r["plan"];
+            println!(
+                "would create partition {} in the {} table at byte {} ({}), writing:",
+                p["number"],
+                p["table"].as_str().unwrap_or("?"),
+                u(&p["start"]),
+                human(u(&p["size"]))
+            );
+            for w in p["writes"].as_array().into_iter().flatten() {
+                println!(
+                    "  {} bytes at {}: {}",
+                    u(&w["len"]),
+                    u(&w["offset"]),
+                    w["what"].as_str().unwrap_or("")
+                );
+            }
+        }
+        _ => println!(
+            "would not create persistence: {}",
+            r["message"].as_str().unwrap_or("?")
+        ),
+    }
+}

@@ -1,0 +1,97 @@
+//! `disable` and `remove`: requests left on the partition for the next boot,
+//! or the partition deleted now when it is not in use.
+
+use super::{
+    TempMount, active_on, confirm, read_state, refuse, running_settings, target_device, usage,
+};
+use crate::boot::flags;
+use crate::boot::state::State;
+use crate::disk::stick::{Existing, Opened, find_persistence, open_device, remove_partition};
+use crate::settings::config::Settings;
+use anyhow::Result;
+use std::path::PathBuf;
+
+/// The persistence partition `disable` and `remove` act on, or a refusal.
+fn locate(
+    device: Option<PathBuf>,
+    verb: &str,
+    s: &Settings,
+) -> Result<(Option<State>, PathBuf, Opened, Existing)> {
+    let st = read_state();
+    let disk = target_device(device, st.as_ref(), verb)?;
+    let mut o = open_device(&disk, false)?;
+    match find_persistence(&mut o, &s.label) {
+        Some(e) => Ok((st, disk, o, e)),
+        None => refuse(format!(
+            "{} has no persistence partition labelled '{}'",
+            disk.display(),
+            s.label
+        )),
+    }
+}
+
+pub fn disable(device: Option<PathBuf>, once: bool) -> Result<()> {
+    let s = &running_settings();
+    let (st, disk, o, e) = locate(device, "disable", s)?;
+    let kind = if once {
+        flags::Disabled::Once
+    } else {
+        flags::Disabled::Always
+    };
+    match active_on(st.as_ref(), e.number, &disk) {
+        Some(pm) => flags::set_disabled(&pm, kind)?,
+        None => flags::set_disabled(&TempMount::new(&disk, o.block, &e, false)?.dir, kind)?,
+    }
+    println!(
+        "{} The data stays on partition {}; nothing is unmounted in this session. `mados-persistence enable` turns it back on.",
+        if once {
+            "The next boot runs in RAM mode, the one after uses persistence again."
+        } else {
+            "Boots run in RAM mode from now on."
+        },
+        e.number
+    );
+    Ok(())
+}
+
+pub fn remove(device: Option<PathBuf>, yes: bool) -> Result<()> {
+    let s = &running_settings();
+    let (st, disk, o, e) = locate(device, "remove", s)?;
+    let active = active_on(st.as_ref(), e.number, &disk);
+    let used = match &active {
+        Some(pm) => usage(&pm.to_string_lossy()),
+        None => {
+            let m = TempMount::new(&disk, o.block, &e, true)?;
+            usage(&m.dir.to_string_lossy())
+        }
+    };
+    println!(
+        "This permanently deletes partition {} on {} ({}, {} in use): every saved change, installed package and /home file on it.",
+        e.number,
+        disk.display(),
+        crate::settings::size::human(e.size),
+        used.map_or("unknown".into(), |u| crate::settings::size::human(u.used))
+    );
+    println!("The ISO and its EFI partition are not touched.");
+    confirm("Remove it?", Some("remove"), yes)?;
+    drop(o);
+    if let Some(pm) = active {
+        flags::set_remove(&pm)?;
+        println!(
+            "Persistence is in use in this session: it will be removed at the next boot, before anything is mounted."
+        );
+        return Ok(());
+    }
+    let backup = {
+        let o2 = open_device(&disk, false)?;
+        let m = TempMount::new(&disk, o2.block, &e, true)?;
+        flags::read_backup(&m.dir)
+    };
+    let how = remove_partition(&disk, e.number, e.start, e.size, backup.as_ref())?;
+    println!(
+        "Removed partition {} from {} ({how}).",
+        e.number,
+        disk.display()
+    );
+    Ok(())
+}

@@ -1,0 +1,5 @@
+//! Helpers every stage uses: the log sink and file operations (tree copy,
+//! atomic writes). Depends on nothing else in the crate.
+
+pub mod fsutil;
+pub mod logging;
