@@ -3,6 +3,7 @@
 
 use anyhow::Result;
 use clap::{CommandFactory, Parser, Subcommand};
+use mados_persistence::disk::layout;
 use mados_persistence::settings::size::Size;
 use mados_persistence::{boot, manage};
 use std::path::PathBuf;
@@ -131,7 +132,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli) {
         Ok(code) => code,
-        Err(e) if e.downcast_ref::<manage::Refused>().is_some() => {
+        Err(e)
+            if e.downcast_ref::<manage::Refused>().is_some()
+                || e.downcast_ref::<layout::Invalid>().is_some() =>
+        {
             eprintln!("mados-persistence: {e:#}");
             ExitCode::from(3)
         }

@@ -331,3 +331,57 @@ fn four_k_sector_gpt() {
     assert_eq!(l2.gpt.as_ref().unwrap().entries.len(), 3);
     std::fs::remove_dir_all(&d).unwrap();
 }
+
+/// The crafted table from the field: a GPT entry whose last LBA is near
+/// 2^64 (checksums made right) used to make `used_end` wrap to 0, and
+/// `enable --device` then formatted the whole stick. Now the table is
+/// refused, `enable` exits 3, and not a byte of the image changes.
+#[test]
+fn crafted_gpt_entry_beyond_the_device_is_refused_not_planned_around() {
+    let d = tmpdir("plan-crafted");
+    for name in ["archiso", "archiso-uefi"] {
+        let img = image(name, &d, Some(GIB));
+        let mut bytes = std::fs::read(&img).unwrap();
+        let lba = u64::from_le_bytes(bytes[512 + 72..512 + 80].try_into().unwrap()) as usize;
+        let e = lba * 512; // entry 1
+        bytes[e + 40..e + 48].copy_from_slice(&(u64::MAX - 1).to_le_bytes());
+        let n = u32::from_le_bytes(bytes[512 + 80..512 + 84].try_into().unwrap()) as usize;
+        let crc = crc32fast::hash(&bytes[e..e + n * 128]);
+        bytes[512 + 88..512 + 92].copy_from_slice(&crc.to_le_bytes());
+        bytes[512 + 16..512 + 20].fill(0);
+        let hsize = u32::from_le_bytes(bytes[512 + 12..512 + 16].try_into().unwrap()) as usize;
+        let crc = crc32fast::hash(&bytes[512..512 + hsize]);
+        bytes[512 + 16..512 + 20].copy_from_slice(&crc.to_le_bytes());
+        std::fs::write(&img, &bytes).unwrap();
+
+        let mut f = File::open(&img).unwrap();
+        let err = layout::read_layout(&mut f, GIB, 512, vec![]).unwrap_err();
+        let msg = format!("{err:#}");
+        assert!(msg.contains("outside the device"), "{name}: {msg}");
+
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_mados-persistence"))
+            .args(["enable", "--device", img.to_str().unwrap(), "--yes"])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(
+            o.status.code(),
+            Some(3),
+            "{name}: enable did not refuse: {stderr}"
+        );
+        assert!(
+            stderr.contains("GPT entry 1"),
+            "{name}: refusal does not say why: {stderr}"
+        );
+        assert!(
+            std::fs::read(&img).unwrap() == bytes,
+            "{name}: the image changed"
+        );
+        let plan = std::process::Command::new(env!("CARGO_BIN_EXE_mados-persistence"))
+            .args(["plan", "--device", img.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert_eq!(plan.status.code(), Some(3), "{name}: plan did not refuse");
+    }
+    std::fs::remove_dir_all(&d).unwrap();
+}

@@ -11,10 +11,10 @@ pub mod state;
 
 use crate::disk::blockdev::Loop;
 use crate::disk::e2fs;
-use crate::disk::partplan;
 use crate::disk::stick::{create_partition, reach_partition};
 use crate::disk::superblock;
 use crate::disk::sysfs::Sysfs;
+use crate::disk::{layout, partplan};
 use crate::settings::cmdline;
 use crate::settings::config::{self, Settings};
 use crate::util::fsutil;
@@ -239,6 +239,7 @@ pub fn run(o: &BootOptions) -> State {
                         Some(partplan::Refusal::TooSmall { .. }) => "no_space",
                         Some(partplan::Refusal::NoTable) => "no_table",
                         Some(_) => "refused",
+                        None if e.downcast_ref::<layout::Invalid>().is_some() => "refused",
                         None => "create_failed",
                     };
                     Err(Reason::new(

@@ -186,16 +186,28 @@ pub fn parse_mbr(sector: &[u8]) -> Option<Mbr> {
     })
 }
 
-pub fn parse_gpt<R: Read + Seek>(r: &mut R, ss: u64) -> io::Result<Option<Gpt>> {
+/// The primary GPT at LBA 1. `Ok(None)`: no GPT signature there. A header
+/// with the signature whose fields the kernel would reject, or that points
+/// outside a device of `size` bytes, is an `Invalid` error: such a table is
+/// refused, never planned around.
+pub fn parse_gpt<R: Read + Seek>(r: &mut R, ss: u64, size: u64) -> Result<Option<Gpt>, Invalid> {
     let Ok(hs) = read_exact_at(r, ss, ss as usize) else {
         return Ok(None);
     };
     if &hs[..8] != GPT_SIGNATURE {
         return Ok(None);
     }
+    let bad = |why: String| Err(Invalid(format!("the GPT header at LBA 1 {why}")));
     let header_size = le32(&hs, 12) as usize;
     if !(92..=ss as usize).contains(&header_size) {
-        return Ok(None);
+        return bad(format!("has a header size of {header_size} bytes"));
+    }
+    // Same checks as the kernel's is_gpt_valid(), plus every LBA within
+    // the device: after these, `lba * ss` cannot overflow.
+    let last = size / ss - 1;
+    let my_lba = le64(&hs, 24);
+    if my_lba != 1 {
+        return bad(format!("says it is at LBA {my_lba}"));
     }
     let mut h = hs[..header_size].to_vec();
     let stored_crc = le32(&h, 16);
@@ -204,24 +216,46 @@ pub fn parse_gpt<R: Read + Seek>(r: &mut R, ss: u64) -> io::Result<Option<Gpt>> 
     let entries_lba = le64(&hs, 72);
     let num_entries = le32(&hs, 80);
     let entry_size = le32(&hs, 84);
-    if entry_size < 128
-        || num_entries == 0
-        || u64::from(num_entries) * u64::from(entry_size) > 1 << 20
-    {
-        return Ok(None);
+    let (alternate_lba, first_usable, last_usable) = (le64(&hs, 32), le64(&hs, 40), le64(&hs, 48));
+    if entry_size != 128 {
+        return bad(format!(
+            "has {entry_size}-byte entries (the kernel takes only 128)"
+        ));
     }
-    let bytes = (num_entries * entry_size) as usize;
-    let raw = read_exact_at(
-        r,
-        entries_lba * ss,
-        bytes.div_ceil(ss as usize) * ss as usize,
-    )?;
+    if num_entries == 0 || u64::from(num_entries) * 128 > 1 << 20 {
+        return bad(format!("has {num_entries} entries"));
+    }
+    let bytes = num_entries as usize * 128;
+    let arr = (bytes as u64).div_ceil(ss);
+    if entries_lba < 2 || entries_lba.checked_add(arr).is_none_or(|e| e > last + 1) {
+        return bad(format!(
+            "puts its entries at LBA {entries_lba}, outside the device (last LBA {last})"
+        ));
+    }
+    if first_usable > last_usable || last_usable > last {
+        return bad(format!(
+            "has a usable range {first_usable}..={last_usable} outside the device (last LBA {last})"
+        ));
+    }
+    if alternate_lba > last || alternate_lba <= last_usable || alternate_lba < arr + 2 {
+        return bad(format!(
+            "puts its backup at LBA {alternate_lba} (usable up to {last_usable}, last LBA {last})"
+        ));
+    }
+    let raw = read_exact_at(r, entries_lba * ss, (arr * ss) as usize)
+        .map_err(|e| Invalid(format!("reading the GPT entries at LBA {entries_lba}: {e}")))?;
     let entries_crc_ok = crc32fast::hash(&raw[..bytes]) == le32(&hs, 88);
     let mut entries = Vec::new();
-    for i in 0..num_entries as usize {
-        let e = &raw[i * entry_size as usize..(i + 1) * entry_size as usize];
+    for (i, e) in raw[..bytes].chunks_exact(128).enumerate() {
         if e[..16].iter().all(|&b| b == 0) {
             continue;
+        }
+        let (first_lba, last_lba) = (le64(e, 32), le64(e, 40));
+        if first_lba > last_lba || last_lba > last {
+            return Err(Invalid(format!(
+                "GPT entry {} covers LBA {first_lba}..={last_lba}, outside the device (last LBA {last})",
+                i + 1
+            )));
         }
         let name: Vec<u16> = e[56..128]
             .chunks(2)
@@ -231,15 +265,15 @@ pub fn parse_gpt<R: Read + Seek>(r: &mut R, ss: u64) -> io::Result<Option<Gpt>> 
         entries.push(GptEntry {
             number: i as u32 + 1,
             type_guid: guid_string(&e[..16]),
-            first_lba: le64(e, 32),
-            last_lba: le64(e, 40),
+            first_lba,
+            last_lba,
             name: String::from_utf16_lossy(&name),
         });
     }
     Ok(Some(Gpt {
-        alternate_lba: le64(&hs, 32),
-        first_usable: le64(&hs, 40),
-        last_usable: le64(&hs, 48),
+        alternate_lba,
+        first_usable,
+        last_usable,
         entries_lba,
         num_entries,
         entry_size,
@@ -277,19 +311,109 @@ fn has_apm<R: Read + Seek>(r: &mut R) -> bool {
     })
 }
 
+/// Why a device's tables are not planned around: what the kernel would
+/// reject, or a value pointing outside the device.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("untrusted partition table: {0}")]
+pub struct Invalid(pub String);
+
+/// Read the tables of a device of `size` bytes into a `Layout`, validated:
+/// every table value lies within the device, so nothing derived from a
+/// `Layout` can overflow. An I/O error or an `Invalid` table is an error.
 pub fn read_layout<R: Read + Seek>(
     r: &mut R,
     size: u64,
     sector_size: u64,
     kernel: Vec<KernelPart>,
-) -> io::Result<Layout> {
+) -> anyhow::Result<Layout> {
+    if !matches!(sector_size, 512 | 1024 | 2048 | 4096) {
+        return Err(Invalid(format!("sector size {sector_size}")).into());
+    }
+    if size < 64 * sector_size {
+        return Err(Invalid(format!("the device is only {size} bytes")).into());
+    }
     let sector0 = read_exact_at(r, 0, sector_size as usize)?;
     let mbr = parse_mbr(&sector0);
-    let gpt = parse_gpt(r, sector_size)?;
+    let gpt = parse_gpt(r, sector_size, size)?;
     let apm = has_apm(r);
     let iso = read_exact_at(r, 32768, 2048)
         .ok()
         .and_then(|b| superblock::parse_iso(&b));
+    let sectors = size / sector_size;
+    if let Some(m) = &mbr {
+        for e in &m.entries {
+            if e.kind == 0xEE && e.start_lba != 1 {
+                // the kernel then reads neither a GPT nor this MBR
+                return Err(Invalid(format!(
+                    "MBR entry {} is a GPT protective entry at LBA {} (it must start at LBA 1)",
+                    e.number, e.start_lba
+                ))
+                .into());
+            }
+            // a protective entry may say "the whole disk" (0xFFFFFFFF)
+            if e.kind != 0xEE && e.start_lba + e.sectors > sectors {
+                return Err(Invalid(format!(
+                    "MBR entry {} covers sectors {}..{}, beyond the device's {sectors}",
+                    e.number,
+                    e.start_lba,
+                    e.start_lba + e.sectors
+                ))
+                .into());
+            }
+        }
+    }
+    for k in &kernel {
+        if k.start.checked_add(k.size).is_none_or(|e| e > size) {
+            return Err(Invalid(format!(
+                "the kernel's partition {} ends beyond the device",
+                k.name
+            ))
+            .into());
+        }
+    }
+    if let Some(i) = &iso
+        && i.size > size
+    {
+        return Err(Invalid(format!(
+            "the ISO 9660 volume '{}' says it is {} bytes, more than the device's {size}",
+            i.label, i.size
+        ))
+        .into());
+    }
+    if let Some(g) = &gpt {
+        // A plan rewrites a sector of the primary entry array: it must hold
+        // nothing else (no ISO volume past its 32 KiB system area, no
+        // partition's data).
+        let ss = sector_size;
+        let (a0, a1) = (
+            g.entries_lba * ss,
+            (g.entries_lba + g.entries_bytes().div_ceil(ss)) * ss,
+        );
+        let overlaps = |s: u64, e: u64| a0 < e && s < a1;
+        let iso_data = iso.as_ref().is_some_and(|i| overlaps(32768, i.size));
+        let entry = mbr
+            .iter()
+            .flat_map(|m| &m.entries)
+            .filter(|e| e.kind != 0xEE)
+            .map(|e| (e.start_lba * ss, (e.start_lba + e.sectors) * ss))
+            .chain(
+                g.entries
+                    .iter()
+                    .map(|e| (e.first_lba * ss, (e.last_lba + 1) * ss)),
+            )
+            .find(|&(s, e)| s >= 2 * ss && overlaps(s, e));
+        if iso_data || entry.is_some() {
+            return Err(Invalid(format!(
+                "the GPT entry array (bytes {a0}..{a1}) overlaps {}",
+                if iso_data {
+                    "the ISO 9660 volume"
+                } else {
+                    "a partition"
+                }
+            ))
+            .into());
+        }
+    }
     let table = match (&mbr, &gpt) {
         (Some(m), Some(_)) if m.has_protective() => TableKind::Gpt,
         (Some(m), _) if !m.entries.is_empty() && !m.has_protective() => TableKind::Mbr,
@@ -415,6 +539,8 @@ impl Layout {
     /// Every region of the device that holds what was written to it: the
     /// ISO filesystem, every entry of every table, both GPT headers and
     /// arrays, every kernel node. Nothing may be placed below their end.
+    /// (`read_layout` bounds every value by the device; the saturating
+    /// arithmetic is a second guard and errs towards "in use".)
     pub fn extents(&self) -> Vec<Extent> {
         let ss = self.sector_size;
         let mut x = vec![Extent {
@@ -435,7 +561,10 @@ impl Layout {
                     // A protective entry says "GPT here", not "data here".
                     (0, 0)
                 } else {
-                    (e.start_lba * ss, (e.start_lba + e.sectors) * ss)
+                    (
+                        e.start_lba * ss,
+                        (e.start_lba + e.sectors).saturating_mul(ss),
+                    )
                 };
                 x.push(Extent {
                     what: format!("MBR entry {} (type 0x{:02x})", e.number, e.kind),
@@ -448,8 +577,8 @@ impl Layout {
             let arr = g.entries_bytes().div_ceil(ss);
             x.push(Extent {
                 what: "primary GPT entries".into(),
-                start: g.entries_lba * ss,
-                end: (g.entries_lba + arr) * ss,
+                start: g.entries_lba.saturating_mul(ss),
+                end: g.entries_lba.saturating_add(arr).saturating_mul(ss),
             });
             // A backup at the device's last LBA is rewritten in place by a
             // plan; anywhere else (the ISO's end) it is data to keep.
@@ -458,14 +587,14 @@ impl Layout {
                 x.push(Extent {
                     what: "GPT backup header and entries".into(),
                     start: (g.alternate_lba.saturating_sub(arr)) * ss,
-                    end: (g.alternate_lba + 1) * ss,
+                    end: g.alternate_lba.saturating_add(1).saturating_mul(ss),
                 });
             }
             for e in &g.entries {
                 x.push(Extent {
                     what: format!("GPT entry {} '{}'", e.number, e.name),
-                    start: e.first_lba * ss,
-                    end: (e.last_lba + 1) * ss,
+                    start: e.first_lba.saturating_mul(ss),
+                    end: e.last_lba.saturating_add(1).saturating_mul(ss),
                 });
             }
         }
@@ -473,7 +602,7 @@ impl Layout {
             x.push(Extent {
                 what: format!("kernel partition {}", k.name),
                 start: k.start,
-                end: k.start + k.size,
+                end: k.start.saturating_add(k.size),
             });
         }
         x.retain(|e| e.end > e.start);

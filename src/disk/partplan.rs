@@ -76,8 +76,9 @@ pub enum Refusal {
     BeyondMbr { start_h: String },
 }
 
-fn align_up(v: u64, a: u64) -> u64 {
-    v.div_ceil(a) * a
+/// `v` rounded up to a multiple of `a`; `None` past u64.
+fn align_up(v: u64, a: u64) -> Option<u64> {
+    v.div_ceil(a).checked_mul(a)
 }
 
 fn number_taken(kernel: &[KernelPart], n: u32) -> bool {
@@ -86,24 +87,40 @@ fn number_taken(kernel: &[KernelPart], n: u32) -> bool {
 
 pub fn plan(l: &Layout, o: &PlanOptions) -> Result<PartPlan, Refusal> {
     let ss = l.sector_size;
-    let align = align_up(o.align.max(ss), ss);
     let used_end = l.used_end();
-    let start = align_up(used_end, align);
-    // Room at the end: a GPT needs its backup array and header there.
-    let tail = match (&l.table, &l.gpt) {
-        (TableKind::Gpt, Some(g)) => (g.entries_bytes().div_ceil(ss) + 1) * ss,
-        _ => 0,
-    };
-    let mut end = (l.size.saturating_sub(tail) / align) * align;
-    if let Some(cap) = o.max_size {
-        end = end.min(start.saturating_add(cap / align * align));
-    }
     let too_small = |free: u64| Refusal::TooSmall {
         free,
         free_h: human(free),
         min_h: human(o.min_free),
         used_end,
     };
+    let align = align_up(o.align.max(ss), ss).ok_or_else(|| too_small(0))?;
+    let mut start = align_up(used_end, align).ok_or_else(|| too_small(0))?;
+    // The end: what the table in use can describe, rounded down.
+    let mut end = match (&l.table, &l.gpt) {
+        // a GPT needs its backup array and header at the device's end
+        (TableKind::Gpt, Some(g)) => {
+            let tail = (g.entries_bytes().div_ceil(ss) + 1) * ss;
+            // sfdisk and the kernel's peers want entries in the usable range
+            start = start.max(align_up(g.first_usable * ss, align).ok_or_else(|| too_small(0))?);
+            l.size.saturating_sub(tail)
+        }
+        // an MBR entry addresses at most 2^32 - 1 sectors (2 TiB)
+        (TableKind::Mbr, _) => {
+            let max = u64::from(u32::MAX) * ss;
+            if start >= max {
+                return Err(Refusal::BeyondMbr {
+                    start_h: human(start),
+                });
+            }
+            l.size.min(max)
+        }
+        _ => l.size,
+    } / align
+        * align;
+    if let Some(cap) = o.max_size {
+        end = end.min(start.saturating_add(cap / align * align));
+    }
     if end <= start || end - start < o.min_free {
         return Err(too_small(end.saturating_sub(start)));
     }
@@ -123,7 +140,7 @@ fn plan_mbr(
     l: &Layout,
     _o: &PlanOptions,
     start: u64,
-    mut end: u64,
+    end: u64,
     used_end: u64,
 ) -> Result<PartPlan, Refusal> {
     let ss = l.sector_size;
@@ -136,13 +153,6 @@ fn plan_mbr(
         .ok_or(Refusal::NoFreeSlot {
             table: TableKind::Mbr,
         })?;
-    let max = u64::from(u32::MAX) * ss;
-    if start >= max {
-        return Err(Refusal::BeyondMbr {
-            start_h: human(start),
-        });
-    }
-    end = end.min(max / MIB * MIB);
     // the whole first logical sector, changed in one entry only
     let mut sector = mbr.raw.clone();
     let e = &mut sector[446 + 16 * slot..462 + 16 * slot];
@@ -322,5 +332,62 @@ pub fn plan_delete(l: &Layout, number: u32) -> Result<Vec<Write>, String> {
             Ok(gpt_writes(l, g, &entries, idx, alt, "in place"))
         }
         TableKind::None => Err("the device has no partition table".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::disk::layout::{Layout, Mbr, MbrEntry};
+
+    /// An MBR stick of `size` bytes whose one entry ends at `used` bytes.
+    fn mbr_stick(size: u64, used: u64) -> Layout {
+        let mut raw = vec![0u8; 512];
+        raw[510] = 0x55;
+        raw[511] = 0xAA;
+        raw[446 + 4] = 0x83;
+        raw[446 + 8..446 + 12].copy_from_slice(&2048u32.to_le_bytes());
+        raw[446 + 12..446 + 16].copy_from_slice(&((used / 512 - 2048) as u32).to_le_bytes());
+        Layout {
+            size,
+            sector_size: 512,
+            table: TableKind::Mbr,
+            mbr: Some(Mbr {
+                entries: vec![MbrEntry {
+                    number: 1,
+                    bootable: false,
+                    kind: 0x83,
+                    start_lba: 2048,
+                    sectors: used / 512 - 2048,
+                }],
+                raw,
+            }),
+            gpt: None,
+            apm: false,
+            iso: None,
+            kernel: vec![],
+            findings: vec![],
+        }
+    }
+
+    #[test]
+    fn the_mbr_limit_comes_before_the_min_free_check() {
+        const TIB: u64 = 1 << 40;
+        let o = PlanOptions::default();
+        // 3 TiB stick, data up to 1 MiB below the 2 TiB an MBR can address:
+        // there is room on the stick, but not where an MBR entry can reach.
+        let l = mbr_stick(3 * TIB, 2 * TIB - 2 * MIB);
+        match plan(&l, &o) {
+            Err(Refusal::TooSmall { free, .. }) => assert!(free < o.min_free),
+            other => panic!("expected too little room below 2 TiB, got {other:?}"),
+        }
+        // with 1 GiB below the limit, the partition ends at the limit
+        let l = mbr_stick(3 * TIB, 2 * TIB - 1024 * MIB);
+        let p = plan(&l, &o).unwrap();
+        assert!(p.start + p.size <= u64::from(u32::MAX) * 512);
+        assert!(p.size >= o.min_free && p.size < 1024 * MIB);
+        // at or past the limit: refused as such
+        let l = mbr_stick(3 * TIB, 2 * TIB + 4 * MIB);
+        assert!(matches!(plan(&l, &o), Err(Refusal::BeyondMbr { .. })));
     }
 }

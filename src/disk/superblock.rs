@@ -123,6 +123,12 @@ pub fn parse_ext4(sb: &[u8]) -> Option<Ext4Info> {
     if sb.len() < 1024 || le16(sb, 56) != 0xEF53 {
         return None;
     }
+    // s_log_block_size: ext4 blocks are 1 KiB to 64 KiB; anything else is
+    // not an ext4 superblock (and would overflow the shift).
+    let log_block = le32(sb, 24);
+    if log_block > 6 {
+        return None;
+    }
     let incompat = le32(sb, 96);
     let blocks_hi = if incompat & 0x80 != 0 {
         u64::from(le32(sb, 0x150))
@@ -137,7 +143,7 @@ pub fn parse_ext4(sb: &[u8]) -> Option<Ext4Info> {
     Some(Ext4Info {
         label: text(&sb[120..136]),
         uuid: uuid_string(&sb[104..120]),
-        block_size: 1024u64 << le32(sb, 24),
+        block_size: 1024u64 << log_block,
         blocks: u64::from(le32(sb, 4)) | blocks_hi << 32,
         free_blocks: u64::from(le32(sb, 12)) | free_hi << 32,
         has_journal: le32(sb, 92) & 0x4 != 0,
@@ -243,13 +249,16 @@ mod tests {
         sb[58..60].copy_from_slice(&1u16.to_le_bytes());
         sb[92..96].copy_from_slice(&4u32.to_le_bytes());
         sb[120..131].copy_from_slice(b"persistence");
-        let fs = probe(&mut Cursor::new(img)).unwrap().unwrap();
+        let fs = probe(&mut Cursor::new(img.clone())).unwrap().unwrap();
         let Fs::Ext4(e) = fs else {
             panic!("not ext4: {fs:?}")
         };
         assert_eq!(e.label, "persistence");
         assert_eq!((e.block_size, e.blocks, e.free_blocks), (4096, 1000, 400));
         assert!(e.has_journal && e.clean);
+        // a hostile block size is not ext4, and no panic
+        img[1024 + 24..1024 + 28].copy_from_slice(&200u32.to_le_bytes());
+        assert_eq!(probe(&mut Cursor::new(img)).unwrap(), None);
     }
 
     #[test]
