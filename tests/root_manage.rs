@@ -159,7 +159,33 @@ fn size_cap_disable_and_remove_without_backup_on_a_loop_device() {
         assert_eq!(String::from_utf8_lossy(&out.stdout), "once\n");
         let out = ok(&["enable", "--device", lo, "--yes"]);
         assert!(out.contains("was cleared"), "{out}");
-        // with the backup gone, remove deletes just the entry
+        // with the backup on the filesystem gone, the claim in front of the
+        // partition still has it: the table comes back exactly
+        let out = ok(&["remove", "--device", lo, "--yes"]);
+        assert!(out.contains("restored from the backup"), "{out}");
+        assert!(!Path::new(&node).exists(), "the kernel still shows {node}");
+        let table = |t: &str| {
+            t.lines()
+                .filter(|l| l.contains("start="))
+                .map(|l| l.split_once(':').unwrap().1.to_string())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(table(&run("sfdisk", &["-d", lo])), table(&before));
+        // with both backups gone (claim wiped too), remove deletes just the entry
+        ok(&["enable", "--device", lo, "--size", "200M", "--yes"]);
+        let start: u64 = run(
+            "cat",
+            &[&format!("/sys/block/{}/{}p3/start", &lo[5..], &lo[5..])],
+        )
+        .trim()
+        .parse()
+        .unwrap();
+        let wipe = format!(
+            "mount {node} {m} && rm -f {m}/.mados/table-backup.json && umount {m} && \
+             dd if=/dev/zero of={lo} bs=512 seek={} count=2048 conv=notrunc status=none",
+            start - 2048
+        );
+        assert!(in_namespace(&wipe).status.success());
         let out = ok(&["remove", "--device", lo, "--yes"]);
         assert!(out.contains("table entry deleted"), "{out}");
         assert!(!Path::new(&node).exists(), "the kernel still shows {node}");

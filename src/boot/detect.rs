@@ -295,6 +295,7 @@ mod tests {
             free_blocks: 1,
             has_journal: true,
             clean: true,
+            group: 0,
         }))
     }
 

@@ -11,7 +11,7 @@ pub mod state;
 
 use crate::disk::blockdev::Loop;
 use crate::disk::e2fs;
-use crate::disk::stick::{create_partition, reach_partition};
+use crate::disk::stick::{Origin, create_partition, reach_partition};
 use crate::disk::superblock;
 use crate::disk::sysfs::Sysfs;
 use crate::disk::{layout, partplan};
@@ -198,6 +198,7 @@ pub fn run(o: &BootOptions) -> State {
                         start: dev.start,
                         size: dev.size,
                         created: false,
+                        origin: "existing".into(),
                         _loop: lp,
                     };
                     mount_persistence(o, &s, &mut st, &mut t, tg)
@@ -210,7 +211,12 @@ pub fn run(o: &BootOptions) -> State {
                 Ok(c) => {
                     t.lap("create");
                     log::info!(
-                        "created {} ({})",
+                        "{} {} ({})",
+                        match c.origin {
+                            Origin::Created => "created",
+                            Origin::Resumed => "finished the interrupted creation of",
+                            Origin::Adopted => "restored the entry of",
+                        },
                         c.node.display(),
                         crate::settings::size::human(c.size)
                     );
@@ -222,7 +228,11 @@ pub fn run(o: &BootOptions) -> State {
                         number: c.number,
                         start: c.start,
                         size: c.size,
-                        created: true,
+                        created: c.origin != Origin::Adopted,
+                        origin: serde_json::to_value(c.origin)
+                            .ok()
+                            .and_then(|v| v.as_str().map(String::from))
+                            .unwrap_or_default(),
                         _loop: c._loop,
                     };
                     let r = mount_persistence(o, &s, &mut st, &mut t, tg);
@@ -290,6 +300,8 @@ pub struct Target {
     pub start: u64,
     pub size: u64,
     pub created: bool,
+    /// `existing`, `created`, `resumed` or `adopted` (`disk::stick::Origin`).
+    pub origin: String,
     pub _loop: Option<Loop>,
 }
 
@@ -314,6 +326,7 @@ fn mount_persistence(
         number: tg.number,
         mounted_from: tg.via.display().to_string(),
         created: tg.created,
+        origin: tg.origin.clone(),
         start: tg.start,
         size: tg.size,
         mountpoint: o.pmount().display().to_string(),

@@ -27,7 +27,14 @@ pub struct Partition {
     /// The node mounted: the partition, or a loop device over the disk when
     /// the whole disk was busy.
     pub mounted_from: String,
+    /// Formatted by this boot.
     pub created: bool,
+    /// How the partition came to be this boot: `existing`, `created`,
+    /// `resumed` (a creation a power cut interrupted, finished) or
+    /// `adopted` (a filesystem left by an earlier release, its entry put
+    /// back).
+    #[serde(default)]
+    pub origin: String,
     pub start: u64,
     pub size: u64,
     pub mountpoint: String,

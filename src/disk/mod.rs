@@ -5,6 +5,7 @@
 //! share (`stick`). Depends on `settings` and `util`.
 
 pub mod blockdev;
+pub mod claim;
 pub mod e2fs;
 pub mod layout;
 pub mod partplan;

@@ -20,6 +20,9 @@ pub struct PlanOptions {
     pub guid: [u8; 16],
     /// The GPT partition name.
     pub name: String,
+    /// Free bytes kept between what is on the stick and the partition
+    /// (for the claim, `disk::claim`).
+    pub reserve: u64,
 }
 
 impl Default for PlanOptions {
@@ -30,6 +33,7 @@ impl Default for PlanOptions {
             align: MIB,
             guid: [0x42; 16],
             name: "persistence".into(),
+            reserve: 0,
         }
     }
 }
@@ -74,6 +78,17 @@ pub enum Refusal {
     },
     #[error("the MBR cannot address the free space after {start_h} (2 TiB limit)")]
     BeyondMbr { start_h: String },
+    #[error(
+        "partition {number} was started by an earlier run, but the table changed since: not finishing it"
+    )]
+    TableChanged { number: u32 },
+    #[error("bytes {start}..{end} are not within the free room {lo}..{hi}")]
+    Outside {
+        start: u64,
+        end: u64,
+        lo: u64,
+        hi: u64,
+    },
 }
 
 /// `v` rounded up to a multiple of `a`; `None` past u64.
@@ -85,7 +100,10 @@ fn number_taken(kernel: &[KernelPart], n: u32) -> bool {
     kernel.iter().any(|k| k.number == n)
 }
 
-pub fn plan(l: &Layout, o: &PlanOptions) -> Result<PartPlan, Refusal> {
+/// Where a new partition may go: the aligned first byte after everything
+/// on the stick (and `reserve`), and the aligned last byte the table in use
+/// can describe. Refused when the room is below `min_free`.
+pub fn bounds(l: &Layout, o: &PlanOptions) -> Result<(u64, u64), Refusal> {
     let ss = l.sector_size;
     let used_end = l.used_end();
     let too_small = |free: u64| Refusal::TooSmall {
@@ -95,7 +113,10 @@ pub fn plan(l: &Layout, o: &PlanOptions) -> Result<PartPlan, Refusal> {
         used_end,
     };
     let align = align_up(o.align.max(ss), ss).ok_or_else(|| too_small(0))?;
-    let mut start = align_up(used_end, align).ok_or_else(|| too_small(0))?;
+    let mut start = used_end
+        .checked_add(o.reserve)
+        .and_then(|v| align_up(v, align))
+        .ok_or_else(|| too_small(0))?;
     // The end: what the table in use can describe, rounded down.
     let mut end = match (&l.table, &l.gpt) {
         // a GPT needs its backup array and header at the device's end
@@ -124,6 +145,34 @@ pub fn plan(l: &Layout, o: &PlanOptions) -> Result<PartPlan, Refusal> {
     if end <= start || end - start < o.min_free {
         return Err(too_small(end.saturating_sub(start)));
     }
+    if l.table == TableKind::None {
+        return Err(Refusal::NoTable);
+    }
+    Ok((start, end))
+}
+
+/// The new partition in all the room `bounds` gives.
+pub fn plan(l: &Layout, o: &PlanOptions) -> Result<PartPlan, Refusal> {
+    let (start, end) = bounds(l, o)?;
+    place(l, o, start, end)
+}
+
+/// A partition at exactly `start`, `size` bytes (putting back the entry of
+/// a filesystem found in the free space): refused unless it lies within
+/// `bounds`.
+pub fn plan_at(l: &Layout, o: &PlanOptions, start: u64, size: u64) -> Result<PartPlan, Refusal> {
+    let (lo, hi) = bounds(l, o)?;
+    let ss = l.sector_size;
+    let end = start.saturating_add(size);
+    if start < lo || end > hi || !start.is_multiple_of(ss) || !size.is_multiple_of(ss) || size == 0
+    {
+        return Err(Refusal::Outside { start, end, lo, hi });
+    }
+    place(l, o, start, end)
+}
+
+fn place(l: &Layout, o: &PlanOptions, start: u64, end: u64) -> Result<PartPlan, Refusal> {
+    let used_end = l.used_end();
     match l.table {
         TableKind::None => Err(Refusal::NoTable),
         TableKind::Mbr => plan_mbr(l, o, start, end, used_end),
@@ -268,19 +317,10 @@ fn gpt_writes(
     backup.resize((arr_sectors * ss) as usize, 0);
     // The primary: only the one sector holding the changed entry.
     let sec = (slot * es) / ss as usize * ss as usize;
+    // In the order they are written: the backup side first, then the
+    // primary entries, the primary header last (the kernel reads the GPT
+    // only while the primary header's checksum of the entries holds).
     vec![
-        Write {
-            what: "primary GPT header".into(),
-            offset: ss,
-            len: ss as usize,
-            data: header(1, alt, g.entries_lba),
-        },
-        Write {
-            what: format!("primary GPT entries (entry {})", slot + 1),
-            offset: g.entries_lba * ss + sec as u64,
-            len: ss as usize,
-            data: entries[sec..sec + ss as usize].to_vec(),
-        },
         Write {
             what: format!("backup GPT entries {where_}"),
             offset: backup_entries_lba * ss,
@@ -292,6 +332,18 @@ fn gpt_writes(
             offset: alt * ss,
             len: ss as usize,
             data: header(alt, 1, backup_entries_lba),
+        },
+        Write {
+            what: format!("primary GPT entries (entry {})", slot + 1),
+            offset: g.entries_lba * ss + sec as u64,
+            len: ss as usize,
+            data: entries[sec..sec + ss as usize].to_vec(),
+        },
+        Write {
+            what: "primary GPT header".into(),
+            offset: ss,
+            len: ss as usize,
+            data: header(1, alt, g.entries_lba),
         },
     ]
 }

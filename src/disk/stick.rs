@@ -5,6 +5,7 @@
 //! remove one (restore the backup or delete the entry).
 
 use crate::disk::blockdev::{self, Loop};
+use crate::disk::claim::{CLAIM_LEN, Claim};
 use crate::disk::e2fs;
 use crate::disk::layout::{self, Layout};
 use crate::disk::partplan::{self, PlanOptions};
@@ -110,7 +111,14 @@ pub fn remove_partition(
             disk.display()
         ),
     }
-    let usable = backup.filter(|b| b.device_size == o.layout.size);
+    // the backup kept on the filesystem, else the one in the claim (the
+    // filesystem may no longer mount)
+    let dev_name = disk.display().to_string();
+    let claim = read_claim(&mut o.file, start, o.layout.size, &dev_name)
+        .filter(|c| (c.number, c.start, c.size) == (number, start, size));
+    let usable = backup
+        .or(claim.as_ref().map(|c| &c.backup))
+        .filter(|b| b.device_size == o.layout.size);
     let how = match usable {
         Some(b) if table::unchanged_since(&mut o.file, b)? => {
             table::restore(&mut o.file, b)?;
@@ -126,6 +134,12 @@ pub fn remove_partition(
     let wipe = vec![0u8; size.min(1 << 20) as usize];
     std::io::Seek::seek(&mut o.file, std::io::SeekFrom::Start(start))?;
     std::io::Write::write_all(&mut o.file, &wipe).context("wiping the filesystem's first MiB")?;
+    if claim.is_some() {
+        let at = Claim::offset_for(start).context("claim offset")?;
+        std::io::Seek::seek(&mut o.file, std::io::SeekFrom::Start(at))?;
+        std::io::Write::write_all(&mut o.file, &vec![0u8; CLAIM_LEN as usize])
+            .context("wiping the claim")?;
+    }
     blockdev::flush_buffers(&o.file)?;
     if o.block
         && let Err(e) = blockdev::del_partition(&o.file, number)
@@ -187,6 +201,20 @@ pub fn reach_partition(
     Ok((lp.path.clone(), Some(lp)))
 }
 
+/// How the partition `create_partition` returns came to be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Origin {
+    /// Planned, claimed, written and formatted now.
+    Created,
+    /// Ours from an earlier boot that a power cut interrupted (found by
+    /// its claim): the table write finished and formatted now.
+    Resumed,
+    /// A `persistence` filesystem found in the free space (a stick
+    /// re-flashed with another release): its entry put back, no mkfs.
+    Adopted,
+}
+
 pub struct Created {
     pub node: PathBuf,
     pub target: PathBuf,
@@ -194,6 +222,7 @@ pub struct Created {
     pub start: u64,
     pub size: u64,
     pub backup: table::Backup,
+    pub origin: Origin,
     pub _loop: Option<Loop>,
 }
 
@@ -203,92 +232,398 @@ fn disk_name(disk: &Path) -> String {
         .unwrap_or_default()
 }
 
-/// Plan, back up, write, announce, format. Restores the table on failure.
-pub fn create_partition(disk: &Path, s: &Settings, backup_dir: &Path) -> Result<Created> {
-    let o = crate::disk::stick::open_device(disk, true)?;
-    let size = o.layout.size;
-    let (l, mut f) = (o.layout, o.file);
-    for finding in &l.findings {
-        log::info!("layout: {finding}");
-    }
-    let opts = PlanOptions {
+/// How far past the planned start `create_partition` looks for a
+/// `persistence` filesystem left by an earlier release (one probe a MiB).
+pub const ADOPT_WINDOW: u64 = 4 << 30;
+
+/// The plan options `boot`, `enable` and `plan` share.
+pub fn plan_options(s: &Settings, guid: [u8; 16]) -> PlanOptions {
+    PlanOptions {
         min_free: s.min_free,
         max_size: s.max_size.map(|m| m.resolve(u64::MAX)),
-        guid: random_guid(),
+        guid,
         name: s.label.clone(),
+        reserve: CLAIM_LEN,
         ..Default::default()
+    }
+}
+
+fn sync_dev(f: &mut File) -> Result<()> {
+    f.sync_all().context("syncing the device")
+}
+
+/// The claim in front of a partition starting at `start`, if intact and
+/// its regions lie in the table areas of a device of `size` bytes.
+fn read_claim(f: &mut File, start: u64, size: u64, device: &str) -> Option<Claim> {
+    let at = Claim::offset_for(start)?;
+    let head = layout::read_exact_at(f, at, 16).ok()?;
+    if !Claim::looks_like(&head) {
+        return None;
+    }
+    let b = layout::read_exact_at(f, at, CLAIM_LEN as usize).ok()?;
+    let c = Claim::decode(&b, device)?;
+    if !c.regions_safe(size) {
+        log::warn!("ignoring the claim at byte {at}: its regions lie outside the table areas");
+        return None;
+    }
+    Some(c)
+}
+
+/// The ext4 filesystem labelled `label` starting at byte `start`, if any
+/// (its primary superblock: a backup copy further into a filesystem whose
+/// start was wiped does not count).
+fn persistence_at(
+    f: &mut File,
+    start: u64,
+    size: u64,
+    label: &str,
+) -> Option<superblock::Ext4Info> {
+    let mut w = superblock::Window::new(f, start, size);
+    match superblock::probe(&mut w) {
+        Ok(Some(Fs::Ext4(e))) if e.label == label && e.group == 0 => Some(e),
+        _ => None,
+    }
+}
+
+/// A table entry whose claim names it exactly and that holds no
+/// `persistence` filesystem yet: a creation a power cut interrupted.
+fn unfinished(o: &mut Opened, label: &str, device: &str) -> Option<Claim> {
+    for (number, start, size) in o.layout.table_entries() {
+        if let Some(c) = read_claim(&mut o.file, start, o.layout.size, device)
+            && (c.number, c.start, c.size) == (number, start, size)
+            && persistence_at(&mut o.file, start, size, label).is_none()
+        {
+            return Some(c);
+        }
+    }
+    None
+}
+
+/// The first `persistence` filesystem in `[from, to)` at a MiB boundary:
+/// where an earlier release's partition starts after a `dd` of this one.
+/// Its size comes from its claim when that names it, else from the
+/// superblock.
+fn left_behind(
+    f: &mut File,
+    from: u64,
+    to: u64,
+    dev_size: u64,
+    label: &str,
+    device: &str,
+) -> Option<(u64, u64)> {
+    let mut at = from;
+    while at < to {
+        if let Some(e) = persistence_at(f, at, to - at, label) {
+            let size = match read_claim(f, at, dev_size, device) {
+                Some(c) if c.start == at => c.size,
+                _ => e.blocks.checked_mul(e.block_size)?,
+            };
+            return Some((at, size));
+        }
+        at = at.checked_add(crate::settings::size::MIB)?;
+    }
+    None
+}
+
+/// A table entry that our claim names, whatever it holds now (for `remove`
+/// when the filesystem's superblock is gone).
+pub fn find_claimed(o: &mut Opened) -> Option<Existing> {
+    let device = o.path.display().to_string();
+    o.layout
+        .table_entries()
+        .into_iter()
+        .find_map(|(number, start, size)| {
+            let c = read_claim(&mut o.file, start, o.layout.size, &device)?;
+            ((c.number, c.start, c.size) == (number, start, size)).then(|| Existing {
+                number,
+                start,
+                size,
+                uuid: String::new(),
+            })
+        })
+}
+
+/// What `create_partition` will do on a stick, decided from what it
+/// holds (reads only). `enable` shows it before asking.
+pub enum Prepared {
+    /// Our own creation a power cut interrupted: replay its table writes
+    /// (from the claim) and format.
+    Resume(Claim),
+    /// A `persistence` filesystem left in the free space by an earlier
+    /// release: write this entry for it, never format.
+    Adopt(partplan::PartPlan),
+    /// A new partition.
+    Create(partplan::PartPlan),
+}
+
+impl Prepared {
+    /// (number, start, size) of the partition it ends with.
+    pub fn partition(&self) -> (u32, u64, u64) {
+        match self {
+            Prepared::Resume(c) => (c.number, c.start, c.size),
+            Prepared::Adopt(p) | Prepared::Create(p) => (p.number, p.start, p.size),
+        }
+    }
+    pub fn origin(&self) -> Origin {
+        match self {
+            Prepared::Resume(_) => Origin::Resumed,
+            Prepared::Adopt(_) => Origin::Adopted,
+            Prepared::Create(_) => Origin::Created,
+        }
+    }
+}
+
+/// Decide, in this order:
+/// 1. finish our own creation that a power cut interrupted (its claim
+///    names a table entry with no filesystem yet, and every table sector
+///    holds its bytes from before or after that creation);
+/// 2. put back the entry of a `persistence` filesystem found in the free
+///    space (a re-flashed stick), refusing when it does not fit;
+/// 3. else a new partition in all the room there is.
+pub fn prepare(o: &mut Opened, s: &Settings) -> Result<Prepared> {
+    let dev_name = o.path.display().to_string();
+    if let Some(c) = unfinished(o, &s.label, &dev_name) {
+        if !table::torn_between(&mut o.file, &c.backup, o.layout.sector_size)? {
+            return Err(partplan::Refusal::TableChanged { number: c.number }.into());
+        }
+        return Ok(Prepared::Resume(c));
+    }
+    let opts = plan_options(s, random_guid());
+    let planned = partplan::plan(&o.layout, &opts).map_err(|r| anyhow!(r))?;
+    let window_end = planned
+        .start
+        .saturating_add(ADOPT_WINDOW)
+        .min(planned.start + planned.size);
+    let size = o.layout.size;
+    match left_behind(
+        &mut o.file,
+        planned.start,
+        window_end,
+        size,
+        &s.label,
+        &dev_name,
+    ) {
+        Some((start, len)) => {
+            let p = partplan::plan_at(&o.layout, &opts, start, len).with_context(|| {
+                format!(
+                    "a '{}' filesystem lies at byte {start} ({}) but does not fit where a partition may go; \
+                     refusing to create a partition over it",
+                    s.label,
+                    crate::settings::size::human(len)
+                )
+            })?;
+            Ok(Prepared::Adopt(p))
+        }
+        None => Ok(Prepared::Create(planned)),
+    }
+}
+
+/// Test hook for cuts: with `MADOS_PERSISTENCE_CUT=<point>` the process
+/// aborts at that point of a creation, leaving the stick as a power cut
+/// there would (the QEMU scenarios cut real power; this makes every point
+/// reachable in a root test).
+fn cut_point(point: &str) {
+    if std::env::var("MADOS_PERSISTENCE_CUT").is_ok_and(|v| v == point) {
+        log::error!("MADOS_PERSISTENCE_CUT={point}: stopping here");
+        std::process::abort();
+    }
+}
+
+/// Make the persistence partition on `disk`: `prepare`, then `execute`.
+pub fn create_partition(disk: &Path, s: &Settings, backup_dir: &Path) -> Result<Created> {
+    let mut o = open_device(disk, true)?;
+    for finding in &o.layout.findings {
+        log::info!("layout: {finding}");
+    }
+    let p = prepare(&mut o, s)?;
+    execute(o, disk, s, p, backup_dir)
+}
+
+/// Carry out what `prepare` decided. A new partition: the claim (table
+/// backup and journal) is written in front of it and synced first, then
+/// the table sector by sector with a sync after each, then the kernel is
+/// told and mkfs runs. On a failure before mkfs the table is restored.
+pub fn execute(
+    mut o: Opened,
+    disk: &Path,
+    s: &Settings,
+    p: Prepared,
+    backup_dir: &Path,
+) -> Result<Created> {
+    let dev_name = disk.display().to_string();
+    let origin = p.origin();
+    let plan = match p {
+        Prepared::Resume(c) => {
+            log::warn!(
+                "partition {} at byte {} was started by an earlier run and not finished (power cut?); finishing it",
+                c.number,
+                c.start
+            );
+            table::replay(&mut o.file, &c.backup, &mut sync_dev)?;
+            return finish(o, disk, s, c.number, c.start, c.size, c.backup, origin);
+        }
+        Prepared::Adopt(plan) => {
+            log::warn!(
+                "a '{}' filesystem from an earlier release is at byte {} ({}): putting its entry back, not formatting",
+                s.label,
+                plan.start,
+                crate::settings::size::human(plan.size)
+            );
+            plan
+        }
+        Prepared::Create(plan) => plan,
     };
-    let plan = partplan::plan(&l, &opts).map_err(|r| anyhow!(r))?;
     log::info!(
-        "creating partition {} ({:?} table) at byte {} size {}",
+        "{} partition {} ({:?} table) at byte {} size {}",
+        if origin == Origin::Adopted {
+            "restoring"
+        } else {
+            "creating"
+        },
         plan.number,
         plan.table,
         plan.start,
         crate::settings::size::human(plan.size)
     );
-    let backup = table::take_backup(&mut f, &disk.display().to_string(), size, &plan.writes)?;
+    let backup = table::take_backup(&mut o.file, &dev_name, o.layout.size, &plan.writes)?;
     fsutil::write_atomic(
         &backup_dir.join("table-backup.json"),
         serde_json::to_string_pretty(&backup)?.as_bytes(),
     )?;
-    let restore = |f: &mut File, why: &anyhow::Error| {
-        log::error!("{why:#}; restoring the partition table");
-        if let Err(e) = table::restore(f, &backup).and_then(|_| blockdev::flush_buffers(f)) {
-            log::error!(
-                "restoring the partition table of {} failed: {e:#}",
-                disk.display()
-            );
-        }
+    if origin == Origin::Created {
+        // The claim first: from here on a cut leaves a partition that the
+        // next run recognises as ours.
+        let claim = Claim {
+            number: plan.number,
+            start: plan.start,
+            size: plan.size,
+            backup: backup.clone(),
+        };
+        let bytes = claim
+            .encode()
+            .map_err(|e| anyhow!("encoding the claim: {e}"))?;
+        let at = Claim::offset_for(plan.start).context("no room for the claim")?;
+        use std::io::{Seek, SeekFrom, Write};
+        o.file.seek(SeekFrom::Start(at))?;
+        o.file.write_all(&bytes).context("writing the claim")?;
+        sync_dev(&mut o.file)?;
+        cut_point("claim");
+    }
+    let mut n = 0;
+    let mut sync_and_cut = |f: &mut File| {
+        sync_dev(f)?;
+        n += 1;
+        cut_point(&format!("table-{n}"));
+        Ok(())
     };
-    let node = blockdev::partition_path(disk, plan.number);
+    if let Err(e) = table::apply_synced(&mut o.file, &plan.writes, &mut sync_and_cut) {
+        restore_table(&mut o.file, &backup, disk, &e);
+        return Err(e);
+    }
+    finish(
+        o,
+        disk,
+        s,
+        plan.number,
+        plan.start,
+        plan.size,
+        backup,
+        origin,
+    )
+}
+
+fn restore_table(f: &mut File, backup: &table::Backup, disk: &Path, why: &anyhow::Error) {
+    log::error!("{why:#}; restoring the partition table");
+    if let Err(e) = table::restore(f, backup).and_then(|_| blockdev::flush_buffers(f)) {
+        log::error!(
+            "restoring the partition table of {} failed: {e:#}",
+            disk.display()
+        );
+    }
+}
+
+/// The table holds the entry: tell the kernel, reach the partition, and
+/// format it unless it was adopted. Never formats a `persistence`
+/// filesystem.
+#[allow(clippy::too_many_arguments)]
+fn finish(
+    mut o: Opened,
+    disk: &Path,
+    s: &Settings,
+    number: u32,
+    start: u64,
+    size: u64,
+    backup: table::Backup,
+    origin: Origin,
+) -> Result<Created> {
+    let f = &mut o.file;
+    let node = blockdev::partition_path(disk, number);
     let made = (|| -> Result<(PathBuf, Option<Loop>)> {
-        table::apply(&mut f, &plan.writes)?;
-        blockdev::flush_buffers(&f)?;
+        blockdev::flush_buffers(f)?;
         if blockdev::is_block_device(disk) {
-            if let Err(e) = blockdev::add_partition(&f, plan.number, plan.start, plan.size) {
-                // The kernel may already know it (a re-read raced us): fine
-                // only if it is exactly the partition we planned.
-                let known = l
+            if let Err(e) = blockdev::add_partition(f, number, start, size) {
+                // The kernel may already know it (a re-read raced us, or an
+                // earlier boot's table): fine only if it is exactly this one.
+                let known = o
+                    .layout
                     .kernel
                     .iter()
                     .chain(&Sysfs::default().partitions_of(&disk_name(disk)))
-                    .any(|k| {
-                        k.number == plan.number && k.start == plan.start && k.size == plan.size
-                    });
+                    .any(|k| k.number == number && k.start == start && k.size == size);
                 if !known {
                     return Err(e);
                 }
-                log::info!("the kernel already knows partition {}", plan.number);
+                log::info!("the kernel already knows partition {number}");
             }
-            reach_partition(disk, &node, plan.start, plan.size)
+            reach_partition(disk, &node, start, size)
         } else {
-            let lp = Loop::attach(disk, plan.start, plan.size)?;
+            let lp = Loop::attach(disk, start, size)?;
             Ok((lp.path.clone(), Some(lp)))
         }
     })();
+    let undo = |f: &mut File, e: &anyhow::Error| {
+        if origin != Origin::Resumed {
+            restore_table(f, &backup, disk, e);
+            let _ = blockdev::del_partition(f, number);
+        }
+    };
     let (target, lp) = match made {
         Ok(x) => x,
         Err(e) => {
-            restore(&mut f, &e);
-            let _ = blockdev::del_partition(&f, plan.number);
+            undo(f, &e);
             return Err(e);
         }
     };
-    if let Err(e) = e2fs::mkfs(&target, &s.label) {
-        restore(&mut f, &e);
-        if let Some(lp) = lp {
-            let _ = lp.detach();
+    if origin != Origin::Adopted {
+        // the last guard: mke2fs never runs over a persistence filesystem
+        if persistence_at(f, start, size, &s.label).is_some() {
+            bail!(
+                "partition {number} at byte {start} already holds a '{}' filesystem: not formatting it",
+                s.label
+            );
         }
-        let _ = blockdev::del_partition(&f, plan.number);
-        return Err(e);
+        cut_point("mkfs");
+        log::info!(
+            "formatting {} with mke2fs ({}); this takes a while on a slow stick",
+            target.display(),
+            crate::settings::size::human(size)
+        );
+        if let Err(e) = e2fs::mkfs(&target, &s.label) {
+            undo(f, &e);
+            if let Some(lp) = lp {
+                let _ = lp.detach();
+            }
+            return Err(e);
+        }
     }
     Ok(Created {
         node,
         target,
-        number: plan.number,
-        start: plan.start,
-        size: plan.size,
+        number,
+        start,
+        size,
         backup,
+        origin,
         _loop: lp,
     })
 }

@@ -25,6 +25,9 @@ pub struct Ext4Info {
     pub has_journal: bool,
     /// The "cleanly unmounted" bit of s_state.
     pub clean: bool,
+    /// s_block_group_nr: 0 for the primary superblock, else the group of a
+    /// backup copy (found where the filesystem does not start).
+    pub group: u16,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -148,6 +151,7 @@ pub fn parse_ext4(sb: &[u8]) -> Option<Ext4Info> {
         free_blocks: u64::from(le32(sb, 12)) | free_hi << 32,
         has_journal: le32(sb, 92) & 0x4 != 0,
         clean: le16(sb, 58) & 1 != 0,
+        group: le16(sb, 90),
     })
 }
 

@@ -43,8 +43,21 @@ fn from_hex(s: &str) -> Result<Vec<u8>> {
 }
 
 impl Region {
+    pub fn new(what: String, offset: u64, old: &[u8], new: &[u8]) -> Region {
+        Region {
+            what,
+            offset,
+            hex: to_hex(old),
+            after_hex: to_hex(new),
+        }
+    }
+    /// The bytes before the change.
     pub fn data(&self) -> Result<Vec<u8>> {
         from_hex(&self.hex)
+    }
+    /// The bytes the change wrote.
+    pub fn after(&self) -> Result<Vec<u8>> {
+        from_hex(&self.after_hex)
     }
 }
 
@@ -81,13 +94,64 @@ fn write_at<W: Write + Seek>(w: &mut W, off: u64, data: &[u8], what: &str) -> Re
         .with_context(|| format!("writing {what} at byte {off}"))
 }
 
-/// Write the plan's sectors in order: the primary table last but one, the
-/// backup GPT last, so a cut in between leaves a table the kernel reads.
+/// Write the plan's sectors in the plan's order (for a GPT: the backup
+/// side, then the primary entries, then the primary header).
 pub fn apply<W: Write + Seek>(w: &mut W, writes: &[SectorWrite]) -> Result<()> {
+    apply_synced(w, writes, &mut |_| Ok(()))
+}
+
+/// `apply` with `sync` called after each write (an fsync of the device), so
+/// that a power cut leaves the writes done in order: the kernel reads a
+/// GPT only while its primary header and entries agree, so they go last.
+pub fn apply_synced<W: Write + Seek>(
+    w: &mut W,
+    writes: &[SectorWrite],
+    sync: &mut dyn FnMut(&mut W) -> Result<()>,
+) -> Result<()> {
     for x in writes {
         write_at(w, x.offset, &x.data, &x.what)?;
+        w.flush().context("flushing the partition table")?;
+        sync(w).with_context(|| format!("syncing after {}", x.what))?;
     }
-    w.flush().context("flushing the partition table")
+    Ok(())
+}
+
+/// Whether every sector of every region holds either its bytes before or
+/// its bytes after the change: what a cut during the change leaves. Only
+/// then is replaying the change safe.
+pub fn torn_between<R: Read + Seek>(r: &mut R, b: &Backup, sector: u64) -> Result<bool> {
+    for reg in &b.regions {
+        let (old, new) = (reg.data()?, reg.after()?);
+        if old.len() != new.len() {
+            return Ok(false);
+        }
+        let now = read_exact_at(r, reg.offset, old.len())
+            .with_context(|| format!("reading {} at byte {}", reg.what, reg.offset))?;
+        let ss = (sector as usize).max(1);
+        let ok = now
+            .chunks(ss)
+            .zip(old.chunks(ss).zip(new.chunks(ss)))
+            .all(|(n, (o, w))| n == o || n == w);
+        if !ok {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+/// Write every region's "after" bytes (a creation's journal) again:
+/// finishing a table write a power cut interrupted. Idempotent.
+pub fn replay<W: Write + Seek>(
+    w: &mut W,
+    b: &Backup,
+    sync: &mut dyn FnMut(&mut W) -> Result<()>,
+) -> Result<()> {
+    for r in &b.regions {
+        write_at(w, r.offset, &r.after()?, &r.what)?;
+        w.flush().context("flushing the partition table")?;
+        sync(w).with_context(|| format!("syncing after {}", r.what))?;
+    }
+    Ok(())
 }
 
 /// Whether every region still holds what the change wrote.

@@ -6,9 +6,10 @@ use super::{
     running_settings, step, target_device,
 };
 use crate::boot::{flags, mounts};
-use crate::disk::stick::{Existing, find_persistence, open_device};
-use crate::disk::{blockdev, partplan, sysfs::Sysfs};
+use crate::disk::stick::{self, Existing, Origin, Prepared, find_persistence, open_device};
+use crate::disk::{blockdev, sysfs::Sysfs};
 use crate::settings::config::Settings;
+use crate::settings::size::human;
 use anyhow::{Context, Result};
 use std::path::{Path, PathBuf};
 
@@ -68,53 +69,86 @@ pub fn enable(
     if let Some(sz) = size {
         settings.max_size = Some(sz);
     }
-    let opts = partplan::PlanOptions {
-        min_free: settings.min_free,
-        max_size: settings.max_size.map(|m| m.resolve(u64::MAX)),
-        ..Default::default()
-    };
-    let plan = match partplan::plan(&o.layout, &opts) {
+    let prepared = match stick::prepare(&mut o, &settings) {
         Ok(p) => p,
-        Err(r) => {
+        Err(e) => {
             return refuse(format!(
-                "not creating persistence on {}: {r}",
+                "not creating persistence on {}: {e:#}",
                 disk.display()
             ));
         }
     };
-    println!(
-        "Will create partition {} on {} in the {} table: byte {} to {} ({}), ext4 labelled '{}'.",
-        plan.number,
-        disk.display(),
-        format!("{:?}", plan.table).to_uppercase(),
-        plan.start,
-        plan.start + plan.size,
-        crate::settings::size::human(plan.size),
-        settings.label
-    );
-    println!(
-        "Nothing before byte {} (the ISO, its EFI partition, the tables) is changed but these sectors:",
-        plan.used_end
-    );
-    for w in &plan.writes {
-        println!("  {} bytes at {}: {}", w.len, w.offset, w.what);
+    let (number, start, len) = prepared.partition();
+    match &prepared {
+        Prepared::Resume(c) => println!(
+            "Partition {number} on {} (byte {start}, {}) was started by an earlier run that did not finish \
+             (a power cut or a pulled stick). Will finish it: write its table entry again and format it.\n\
+             Table sectors that will hold what that run meant to write: {}.",
+            disk.display(),
+            human(len),
+            c.backup
+                .regions
+                .iter()
+                .map(|r| r.what.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        Prepared::Adopt(plan) | Prepared::Create(plan) => {
+            if matches!(prepared, Prepared::Adopt(_)) {
+                println!(
+                    "A '{}' filesystem is already in the free space at byte {start} ({}), left by an earlier \
+                     release on this stick. Will put its partition entry back exactly there and NOT format it: \
+                     its data is kept.",
+                    settings.label,
+                    human(len)
+                );
+            } else {
+                println!(
+                    "Will create partition {number} on {} in the {} table: byte {start} to {} ({}), ext4 labelled '{}'.",
+                    disk.display(),
+                    format!("{:?}", plan.table).to_uppercase(),
+                    start + len,
+                    human(len),
+                    settings.label
+                );
+            }
+            println!(
+                "Nothing before byte {} (the ISO, its EFI partition, the tables) is changed but these sectors:",
+                plan.used_end
+            );
+            for w in &plan.writes {
+                println!("  {} bytes at {}: {}", w.len, w.offset, w.what);
+            }
+        }
     }
-    confirm("Create it?", None, yes)?;
+    confirm("Go on?", None, yes)?;
     drop(o);
     let total = if is_boot { 3 } else { 2 };
     step(
         1,
         total,
-        &format!(
-            "creating partition {} (a backup of every table sector it touches is kept) and formatting {} \
-             with mke2fs; this can take a minute on a slow stick",
-            plan.number,
-            crate::settings::size::human(plan.size)
-        ),
+        &match prepared.origin() {
+            Origin::Adopted => format!("restoring the entry of partition {number} (no formatting)"),
+            _ => format!(
+                "writing partition {number} (a backup of every table sector it touches is kept first) and \
+                 formatting {} with mke2fs; this can take a minute on a slow stick",
+                human(len)
+            ),
+        },
     );
     let t0 = std::time::Instant::now();
     std::fs::create_dir_all(RUN_DIR)?;
-    let c = crate::disk::stick::create_partition(&disk, &settings, Path::new(RUN_DIR))?;
+    // Decide again on the device opened for writing; go on only if that is
+    // still what was shown.
+    let mut w = stick::open_device(&disk, true)?;
+    let again = stick::prepare(&mut w, &settings)?;
+    if again.partition() != (number, start, len) || again.origin() != prepared.origin() {
+        return refuse(format!(
+            "{} changed while you were asked; nothing was written",
+            disk.display()
+        ));
+    }
+    let c = stick::execute(w, &disk, &settings, again, Path::new(RUN_DIR))?;
     println!("      done in {:.1} s", t0.elapsed().as_secs_f64());
     let e = Existing {
         number: c.number,
@@ -123,6 +157,7 @@ pub fn enable(
         uuid: String::new(),
     };
     let backup = c.backup.clone();
+    let c_origin = c.origin;
     drop(c);
     step(2, total, "saving the table backup on the new partition");
     let m = TempMount::new(&disk, blockdev::is_block_device(&disk), &e, false)?;
@@ -134,7 +169,12 @@ pub fn enable(
     }
     drop(m);
     println!(
-        "Persistence created on {} (partition {}).{}",
+        "Persistence {} on {} (partition {}).{}",
+        match c_origin {
+            Origin::Created => "created",
+            Origin::Resumed => "finished",
+            Origin::Adopted => "restored (its data kept)",
+        },
         disk.display(),
         e.number,
         if is_boot {

@@ -1,7 +1,7 @@
 //! `plan --device`: read a device or image and say what `boot` would do,
 //! as a JSON value and as text. Changes nothing.
 
-use crate::disk::partplan::{self, PlanOptions};
+use crate::disk::{partplan, stick};
 use crate::settings::config::Settings;
 use crate::settings::size::human;
 use crate::settings::{cmdline, config};
@@ -29,17 +29,13 @@ pub fn plan(device: &Path, json: bool, cmdline: &str) -> Result<()> {
 
 /// For `plan --device`: read a device or image and say what boot would do.
 pub fn plan_device(path: &Path, s: &Settings) -> Result<serde_json::Value> {
-    let mut o = crate::disk::stick::open_device(path, false)?;
-    let existing = crate::disk::stick::find_persistence(&mut o, &s.label);
+    let mut o = stick::open_device(path, false)?;
+    let existing = stick::find_persistence(&mut o, &s.label);
     let (l, size, ss) = (&o.layout, o.layout.size, o.layout.sector_size);
     let action = match &existing {
         Some(e) => serde_json::json!({"action": "use", "partition": e}),
         None => {
-            let opts = PlanOptions {
-                min_free: s.min_free,
-                max_size: s.max_size.map(|m| m.resolve(u64::MAX)),
-                ..Default::default()
-            };
+            let opts = stick::plan_options(s, [0; 16]);
             match partplan::plan(l, &opts) {
                 Ok(p) => serde_json::json!({"action": "create", "plan": p}),
                 Err(r) => {

@@ -6,7 +6,9 @@ use super::{
 };
 use crate::boot::flags;
 use crate::boot::state::State;
-use crate::disk::stick::{Existing, Opened, find_persistence, open_device, remove_partition};
+use crate::disk::stick::{
+    Existing, Opened, find_claimed, find_persistence, open_device, remove_partition,
+};
 use crate::settings::config::Settings;
 use anyhow::Result;
 use std::path::PathBuf;
@@ -22,6 +24,11 @@ fn locate(
     let mut o = open_device(&disk, false)?;
     match find_persistence(&mut o, &s.label) {
         Some(e) => Ok((st, disk, o, e)),
+        None if verb == "remove"
+            && let Some(e) = find_claimed(&mut o) =>
+        {
+            Ok((st, disk, o, e))
+        }
         None => refuse(format!(
             "{} has no persistence partition labelled '{}'",
             disk.display(),
@@ -58,12 +65,22 @@ pub fn remove(device: Option<PathBuf>, yes: bool) -> Result<()> {
     let s = &running_settings();
     let (st, disk, o, e) = locate(device, "remove", s)?;
     let active = active_on(st.as_ref(), e.number, &disk);
-    let used = match &active {
-        Some(pm) => usage(&pm.to_string_lossy()),
-        None => {
-            let m = TempMount::new(&disk, o.block, &e, true)?;
-            usage(&m.dir.to_string_lossy())
-        }
+    // What is on it and the table backup kept there. A filesystem that no
+    // longer mounts can still be removed: the table and the backup in the
+    // claim in front of the partition are all that is needed.
+    let (used, backup) = match &active {
+        Some(pm) => (usage(&pm.to_string_lossy()), None),
+        None => match TempMount::new(&disk, o.block, &e, true) {
+            Ok(m) => (usage(&m.dir.to_string_lossy()), flags::read_backup(&m.dir)),
+            Err(err) => {
+                eprintln!(
+                    "mados-persistence: warning: the filesystem on partition {} does not mount ({err:#}); \
+                     removing it from the table anyway",
+                    e.number
+                );
+                (None, None)
+            }
+        },
     };
     println!(
         "This permanently deletes partition {} on {} ({}, {} in use): every saved change, installed package and /home file on it.",
@@ -82,11 +99,6 @@ pub fn remove(device: Option<PathBuf>, yes: bool) -> Result<()> {
         );
         return Ok(());
     }
-    let backup = {
-        let o2 = open_device(&disk, false)?;
-        let m = TempMount::new(&disk, o2.block, &e, true)?;
-        flags::read_backup(&m.dir)
-    };
     let how = remove_partition(&disk, e.number, e.start, e.size, backup.as_ref())?;
     println!(
         "Removed partition {} from {} ({how}).",

@@ -1,0 +1,249 @@
+//! The claim: `CLAIM_LEN` (1 MiB) written in the free space right before a
+//! persistence partition we create, before the table changes. It names the
+//! partition (number, start, size) and carries the old and new bytes of
+//! every table sector the creation writes (the table backup and its
+//! journal). It lies outside the partition, so mkfs never touches it, and a
+//! `dd` of a release no larger than the old one leaves it in place.
+//!
+//! A later boot uses it to recognise a partition as ours: to finish a
+//! creation a power cut interrupted (re-apply the table, run mkfs), to put
+//! the entry of a re-flashed stick back exactly, and (`remove`) to restore
+//! the table even when the filesystem no longer mounts.
+//!
+//! The format is ours and small, so it is written by hand: a magic, a
+//! version, a CRC32 over everything after it, then fixed-width fields. Every
+//! length is checked against the buffer before use; anything malformed
+//! decodes to `None`.
+
+use crate::disk::table::{Backup, Region};
+
+/// One MiB: a partition's alignment, and room for a GPT's old and new
+/// entry arrays up to about 3,500 entries (xorriso writes 248, most tools
+/// 128). A table whose sectors do not fit is not changed.
+pub const CLAIM_LEN: u64 = 1 << 20;
+const MAGIC: &[u8; 16] = b"MADOS-PERSIST-CL";
+const VERSION: u32 = 1;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claim {
+    pub number: u32,
+    /// The partition's first byte and length.
+    pub start: u64,
+    pub size: u64,
+    /// The table sectors: their bytes before (`hex`) and after
+    /// (`after_hex`) the creation.
+    pub backup: Backup,
+}
+
+impl Claim {
+    /// Where the claim for a partition starting at `start` lies.
+    pub fn offset_for(start: u64) -> Option<u64> {
+        start.checked_sub(CLAIM_LEN)
+    }
+
+    pub fn encode(&self) -> Result<Vec<u8>, String> {
+        let mut b = Vec::with_capacity(CLAIM_LEN as usize);
+        b.extend_from_slice(MAGIC);
+        b.extend_from_slice(&VERSION.to_le_bytes());
+        b.extend_from_slice(&[0u8; 4]); // crc, filled in below
+        b.extend_from_slice(&self.number.to_le_bytes());
+        b.extend_from_slice(&self.start.to_le_bytes());
+        b.extend_from_slice(&self.size.to_le_bytes());
+        b.extend_from_slice(&self.backup.device_size.to_le_bytes());
+        let regions = &self.backup.regions;
+        b.extend_from_slice(&(regions.len() as u32).to_le_bytes());
+        for r in regions {
+            let old = r.data().map_err(|e| e.to_string())?;
+            let new = r.after().map_err(|e| e.to_string())?;
+            if old.len() != new.len() {
+                return Err(format!("region at {} changes length", r.offset));
+            }
+            let what = r.what.as_bytes();
+            b.extend_from_slice(&r.offset.to_le_bytes());
+            b.extend_from_slice(&(old.len() as u32).to_le_bytes());
+            b.extend_from_slice(&(what.len() as u16).to_le_bytes());
+            b.extend_from_slice(what);
+            b.extend_from_slice(&old);
+            b.extend_from_slice(&new);
+        }
+        if b.len() as u64 > CLAIM_LEN {
+            return Err(format!(
+                "the claim needs {} bytes, more than {CLAIM_LEN}",
+                b.len()
+            ));
+        }
+        let len = b.len();
+        b.resize(CLAIM_LEN as usize, 0);
+        let crc = crc32fast::hash(&b[24..]);
+        b[20..24].copy_from_slice(&crc.to_le_bytes());
+        debug_assert!(len <= b.len());
+        Ok(b)
+    }
+
+    /// `None` for anything that is not a whole, intact claim.
+    /// Whether every region lies where a table sector of this creation can
+    /// lie: the first 32 KiB (MBR, primary GPT; the ISO 9660 system area),
+    /// or the last MiB of the device after the partition (the GPT backup).
+    /// A claim is on-disk input: one whose regions point anywhere else is
+    /// never replayed or restored.
+    pub fn regions_safe(&self, device_size: u64) -> bool {
+        let part_end = self.start.saturating_add(self.size);
+        let tail = device_size.saturating_sub((1 << 20) + 4096).max(part_end);
+        self.backup.device_size == device_size
+            && self.backup.regions.iter().all(|r| {
+                let len = (r.hex.len() / 2) as u64;
+                let Some(end) = r.offset.checked_add(len) else {
+                    return false;
+                };
+                len > 0 && (end <= 32768 || (r.offset >= tail && end <= device_size))
+            })
+    }
+
+    /// Whether `b` starts like a claim (to read the whole only then).
+    pub fn looks_like(b: &[u8]) -> bool {
+        b.get(..16) == Some(MAGIC)
+    }
+
+    pub fn decode(b: &[u8], device: &str) -> Option<Claim> {
+        if b.len() != CLAIM_LEN as usize || &b[..16] != MAGIC {
+            return None;
+        }
+        let mut r = Reader { b, at: 16 };
+        if r.u32()? != VERSION {
+            return None;
+        }
+        let crc = r.u32()?;
+        if crc32fast::hash(&b[24..]) != crc {
+            return None;
+        }
+        let number = r.u32()?;
+        let start = r.u64()?;
+        let size = r.u64()?;
+        let device_size = r.u64()?;
+        let n = r.u32()?;
+        if n > 64 {
+            return None;
+        }
+        let mut regions = Vec::new();
+        for _ in 0..n {
+            let offset = r.u64()?;
+            let len = r.u32()? as usize;
+            let wlen = usize::from(r.u16()?);
+            let what = String::from_utf8_lossy(r.take(wlen)?).into_owned();
+            let old = r.take(len)?;
+            let new = r.take(len)?;
+            regions.push(Region::new(what, offset, old, new));
+        }
+        start.checked_add(size).filter(|&e| e <= device_size)?;
+        Some(Claim {
+            number,
+            start,
+            size,
+            backup: Backup {
+                device: device.into(),
+                device_size,
+                regions,
+            },
+        })
+    }
+}
+
+struct Reader<'a> {
+    b: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        let end = self.at.checked_add(n)?;
+        let s = self.b.get(self.at..end)?;
+        self.at = end;
+        Some(s)
+    }
+    fn u16(&mut self) -> Option<u16> {
+        Some(u16::from_le_bytes(self.take(2)?.try_into().ok()?))
+    }
+    fn u32(&mut self) -> Option<u32> {
+        Some(u32::from_le_bytes(self.take(4)?.try_into().ok()?))
+    }
+    fn u64(&mut self) -> Option<u64> {
+        Some(u64::from_le_bytes(self.take(8)?.try_into().ok()?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Claim {
+        Claim {
+            number: 3,
+            start: 64 << 20,
+            size: 1 << 30,
+            backup: Backup {
+                device: "/dev/sda".into(),
+                device_size: 8 << 30,
+                regions: vec![
+                    Region::new("MBR (entry 3)".into(), 0, &[1u8; 512], &[2u8; 512]),
+                    Region::new(
+                        "backup GPT entries".into(),
+                        4096,
+                        &[0u8; 16384],
+                        &[7u8; 16384],
+                    ),
+                ],
+            },
+        }
+    }
+
+    #[test]
+    fn round_trip() {
+        let c = sample();
+        let b = c.encode().unwrap();
+        assert_eq!(b.len() as u64, CLAIM_LEN);
+        assert!(Claim::decode(&b, "/dev/sda") == Some(c.clone()));
+        assert!(c.regions_safe(8 << 30));
+    }
+
+    #[test]
+    fn regions_outside_the_table_areas_are_unsafe() {
+        let mut c = sample();
+        assert!(!c.regions_safe(4 << 30), "device size differs");
+        // a region in the ISO volume (past the 32 KiB system area)
+        c.backup.regions[1] = Region::new("x".into(), 40960, &[0u8; 512], &[1u8; 512]);
+        assert!(!c.regions_safe(8 << 30));
+        // one at the device's end, after the partition: the GPT backup
+        let end = (8u64 << 30) - 512;
+        c.backup.regions[1] = Region::new("x".into(), end, &[0u8; 512], &[1u8; 512]);
+        assert!(c.regions_safe(8 << 30));
+        // ... but not inside the partition it names
+        c.size = 8 << 30;
+        c.start = 0;
+        assert!(!c.regions_safe(8 << 30));
+    }
+
+    #[test]
+    fn damaged_or_truncated_is_none_never_a_panic() {
+        let b = sample().encode().unwrap();
+        for i in [0usize, 17, 21, 30, 70, 1000, 40000] {
+            let mut x = b.clone();
+            x[i] ^= 0x40;
+            assert!(Claim::decode(&x, "d").is_none(), "byte {i} flipped");
+        }
+        assert!(Claim::decode(&b[..1000], "d").is_none());
+        assert!(Claim::decode(&vec![0u8; CLAIM_LEN as usize], "d").is_none());
+        // a hostile length with a right checksum
+        let mut x = b.clone();
+        x[64..68].copy_from_slice(&u32::MAX.to_le_bytes()); // region 1's length
+        let crc = crc32fast::hash(&x[24..]);
+        x[20..24].copy_from_slice(&crc.to_le_bytes());
+        assert!(Claim::decode(&x, "d").is_none());
+    }
+
+    #[test]
+    fn too_large_is_refused() {
+        let mut c = sample();
+        c.backup.regions[1] = Region::new("big".into(), 0, &[0u8; 600000], &[1u8; 600000]);
+        assert!(c.encode().is_err());
+    }
+}

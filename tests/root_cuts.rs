@@ -1,0 +1,257 @@
+//! Root tests of a creation cut at every point, and of a re-flashed stick.
+//!
+//! Cuts: `enable --device IMAGE` is stopped (`MADOS_PERSISTENCE_CUT`) after
+//! the claim, after each table write and before mkfs (also with a half
+//! written filesystem in the partition), on an MBR (archiso) and a GPT
+//! (archiso UEFI-only) image. The next `enable` must finish or redo the
+//! creation: the partition is there, formatted, labelled, the GPT's
+//! checksums hold, the ISO's bytes past its 32 KiB system area are
+//! unchanged, and `plan` then says "use". (QEMU scenario p cuts real power.)
+//!
+//! Re-flash: after persistence is made and written to, the ISO is written
+//! over the stick again with `dd` (the table loses the entry); `enable`
+//! puts the entry back exactly where it was, does not format, and the file
+//! written before is still there.
+
+mod common;
+
+use common::*;
+use mados_persistence::disk::layout::{self, TableKind};
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+
+const GIB: u64 = 1 << 30;
+
+fn mp(args: &[&str], cut: Option<&str>) -> Output {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_mados-persistence"));
+    c.args(args).stdin(Stdio::null());
+    if let Some(p) = cut {
+        c.env("MADOS_PERSISTENCE_CUT", p);
+    }
+    c.output().unwrap()
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// The partition `plan --json` says boot would use: (number, start, size).
+fn planned_use(img: &Path) -> Option<(u64, u64, u64)> {
+    let o = mp(&["plan", "--device", img.to_str().unwrap(), "--json"], None);
+    assert!(o.status.success(), "plan failed: {}", text(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let r = &v["result"];
+    (r["action"] == "use").then(|| {
+        let p = &r["partition"];
+        (
+            p["number"].as_u64().unwrap(),
+            p["start"].as_u64().unwrap(),
+            p["size"].as_u64().unwrap(),
+        )
+    })
+}
+
+fn label_at(img: &Path, start: u64) -> String {
+    let o = Command::new("blkid")
+        .args(["-p", "-O", &start.to_string(), "-s", "LABEL", "-o", "value"])
+        .arg(img)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&o.stdout).trim().to_string()
+}
+
+#[test]
+fn a_creation_cut_at_any_point_is_finished_by_the_next_run() {
+    if !require_root("a_creation_cut_at_any_point_is_finished_by_the_next_run") {
+        return;
+    }
+    let d = tmpdir("cuts");
+    for (name, points) in [
+        ("archiso", &["claim", "table-1", "mkfs", "mkfs-partial"][..]),
+        (
+            "archiso-uefi",
+            &[
+                "claim",
+                "table-1",
+                "table-2",
+                "table-3",
+                "table-4",
+                "mkfs",
+                "mkfs-partial",
+            ][..],
+        ),
+    ] {
+        let base = image(name, &d, None);
+        let iso = std::fs::read(&base).unwrap();
+        for &point in points {
+            let img = d.join(format!("{name}-{point}.img"));
+            std::fs::copy(&base, &img).unwrap();
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(&img)
+                .unwrap()
+                .set_len(GIB)
+                .unwrap();
+            let dev = img.to_str().unwrap();
+            let cut = point.trim_end_matches("-partial");
+            let o = mp(&["enable", "--device", dev, "--yes"], Some(cut));
+            assert!(
+                !o.status.success(),
+                "{name} {point}: the cut did not stop it"
+            );
+            assert!(
+                text(&o).contains("stopping here"),
+                "{name} {point}: {}",
+                text(&o)
+            );
+            if point == "mkfs-partial" {
+                // a filesystem half written: garbage where mke2fs had begun
+                let mut f = std::fs::File::open(&img).unwrap();
+                let l = layout::read_layout(&mut f, GIB, 512, vec![]).unwrap();
+                let (_, start, _) = *l.table_entries().last().unwrap();
+                let junk: Vec<u8> = (0..4 << 20)
+                    .map(|i: u32| (i.wrapping_mul(2654435761) >> 13) as u8)
+                    .collect();
+                use std::io::{Seek, SeekFrom, Write};
+                let mut w = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
+                w.seek(SeekFrom::Start(start + 4096)).unwrap();
+                w.write_all(&junk).unwrap();
+            }
+            let o = mp(&["enable", "--device", dev, "--yes"], None);
+            let out = text(&o);
+            assert!(
+                o.status.success(),
+                "{name} {point}: the next run failed: {out}"
+            );
+            // before the table names the partition, the run starts over;
+            // after, it finishes what was started
+            let table_done = matches!(point, "mkfs" | "mkfs-partial")
+                || (name == "archiso" && point == "table-1")
+                || (name == "archiso-uefi" && matches!(point, "table-3" | "table-4"));
+            let word = if table_done {
+                "Persistence finished"
+            } else {
+                "Persistence created"
+            };
+            assert!(
+                out.contains(word),
+                "{name} {point}: expected '{word}': {out}"
+            );
+            let (n, start, size) = planned_use(&img)
+                .unwrap_or_else(|| panic!("{name} {point}: plan does not find persistence"));
+            assert_eq!(label_at(&img, start), "persistence", "{name} {point}");
+            assert!(size >= 100 << 20, "{name} {point}: {size}");
+            let mut f = std::fs::File::open(&img).unwrap();
+            let l = layout::read_layout(&mut f, GIB, 512, vec![]).unwrap();
+            assert!(l.table_entries().contains(&(n as u32, start, size)));
+            if l.table == TableKind::Gpt {
+                assert!(
+                    l.gpt.as_ref().unwrap().valid(),
+                    "{name} {point}: GPT checksums"
+                );
+            }
+            assert!(
+                bytes(&img, 32768, iso.len() as u64) == iso[32768..],
+                "{name} {point}: ISO bytes changed"
+            );
+            let lo = run(
+                "losetup",
+                &[
+                    "-f",
+                    "--show",
+                    "-o",
+                    &start.to_string(),
+                    "--sizelimit",
+                    &size.to_string(),
+                    dev,
+                ],
+            );
+            let lo = lo.trim();
+            let check = Command::new("e2fsck").args(["-fn", lo]).output().unwrap();
+            let _ = Command::new("losetup").args(["-d", lo]).status();
+            assert!(
+                check.status.success(),
+                "{name} {point}: e2fsck: {}",
+                text(&check)
+            );
+            std::fs::remove_file(&img).unwrap();
+        }
+    }
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
+#[test]
+fn a_reflashed_stick_gets_its_persistence_entry_back_unformatted() {
+    if !require_root("a_reflashed_stick_gets_its_persistence_entry_back_unformatted") {
+        return;
+    }
+    let d = tmpdir("reflash");
+    for name in ["archiso", "archiso-uefi"] {
+        let iso_path = image(name, &d, None);
+        let iso = std::fs::read(&iso_path).unwrap();
+        let img = d.join(format!("{name}-stick.img"));
+        std::fs::copy(&iso_path, &img).unwrap();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&img)
+            .unwrap()
+            .set_len(GIB)
+            .unwrap();
+        let dev = img.to_str().unwrap();
+        let o = mp(&["enable", "--device", dev, "--yes"], None);
+        assert!(o.status.success(), "{name}: {}", text(&o));
+        let (n, start, size) = planned_use(&img).unwrap();
+        // write a file into it
+        let m = d.join("m");
+        std::fs::create_dir_all(&m).unwrap();
+        let script = format!(
+            "lo=$(losetup -f --show -o {start} --sizelimit {size} {dev}) && mount $lo {m} && \
+             mkdir -p {m}/home/live && echo kept > {m}/home/live/note && umount {m}; losetup -d $lo",
+            m = m.display()
+        );
+        assert!(in_namespace(&script).status.success());
+        // re-flash: the ISO written over the stick again (table without the entry)
+        std::fs::write(d.join("iso-again"), &iso).unwrap();
+        run(
+            "dd",
+            &[
+                &format!("if={}", d.join("iso-again").display()),
+                &format!("of={dev}"),
+                "conv=notrunc",
+                "status=none",
+            ],
+        );
+        assert_eq!(
+            planned_use(&img),
+            None,
+            "{name}: the entry survived the re-flash"
+        );
+        let o = mp(&["enable", "--device", dev, "--yes"], None);
+        let out = text(&o);
+        assert!(o.status.success(), "{name}: {out}");
+        assert!(out.contains("NOT format"), "{name}: {out}");
+        assert!(out.contains("restored (its data kept)"), "{name}: {out}");
+        assert_eq!(
+            planned_use(&img),
+            Some((n, start, size)),
+            "{name}: not put back exactly"
+        );
+        let script = format!(
+            "lo=$(losetup -f --show -o {start} --sizelimit {size} {dev}) && mount -o ro $lo {m} && \
+             cat {m}/home/live/note; umount {m}; losetup -d $lo",
+            m = m.display()
+        );
+        let o = in_namespace(&script);
+        assert_eq!(
+            String::from_utf8_lossy(&o.stdout),
+            "kept\n",
+            "{name}: the data is gone"
+        );
+        assert!(bytes(&img, 32768, iso.len() as u64) == iso[32768..]);
+    }
+    std::fs::remove_dir_all(&d).unwrap();
+}
