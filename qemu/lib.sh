@@ -128,11 +128,13 @@ grub_cfg() {
 	sed -e "s|%ARCHISO_LABEL%|$ISO_LABEL|g" -e 's|%INSTALL_DIR%|arch|g' -e 's|%ARCH%|x86_64|g' "$REPO/grub/grub.cfg"
 }
 
-# build_iso LAYOUT OUT: the live ISO in a distribution's layout, bootable
-# by its own loaders: syslinux (BIOS) and GRUB (UEFI) for archiso layouts,
-# GRUB for both with grub-mkrescue.
+# build_iso LAYOUT OUT [LABEL [PAD_MIB]]: the live ISO in a distribution's
+# layout, bootable by its own loaders: syslinux (BIOS) and GRUB (UEFI) for
+# archiso layouts, GRUB for both with grub-mkrescue. LABEL (default
+# $ISO_LABEL) and PAD_MIB of padding make another, larger "release".
 build_iso() {
 	local layout=$1 out=$2 tree=$WORK/isotree
+	local ISO_LABEL=${3:-$ISO_LABEL} pad=${4:-0}
 	rm -rf "$tree"
 	mkdir -p "$tree/arch/x86_64" "$tree/arch/boot/x86_64" "$tree/boot/syslinux" "$tree/boot/grub" "$tree/EFI/BOOT"
 	cp "$WORK/airootfs.sfs" "$tree/arch/x86_64/"
@@ -159,7 +161,8 @@ SYSLINUX
 			"boot/grub/grub.cfg=$WORK/grub-early.cfg"
 	fi
 	cp "$WORK/BOOTx64.EFI" "$tree/EFI/BOOT/BOOTx64.EFI"
-	"$REPO/tests/fixtures/mkimage" "$layout" "$out" "$tree"
+	((pad == 0)) || head -c "${pad}M" /dev/urandom >"$tree/arch/padding"
+	MKIMAGE_LABEL=$ISO_LABEL "$REPO/tests/fixtures/mkimage" "$layout" "$out" "$tree"
 }
 
 # boot_firmware NAME TIMEOUT bios|uefi IMAGE: boot a stick through its own
@@ -195,7 +198,8 @@ qemu_kernel() {
 	local name=$1 timeout=$2 initrd=$3 append=$4
 	shift 4
 	local logf=$WORK/$name.log
-	timeout "$timeout" qemu-system-x86_64 -machine pc,accel=tcg -m 1536 -smp 1 \
+	# QEMU_KILL=1: SIGKILL at the timeout, a power cut for the guest
+	timeout ${QEMU_KILL:+-s KILL} "$timeout" qemu-system-x86_64 -machine pc,accel=tcg -m 1536 -smp 1 \
 		-nographic -no-reboot -nodefaults -serial "file:$logf" \
 		-kernel "$WORK/vmlinuz" -initrd "$initrd" -append "console=ttyS0 panic=-1 $append" \
 		"$@" </dev/null >/dev/null 2>"$WORK/$name.qemu.err" || true
@@ -212,6 +216,8 @@ boot_vm() {
 
 # QEMU arguments for a USB stick / CD-ROM / virtio disk.
 usb_stick() { echo "-device qemu-xhci,id=xhci -drive if=none,id=stick,format=raw,file=$1 -device usb-storage,bus=xhci.0,drive=stick,removable=on"; }
+# A stick throttled like USB 2 (20 MB/s, 400 IOPS), as in bench/run.
+slow_stick() { echo "-device qemu-xhci,id=xhci -drive if=none,id=stick,format=raw,file=$1,throttling.bps-total=20000000,throttling.iops-total=400 -device usb-storage,bus=xhci.0,drive=stick,removable=on"; }
 cdrom() { echo "-drive if=none,id=cd,format=raw,media=cdrom,readonly=on,file=$1 -device ide-cd,drive=cd"; }
 virtio_disk() { echo "-drive if=virtio,format=raw,file=$1"; }
 

@@ -3,6 +3,7 @@
 //! and `remove` (from `remove` while persistence was in use). `boot` reads
 //! them right after mounting the partition, before anything is layered.
 
+use crate::util::fsutil;
 use anyhow::{Context, Result};
 use std::path::{Path, PathBuf};
 
@@ -26,18 +27,21 @@ fn path(pmount: &Path, name: &str) -> PathBuf {
     pmount.join(DIR).join(name)
 }
 
+/// The requests, read without following symlinks (the partition is
+/// untrusted input). A `disabled` file that is not "once" means always.
 pub fn read(pmount: &Path) -> Flags {
-    let disabled = match std::fs::read_to_string(path(pmount, "disabled"))
-        .as_deref()
-        .map(str::trim)
-    {
-        Ok("once") => Some(Disabled::Once),
-        Ok(_) => Some(Disabled::Always),
-        Err(_) => None,
+    let p = path(pmount, "disabled");
+    let disabled = if fsutil::exists_nofollow(&p) {
+        match fsutil::read_nofollow(&p, 4096) {
+            Ok(b) if String::from_utf8_lossy(&b).trim() == "once" => Some(Disabled::Once),
+            _ => Some(Disabled::Always),
+        }
+    } else {
+        None
     };
     Flags {
         disabled,
-        remove: path(pmount, "remove").exists(),
+        remove: fsutil::exists_nofollow(&path(pmount, "remove")),
     }
 }
 
@@ -74,9 +78,21 @@ pub fn set_remove(pmount: &Path) -> Result<()> {
     )
 }
 
+/// The table backup kept on the partition; a missing, oversized or
+/// malformed one is `None` (with a warning), never a panic.
 pub fn read_backup(pmount: &Path) -> Option<crate::disk::table::Backup> {
-    let text = std::fs::read_to_string(path(pmount, BACKUP)).ok()?;
-    serde_json::from_str(&text).ok()
+    let p = path(pmount, BACKUP);
+    let b = match fsutil::read_nofollow(&p, 16 << 20) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+        Err(e) => {
+            log::warn!("not reading {}: {e}", p.display());
+            return None;
+        }
+    };
+    serde_json::from_slice(&b)
+        .map_err(|e| log::warn!("{} is malformed ({e}); not using it", p.display()))
+        .ok()
 }
 
 pub fn write_backup(pmount: &Path, b: &crate::disk::table::Backup) -> Result<()> {

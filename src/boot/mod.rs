@@ -6,13 +6,14 @@
 
 pub mod detect;
 pub mod flags;
+pub mod iso_build;
 pub mod mounts;
 pub mod state;
 
 use crate::disk::blockdev::Loop;
 use crate::disk::e2fs;
 use crate::disk::stick::{Origin, create_partition, reach_partition};
-use crate::disk::superblock;
+use crate::disk::superblock::{self, Fs};
 use crate::disk::sysfs::Sysfs;
 use crate::disk::{layout, partplan};
 use crate::settings::cmdline;
@@ -20,6 +21,7 @@ use crate::settings::config::{self, Settings};
 use crate::util::fsutil;
 use anyhow::{Context, Result};
 use detect::{Decision, Probed, Reason};
+use iso_build::IsoBuild;
 use mounts::Mounted;
 use state::{BootDevice, Partition, State, Timing};
 use std::fs::{File, OpenOptions};
@@ -149,6 +151,13 @@ pub fn run(o: &BootOptions) -> State {
     let bootmnt =
         mount_source("/run/archiso/bootmnt").or_else(|| mount_source("/run/initramfs/live"));
     let iso = detect::find_iso(&devs, &s, bootmnt.as_deref());
+    st.iso = iso.as_ref().ok().and_then(|p| match &p.fs {
+        Some(Fs::Iso9660(i)) => Some(IsoBuild {
+            label: i.label.clone(),
+            uuid: i.uuid.clone(),
+        }),
+        _ => None,
+    });
     let kind = iso.as_ref().ok().map(|p| sys.kind(p.dev.disk_name()));
     if let (Ok(p), Some(k)) = (&iso, &kind) {
         log::info!(
@@ -396,6 +405,44 @@ fn mount_persistence(
                 "persistence is turned off on the stick (`mados-persistence disable`); `mados-persistence enable` turns it on",
             ),
         });
+    }
+    // The overlays belong to one ISO build: a re-flashed stick does not get
+    // the old release's /usr layered over the new one.
+    if let Some(cur) = st.iso.clone() {
+        match iso_build::reconcile(&pm, &cur, s.on_iso_change) {
+            Ok(None) => {}
+            Ok(Some(ch)) => {
+                let msg = format!(
+                    "the stick now carries ISO build {} ({}); the overlays were made on {} ({}): {}",
+                    ch.current.label,
+                    ch.current.uuid,
+                    ch.previous.label,
+                    ch.previous.uuid,
+                    match &ch.set_aside {
+                        Some(p) => format!(
+                            "they were set aside in {p} (nothing deleted; /home kept) and fresh overlays started"
+                        ),
+                        None if ch.policy == "keep" => {
+                            "they are kept in use (on_iso_change = \"keep\")".into()
+                        }
+                        None => "there were none to set aside".into(),
+                    }
+                );
+                log::warn!("{msg}");
+                st.warnings.push(msg);
+                st.iso_change = Some(ch);
+            }
+            Err(e) => {
+                let _ = mounts::umount(&pm);
+                return Err(Reason::new(
+                    "iso_change_failed",
+                    format!(
+                        "the ISO build changed and setting the old overlays aside failed: {e:#}; \
+                         not layering them over this build"
+                    ),
+                ));
+            }
+        }
     }
     let mut done = vec![Mounted {
         target: pm.clone(),

@@ -62,4 +62,11 @@ pub struct State {
     /// The live root the mounts were made under (`/new_root`).
     #[serde(default)]
     pub root: String,
+    /// The ISO build booted (ISO 9660 label and UUID), when known.
+    #[serde(default)]
+    pub iso: Option<crate::boot::iso_build::IsoBuild>,
+    /// Set when the overlays on the partition were made over another ISO
+    /// build (the stick was re-flashed): what was done about it.
+    #[serde(default)]
+    pub iso_change: Option<crate::boot::iso_build::IsoChange>,
 }

@@ -51,6 +51,10 @@ pub struct Status {
     pub warnings: Vec<String>,
     pub log: String,
     pub state_file: String,
+    /// The ISO build booted (label, uuid), when known.
+    pub iso: Option<crate::boot::iso_build::IsoBuild>,
+    /// Set when this boot found overlays made on another ISO build.
+    pub iso_change: Option<crate::boot::iso_build::IsoChange>,
 }
 
 pub const FULL_PERCENT: u64 = 90;
@@ -84,6 +88,8 @@ pub fn build(
             warnings: vec![],
             log,
             state_file: state_file.into(),
+            iso: None,
+            iso_change: None,
         };
     };
     let root = if st.root.is_empty() {
@@ -146,6 +152,8 @@ pub fn build(
         warnings: st.warnings.clone(),
         log,
         state_file: state_file.into(),
+        iso: st.iso.clone(),
+        iso_change: st.iso_change.clone(),
     }
 }
 
@@ -202,6 +210,36 @@ pub fn render(s: &Status) -> String {
         }
         if let Some(f) = &p.fsck {
             line("fsck:", format!("{} (exit {})", f.summary, f.code));
+        }
+    }
+    if let Some(i) = &s.iso {
+        line("ISO build:", format!("{} ({})", i.label, i.uuid));
+    }
+    if let Some(c) = &s.iso_change {
+        line(
+            "ISO changed:",
+            format!(
+                "the stick was re-flashed: the overlays were made on {} ({})",
+                c.previous.label, c.previous.uuid
+            ),
+        );
+        match &c.set_aside {
+            Some(p) => {
+                line(
+                    "",
+                    format!(
+                        "your old system changes (/etc /usr /var /opt) were set aside in {p}; /home was kept"
+                    ),
+                );
+                line(
+                    "",
+                    format!(
+                        "to bring them back (only sensible on the same release): `sudo mados-persistence disable --once`, \
+                         reboot, mount the partition, move its overlays/ aside and {p} to overlays/, reboot"
+                    ),
+                );
+            }
+            None => line("", format!("policy {}: nothing was set aside", c.policy)),
         }
     }
     if s.full_warning {

@@ -18,6 +18,19 @@ pub struct TmpfsMount {
 
 /// What a boot runs with: defaults, then the config file, then the kernel
 /// command line.
+/// `on_iso_change`: the system overlays were made over another ISO build
+/// (the stick was re-flashed with another release).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnIsoChange {
+    /// Move the old overlays aside on the partition (renamed after the
+    /// build they belong to, never deleted) and start fresh ones; the bind
+    /// dirs (`/home`) stay.
+    SetAside,
+    /// Keep layering the old overlays over the new build.
+    Keep,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Settings {
     pub mode: Mode,
@@ -29,6 +42,9 @@ pub struct Settings {
     /// Less free space than this after the ISO: no partition is created.
     pub min_free: u64,
     pub data_mode: DataMode,
+    /// What a boot does when the ISO build differs from the one the
+    /// overlays were made on.
+    pub on_iso_change: OnIsoChange,
     pub overlay_dirs: Vec<String>,
     pub bind_dirs: Vec<String>,
     pub tmpfs: Vec<TmpfsMount>,
@@ -49,6 +65,7 @@ impl Default for Settings {
             max_size: None,
             min_free: 100 * MIB,
             data_mode: DataMode::Ordered,
+            on_iso_change: OnIsoChange::SetAside,
             overlay_dirs: ["/etc", "/usr", "/var", "/opt"].map(String::from).to_vec(),
             bind_dirs: vec!["/home".into()],
             tmpfs: vec![
@@ -77,6 +94,7 @@ const KEYS: &[&str] = &[
     "max_size",
     "min_free",
     "data_mode",
+    "on_iso_change",
     "overlay_dirs",
     "bind_dirs",
     "tmpfs",
@@ -151,6 +169,11 @@ pub fn apply_toml(s: &mut Settings, text: &str, warnings: &mut Vec<String>) {
             "min_free" => match size(val) {
                 Some(Size::Bytes(b)) => s.min_free = b,
                 _ => bad(warnings, "an absolute size such as \"100M\""),
+            },
+            "on_iso_change" => match val.as_str() {
+                Some("set-aside") => s.on_iso_change = OnIsoChange::SetAside,
+                Some("keep") => s.on_iso_change = OnIsoChange::Keep,
+                _ => bad(warnings, "\"set-aside\" or \"keep\""),
             },
             "data_mode" => match val.as_str() {
                 Some("ordered") => s.data_mode = DataMode::Ordered,

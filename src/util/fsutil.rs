@@ -35,21 +35,78 @@ pub fn copy_tree(from: &Path, to: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Write via a temporary file and rename, so readers never see half a file.
+/// Write via a temporary file, fsync, rename, fsync the directory: readers
+/// never see half a file, and after a cut the file is the old or the new.
+/// The temporary file is created without following a symlink.
 pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
-    if let Some(dir) = path.parent() {
-        fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let tmp = path.with_extension("tmp");
-    fs::write(&tmp, data).with_context(|| format!("writing {}", tmp.display()))?;
-    fs::File::open(&tmp)?.sync_all()?;
+    let _ = fs::remove_file(&tmp);
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .custom_flags(nix::libc::O_NOFOLLOW)
+        .open(&tmp)
+        .with_context(|| format!("creating {}", tmp.display()))?;
+    f.write_all(data)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    f.sync_all()?;
     fs::rename(&tmp, path)
-        .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
+        .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+    fs::File::open(dir).and_then(|d| d.sync_all()).ok();
+    Ok(())
+}
+
+/// Read a small control file without following a symlink: only a regular
+/// file of at most `max` bytes is read (a file on a stick is untrusted).
+pub fn read_nofollow(path: &Path, max: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
+        .open(path)?;
+    let m = f.metadata()?;
+    if !m.file_type().is_file() {
+        return Err(std::io::Error::other("not a regular file"));
+    }
+    if m.len() > max {
+        return Err(std::io::Error::other(format!("larger than {max} bytes")));
+    }
+    let mut b = Vec::with_capacity(m.len() as usize);
+    f.take(max).read_to_end(&mut b)?;
+    Ok(b)
+}
+
+/// Whether `path` itself exists (a symlink counts as itself, not its target).
+pub fn exists_nofollow(path: &Path) -> bool {
+    fs::symlink_metadata(path).is_ok()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn control_files_are_not_read_through_symlinks() {
+        let base = std::env::temp_dir().join(format!("mados-nofollow-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&base);
+        fs::create_dir_all(&base).unwrap();
+        fs::write(base.join("secret"), "x").unwrap();
+        std::os::unix::fs::symlink(base.join("secret"), base.join("link")).unwrap();
+        assert!(read_nofollow(&base.join("link"), 100).is_err());
+        assert!(read_nofollow(&base.join("secret"), 100).unwrap() == b"x");
+        assert!(read_nofollow(&base.join("secret"), 0).is_err(), "size cap");
+        assert!(read_nofollow(&base, 100).is_err(), "a directory");
+        // write_atomic replaces a symlink, never writes through it
+        write_atomic(&base.join("link"), b"new").unwrap();
+        assert_eq!(fs::read(base.join("secret")).unwrap(), b"x");
+        assert_eq!(fs::read(base.join("link")).unwrap(), b"new");
+        fs::remove_dir_all(&base).unwrap();
+    }
 
     #[test]
     fn copies_files_dirs_links_and_modes() {
