@@ -72,7 +72,7 @@ fn create_on_a_loop_device_then_layer_in_a_private_namespace() {
     let bin = env!("CARGO_BIN_EXE_mados-persistence");
     let script = format!(
         "set -e
-        {bin} boot --root {r} --run {run} --cmdline 'cow_device={lo}p3'
+        {bin} boot --root {r} --run {run} --cmdline 'mados.persistence.device={lo}p3'
         echo written > {r}/etc/from-test
         echo mine > {r}/home/live/note
         grep -c ' {r}/' /proc/self/mountinfo
@@ -157,7 +157,7 @@ fn failed_layering_falls_back_to_ram_and_unmounts() {
     let run_dir = d.join("run");
     let bin = env!("CARGO_BIN_EXE_mados-persistence");
     let script = format!(
-        "{bin} boot --root {r} --run {run} --cmdline 'cow_device={lo}' && grep -c ' {r}/' /proc/self/mountinfo || true",
+        "{bin} boot --root {r} --run {run} --cmdline 'mados.persistence.device={lo}' && grep -c ' {r}/' /proc/self/mountinfo || true",
         r = root.display(),
         run = run_dir.display(),
         lo = lo.0
@@ -186,6 +186,93 @@ fn failed_layering_falls_back_to_ram_and_unmounts() {
         stdout.lines().any(|l| l.trim() == "2"),
         "mounts left in the namespace: {stdout}"
     );
+    drop(lo);
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
+/// A persistence filesystem that is already mounted (elsewhere, or as
+/// archiso's own cowspace) is never checked or mounted a second time: two
+/// ext4 instances over the same blocks corrupt it.
+#[test]
+fn a_mounted_filesystem_is_never_mounted_twice() {
+    if !require_root("a_mounted_filesystem_is_never_mounted_twice") {
+        return;
+    }
+    let d = tmpdir("root-inuse");
+    let part = d.join("part.img");
+    std::fs::File::create(&part)
+        .unwrap()
+        .set_len(256 << 20)
+        .unwrap();
+    run(
+        "mke2fs",
+        &[
+            "-q",
+            "-t",
+            "ext4",
+            "-L",
+            "persistence",
+            "-F",
+            part.to_str().unwrap(),
+        ],
+    );
+    let lo = LoopDev::attach(&part);
+    let root = d.join("new_root");
+    for dir in ["etc", "usr", "var", "opt", "home"] {
+        std::fs::create_dir_all(root.join(dir)).unwrap();
+    }
+    let bin = env!("CARGO_BIN_EXE_mados-persistence");
+    let cases = [
+        // mounted somewhere: named by our own parameter, still refused
+        (
+            "elsewhere",
+            format!("mount {lo} {d}/elsewhere && ", lo = lo.0, d = d.display()),
+            format!("mados.persistence.device={}", lo.0),
+            "in_use",
+        ),
+        // archiso mounted it as its cowspace (cow_label= on the command line)
+        (
+            "cowspace",
+            format!("mount {lo} /run/archiso/cowspace && ", lo = lo.0),
+            "archisolabel=X cow_label=persistence".to_string(),
+            "archiso_cow",
+        ),
+        // ... or the cowspace is a block device filesystem whatever the command line says
+        (
+            "cowspace-only",
+            format!("mount {lo} /run/archiso/cowspace && ", lo = lo.0),
+            format!("mados.persistence.device={}", lo.0),
+            "archiso_cow",
+        ),
+    ];
+    std::fs::create_dir_all(d.join("elsewhere")).unwrap();
+    for (name, pre, cmdline, code) in cases {
+        let run_dir = d.join(format!("run-{name}"));
+        let script = format!(
+            "mount -t tmpfs none /run && mkdir -p /run/archiso/cowspace && \
+             {pre} before=$(grep -c ' - ext4 ' /proc/self/mountinfo) && \
+             {bin} boot --root {r} --run {run} --cmdline '{cmdline}' && \
+             echo new-ext4-mounts $(( $(grep -c ' - ext4 ' /proc/self/mountinfo) - before ))",
+            r = root.display(),
+            run = run_dir.display(),
+        );
+        let out = in_namespace(&script);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            stdout.contains("mode ram"),
+            "{name}: {stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            stdout.contains("new-ext4-mounts 0"),
+            "{name}: mounted a second time: {stdout}"
+        );
+        let state: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(run_dir.join("mados-persistence/state.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(state["reason"]["code"], code, "{name}: {state:#}");
+    }
     drop(lo);
     std::fs::remove_dir_all(&d).unwrap();
 }

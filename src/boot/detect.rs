@@ -66,66 +66,92 @@ fn is_iso(p: &Probed) -> bool {
     matches!(p.fs, Some(Fs::Iso9660(_)))
 }
 
+/// The ISO 9660 build a device carries: (label, uuid).
+fn build_of(p: &Probed) -> Option<(&str, &str)> {
+    match &p.fs {
+        Some(Fs::Iso9660(i)) => Some((i.label.as_str(), i.uuid.as_str())),
+        _ => None,
+    }
+}
+
 /// The device holding the live ISO. `bootmnt` is the source device of
-/// archiso's boot mount if one is mounted.
+/// the initramfs' boot mount (archiso's bootmnt, dracut's live mount).
+///
+/// Ambiguity is refused, not guessed: the candidates are every device that
+/// carries the same ISO build as the boot mount (or matches the name the
+/// command line gives, or every ISO when none is given), and when they lie
+/// on more than one disk the answer is `ambiguous`, naming them. The real
+/// archiso hook finds its ISO by label through udev, so with a CD and a
+/// stick of the same release it may mount the stick's copy although the
+/// firmware booted the CD: nothing on either may be written then.
 pub fn find_iso<'a>(
     devs: &'a [Probed],
     s: &Settings,
     bootmnt: Option<&str>,
 ) -> Result<&'a Probed, Reason> {
-    let pick = |f: &dyn Fn(&Probed) -> bool| -> Option<&'a Probed> {
-        // prefer the whole disk over partition 1 when both carry the ISO
-        devs.iter()
-            .filter(|p| f(p))
-            .min_by_key(|p| p.dev.partition.is_some())
-    };
-    // What the initramfs actually mounted is the ground truth: the same
-    // ISO may be on a CD and on a stick at once.
-    if let Some(src) = bootmnt {
+    let mounted = bootmnt.and_then(|src| {
         let name = src.trim_start_matches("/dev/");
-        if let Some(p) = pick(&|p| p.dev.name == name) {
-            return Ok(p);
+        devs.iter().find(|p| p.dev.name == name)
+    });
+    let (candidates, what): (Vec<&Probed>, String) = if let Some(m) = mounted {
+        match build_of(m) {
+            Some(b) => (
+                devs.iter().filter(|p| build_of(p) == Some(b)).collect(),
+                format!("the ISO build {} ({})", b.0, b.1),
+            ),
+            // mounted, but no ISO 9660 superblock seen: it alone
+            None => (vec![m], String::new()),
         }
-    }
-    if let Some(spec) = &s.iso_device {
-        return pick(&|p| matches_spec(p, spec)).ok_or_else(|| {
-            Reason::new(
-                "no_boot_device",
-                format!("archisodevice={spec:?} matches no block device"),
-            )
-        });
-    }
-    if let Some(uuid) = &s.iso_uuid {
-        return pick(&|p| is_iso(p) && p.fs.as_ref().and_then(|f| f.uuid()) == Some(uuid.as_str()))
-            .ok_or_else(|| {
-                Reason::new(
-                    "no_boot_device",
-                    format!("no ISO 9660 volume has the UUID {uuid} (archisosearchuuid=)"),
-                )
-            });
-    }
-    if let Some(label) = &s.iso_label {
-        return pick(&|p| is_iso(p) && p.fs.as_ref().is_some_and(|f| f.label() == label))
-            .ok_or_else(|| {
-                Reason::new(
-                    "no_boot_device",
-                    format!("no ISO 9660 volume is labelled {label}"),
-                )
-            });
-    }
-    let isos: Vec<&Probed> = devs.iter().filter(|p| is_iso(p)).collect();
-    let disks: std::collections::BTreeSet<&str> = isos.iter().map(|p| p.dev.disk_name()).collect();
+    } else if let Some(spec) = &s.iso_device {
+        (
+            devs.iter().filter(|p| matches_spec(p, spec)).collect(),
+            format!("archisodevice={spec:?}"),
+        )
+    } else if let Some(uuid) = &s.iso_uuid {
+        (
+            devs.iter()
+                .filter(|p| build_of(p).is_some_and(|b| b.1 == uuid))
+                .collect(),
+            format!("the ISO 9660 UUID {uuid} (archisosearchuuid=)"),
+        )
+    } else if let Some(label) = &s.iso_label {
+        (
+            devs.iter()
+                .filter(|p| build_of(p).is_some_and(|b| b.0 == label))
+                .collect(),
+            format!("the ISO 9660 label {label}"),
+        )
+    } else {
+        (
+            devs.iter().filter(|p| is_iso(p)).collect(),
+            "an ISO 9660 volume".into(),
+        )
+    };
+    let disks: std::collections::BTreeSet<&str> =
+        candidates.iter().map(|p| p.dev.disk_name()).collect();
     match disks.len() {
         0 => Err(Reason::new(
             "no_boot_device",
-            "no ISO 9660 volume found on any block device",
+            format!("no block device carries {what}"),
         )),
-        1 => Ok(pick(&|p| is_iso(p)).unwrap()),
+        // prefer the device the initramfs mounted, else the whole disk
+        // over partition 1 when both carry the ISO
+        1 => Ok(mounted.unwrap_or_else(|| {
+            candidates
+                .iter()
+                .min_by_key(|p| p.dev.partition.is_some())
+                .expect("one candidate")
+        })),
         _ => Err(Reason::new(
-            "no_boot_device",
+            "ambiguous",
             format!(
-                "several disks carry an ISO 9660 volume ({}); name one with archisolabel= or archisosearchuuid=",
-                disks.into_iter().collect::<Vec<_>>().join(", ")
+                "{what} is on several disks ({}); not knowing which one was booted, nothing is written \
+                 to any of them (detach the others, or name the ISO with archisosearchuuid=)",
+                candidates
+                    .iter()
+                    .map(|p| p.dev.dev_path().display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ),
         )),
     }
@@ -175,7 +201,26 @@ pub fn decide(
         );
     }
     if let Some(spec) = &s.cow_device {
-        return match devs.iter().find(|p| matches_spec(p, spec)) {
+        let found: Vec<&Probed> = devs.iter().filter(|p| matches_spec(p, spec)).collect();
+        if found.len() > 1 {
+            return (
+                Decision::Ram {
+                    reason: Reason::new(
+                        "ambiguous",
+                        format!(
+                            "mados.persistence.device={spec:?} matches several devices ({}); refusing to guess",
+                            found
+                                .iter()
+                                .map(|p| p.dev.dev_path().display().to_string())
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        ),
+                    ),
+                },
+                warnings,
+            );
+        }
+        return match found.first() {
             Some(p) => (
                 Decision::Use {
                     device: p.dev.name.clone(),
@@ -187,7 +232,7 @@ pub fn decide(
                 Decision::Ram {
                     reason: Reason::new(
                         "no_device",
-                        format!("cow_device={spec:?} matches no block device"),
+                        format!("mados.persistence.device={spec:?} matches no block device"),
                     ),
                 },
                 warnings,
@@ -275,6 +320,8 @@ mod tests {
                 size: 1 << 30,
                 removable: true,
                 read_only: false,
+                devnum: (8, 0),
+                holders: vec![],
             },
             fs,
         }
@@ -339,27 +386,53 @@ mod tests {
         let mut devs = stick();
         devs.push(dev("sr0", None, iso("OTHER")));
         let s = Settings::default();
+        let e = find_iso(&devs, &s, None).unwrap_err();
+        assert_eq!(e.code, "ambiguous");
         assert!(
-            find_iso(&devs, &s, None)
-                .unwrap_err()
-                .message
-                .contains("several disks")
+            e.message.contains("/dev/sr0") && e.message.contains("/dev/sda"),
+            "{}",
+            e.message
         );
+        // the boot mount names another build: that one
         assert_eq!(
             find_iso(&devs, &s, Some("/dev/sr0")).unwrap().dev.name,
             "sr0"
         );
-        // the boot mount wins over a label both carry
+        let s = Settings {
+            iso_label: Some("OTHER".into()),
+            ..Default::default()
+        };
+        assert_eq!(find_iso(&devs, &s, None).unwrap().dev.name, "sr0");
+    }
+
+    #[test]
+    fn the_same_build_on_two_disks_is_ambiguous_even_with_a_boot_mount() {
+        // a CD and a stick of the same release: archiso mounted the stick's
+        // copy, but the firmware may have booted the CD
+        let mut devs = stick();
+        devs.push(dev("sr1", None, iso("MADOS")));
+        for bootmnt in [Some("/dev/sda1"), Some("/dev/sr1"), None] {
+            let e = find_iso(&devs, &Settings::default(), bootmnt).unwrap_err();
+            assert_eq!(e.code, "ambiguous", "{bootmnt:?}");
+            assert!(e.message.contains("/dev/sr1"), "{}", e.message);
+        }
         let s = Settings {
             iso_label: Some("MADOS".into()),
             ..Default::default()
         };
-        devs.push(dev("sr1", None, iso("MADOS")));
+        assert_eq!(find_iso(&devs, &s, None).unwrap_err().code, "ambiguous");
+        // a LABEL= device spec matching several is refused the same way
+        let s = Settings {
+            iso_device: Some(DeviceSpec::Label("MADOS".into())),
+            ..Default::default()
+        };
+        assert_eq!(find_iso(&devs, &s, None).unwrap_err().code, "ambiguous");
+        // ... and one on the boot disk only is fine
+        devs.pop();
         assert_eq!(
-            find_iso(&devs, &s, Some("/dev/sr1")).unwrap().dev.name,
-            "sr1"
+            find_iso(&devs, &s, Some("/dev/sda1")).unwrap().dev.name,
+            "sda1"
         );
-        assert_eq!(find_iso(&devs, &s, None).unwrap().dev.name, "sda");
     }
 
     #[test]
@@ -444,6 +517,21 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(ram(DiskKind::Usb, &noc), "nocreate");
+    }
+
+    #[test]
+    fn an_explicit_device_matching_two_is_refused() {
+        let mut devs = stick();
+        devs.push(dev("sdb1", Some("sdb"), ext4("persistence")));
+        let s = Settings {
+            cow_device: Some(DeviceSpec::Label("persistence".into())),
+            ..Default::default()
+        };
+        let (d, _) = decide(&s, &devs, Err(Reason::new("x", "y")));
+        match d {
+            Decision::Ram { reason } => assert_eq!(reason.code, "ambiguous"),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

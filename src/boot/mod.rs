@@ -12,6 +12,7 @@ pub mod state;
 
 use crate::disk::blockdev::Loop;
 use crate::disk::e2fs;
+use crate::disk::mountinfo;
 use crate::disk::stick::{Origin, create_partition, reach_partition};
 use crate::disk::superblock::{self, Fs};
 use crate::disk::sysfs::Sysfs;
@@ -73,20 +74,33 @@ pub fn mem_total() -> u64 {
         .map_or(1 << 30, |kb| kb * 1024)
 }
 
-/// The source of the mount at `mountpoint`, from /proc/self/mountinfo.
-pub fn mount_source(mountpoint: &str) -> Option<String> {
-    let mi = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    mi.lines().find_map(|l| {
-        let f: Vec<&str> = l.split(' ').collect();
-        let sep = f.iter().position(|x| *x == "-")?;
-        (f.get(4) == Some(&mountpoint)).then(|| f.get(sep + 2).map(|s| s.to_string()))?
+/// Why the filesystem on `dev` must not be opened for writing, checked or
+/// mounted: it is mounted somewhere already (by device number), or
+/// something is stacked on it (sysfs holders). Two ext4 instances over the
+/// same blocks corrupt it.
+pub fn in_use(mi: &[mountinfo::Mount], dev: &crate::disk::sysfs::BlockDev) -> Option<String> {
+    if let Some(m) = mountinfo::mounted(mi, dev.devnum).first() {
+        return Some(format!(
+            "{} is already mounted at {}; not checking or mounting it a second time",
+            dev.dev_path().display(),
+            m.mountpoint
+        ));
+    }
+    (!dev.holders.is_empty()).then(|| {
+        format!(
+            "{} is in use by {}; not checking or mounting it",
+            dev.dev_path().display(),
+            dev.holders.join(", ")
+        )
     })
 }
 
 pub fn probe_all(sys: &Sysfs) -> Vec<Probed> {
     sys.list()
         .into_iter()
-        .filter(|d| d.size > 0 && !d.name.starts_with("ram") && !d.name.starts_with("zram"))
+        // devices that cannot hold the ISO or have no medium are not
+        // opened (an empty floppy drive logs I/O errors when read)
+        .filter(|d| d.size > 0 && !["ram", "zram", "fd"].iter().any(|p| d.name.starts_with(p)))
         .map(|dev| {
             let fs = File::open(dev.dev_path())
                 .ok()
@@ -145,11 +159,37 @@ pub fn run(o: &BootOptions) -> State {
     }
     t.lap("settings");
     let sys = Sysfs::new(&o.sysfs);
-    let devs = probe_all(&sys);
+    let mi = mountinfo::read();
+    // archiso's own persistence (cow_label=/cow_device=): archiso has that
+    // filesystem mounted as its cowspace. Stand down before opening any
+    // device: never probe, fsck or mount it a second time.
+    let stand_down = s
+        .archiso_cow
+        .clone()
+        .or_else(|| {
+            mountinfo::at(&mi, "/run/archiso/cowspace")
+                .filter(|m| m.fstype != "tmpfs")
+                .map(|m| format!("{} ({}) is archiso's cowspace", m.source, m.fstype))
+        })
+        .map(|why| {
+            Reason::new(
+                "archiso_cow",
+                format!(
+                    "archiso's own persistence is active ({why}): mados-persistence stands down and does not \
+                     open, check or mount that filesystem; your changes are saved by archiso"
+                ),
+            )
+        });
+    let devs = if stand_down.is_some() {
+        vec![]
+    } else {
+        probe_all(&sys)
+    };
     t.lap("probe");
     // archiso mounts the ISO here, dracut's dmsquash-live there
-    let bootmnt =
-        mount_source("/run/archiso/bootmnt").or_else(|| mount_source("/run/initramfs/live"));
+    let bootmnt = mountinfo::at(&mi, "/run/archiso/bootmnt")
+        .or_else(|| mountinfo::at(&mi, "/run/initramfs/live"))
+        .map(|m| m.source.clone());
     let iso = detect::find_iso(&devs, &s, bootmnt.as_deref());
     st.iso = iso.as_ref().ok().and_then(|p| match &p.fs {
         Some(Fs::Iso9660(i)) => Some(IsoBuild {
@@ -176,7 +216,10 @@ pub fn run(o: &BootOptions) -> State {
             description: k.describe(),
         });
     }
-    let (decision, warnings) = detect::decide(&s, &devs, iso.map(|p| (p, kind.as_ref().unwrap())));
+    let (decision, warnings) = match stand_down {
+        Some(reason) => (Decision::Ram { reason }, vec![]),
+        None => detect::decide(&s, &devs, iso.map(|p| (p, kind.as_ref().unwrap()))),
+    };
     for w in warnings {
         log::warn!("{w}");
         st.warnings.push(w);
@@ -192,11 +235,19 @@ pub fn run(o: &BootOptions) -> State {
                 .map(|p| p.dev.clone())
                 .unwrap();
             if explicit {
-                log::info!("using {} named by cow_device=", dev.dev_path().display());
+                log::info!(
+                    "using {} named by mados.persistence.device=",
+                    dev.dev_path().display()
+                );
             }
             let disk = PathBuf::from("/dev").join(dev.disk_name());
-            match reach_partition(&disk, &dev.dev_path(), dev.start, dev.size) {
-                Err(e) => Err(Reason::new("open_failed", format!("{e:#}"))),
+            let opened = match in_use(&mi, &dev) {
+                Some(why) => Err(Reason::new("in_use", why)),
+                None => reach_partition(&disk, &dev.dev_path(), dev.start, dev.size)
+                    .map_err(|e| Reason::new("open_failed", format!("{e:#}"))),
+            };
+            match opened {
+                Err(r) => Err(r),
                 Ok((via, lp)) => {
                     t.lap("open");
                     let tg = Target {

@@ -8,6 +8,7 @@ pub mod blockdev;
 pub mod claim;
 pub mod e2fs;
 pub mod layout;
+pub mod mountinfo;
 pub mod partplan;
 pub mod stick;
 pub mod superblock;

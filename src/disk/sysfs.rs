@@ -46,6 +46,10 @@ pub struct BlockDev {
     pub size: u64,
     pub removable: bool,
     pub read_only: bool,
+    /// major:minor (sysfs `dev`): the device's identity.
+    pub devnum: (u32, u32),
+    /// What is stacked on it (sysfs `holders/`: loop, dm, md).
+    pub holders: Vec<String>,
 }
 
 impl BlockDev {
@@ -138,6 +142,19 @@ impl Sysfs {
                     removable: read_u64(&self.root.join("block").join(&disk).join("removable"))
                         == Some(1),
                     read_only: read_u64(&p.join("ro")) == Some(1),
+                    devnum: read_trim(&p.join("dev"))
+                        .and_then(|d| {
+                            let (a, b) = d.split_once(':')?;
+                            Some((a.parse().ok()?, b.parse().ok()?))
+                        })
+                        .unwrap_or((0, 0)),
+                    holders: std::fs::read_dir(p.join("holders"))
+                        .map(|r| {
+                            r.flatten()
+                                .map(|e| e.file_name().to_string_lossy().into_owned())
+                                .collect()
+                        })
+                        .unwrap_or_default(),
                     name,
                     parent,
                     partition,

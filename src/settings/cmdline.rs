@@ -41,7 +41,7 @@ pub enum DataMode {
     Writeback,
 }
 
-/// How the user named a device (`cow_device=`, `archisodevice=`).
+/// How the user named a device (`mados.persistence.device=`, `archisodevice=`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase", tag = "by", content = "value")]
 pub enum DeviceSpec {
@@ -71,8 +71,13 @@ impl DeviceSpec {
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct BootParams {
     pub cow_spacesize: Option<Size>,
-    pub cow_label: Option<String>,
-    pub cow_device: Option<DeviceSpec>,
+    /// `mados.persistence.label=`: our partition's filesystem label.
+    pub label: Option<String>,
+    /// `mados.persistence.device=`: use this device, never create.
+    pub device: Option<DeviceSpec>,
+    /// archiso's own persistence (`cow_label=` / `cow_device=`, the word as
+    /// given): archiso mounts that filesystem itself, so we stand down.
+    pub archiso_cow: Option<String>,
     pub archisolabel: Option<String>,
     pub archisosearchuuid: Option<String>,
     pub archisodevice: Option<DeviceSpec>,
@@ -143,8 +148,23 @@ pub fn parse(cmdline: &str) -> BootParams {
                     }
                 }
             }
-            "cow_label" => p.cow_label = need(&mut p),
-            "cow_device" => p.cow_device = need(&mut p).map(|v| DeviceSpec::parse(&v)),
+            // archiso's own parameters keep archiso's meaning
+            "cow_label" | "cow_device" if val.is_some_and(|v| !v.is_empty()) => {
+                p.archiso_cow = Some(word.clone())
+            }
+            "mados.persistence.label" => {
+                if let Some(v) = need(&mut p) {
+                    if v.len() > 16 {
+                        // mke2fs would cut it, and later boots would not find it
+                        p.warnings.push(format!(
+                            "mados.persistence.label={v}: an ext4 label holds at most 16 bytes; using the default"
+                        ));
+                    } else {
+                        p.label = Some(v);
+                    }
+                }
+            }
+            "mados.persistence.device" => p.device = need(&mut p).map(|v| DeviceSpec::parse(&v)),
             "archisolabel" => p.archisolabel = need(&mut p),
             "archisosearchuuid" => p.archisosearchuuid = need(&mut p),
             "archisodevice" => p.archisodevice = need(&mut p).map(|v| DeviceSpec::parse(&v)),
@@ -230,14 +250,15 @@ mod tests {
     #[test]
     fn our_parameters() {
         let p = parse(
-            "mados.persistence=nocreate mados.persistence.size=8G cow_label=mine \
-             cow_device=LABEL=stick archisodevice=/dev/sr0 mados.debug \
+            "mados.persistence=nocreate mados.persistence.size=8G mados.persistence.label=mine \
+             mados.persistence.device=LABEL=stick archisodevice=/dev/sr0 mados.debug \
              mados.persistence.data=writeback root=live:CDLABEL=MADOS",
         );
         assert_eq!(p.mode, Some(Mode::Nocreate));
         assert_eq!(p.max_size, Some(Size::Bytes(8 << 30)));
-        assert_eq!(p.cow_label.as_deref(), Some("mine"));
-        assert_eq!(p.cow_device, Some(DeviceSpec::Label("stick".into())));
+        assert_eq!(p.label.as_deref(), Some("mine"));
+        assert_eq!(p.device, Some(DeviceSpec::Label("stick".into())));
+        assert_eq!(p.archiso_cow, None);
         assert_eq!(p.archisodevice, Some(DeviceSpec::Path("/dev/sr0".into())));
         assert_eq!(p.live_label.as_deref(), Some("MADOS"));
         assert_eq!(p.data_mode, Some(DataMode::Writeback));
@@ -248,12 +269,13 @@ mod tests {
     fn bad_values_warn_and_keep_defaults() {
         let p = parse(
             "cow_spacesize=lots mados.persistence=maybe mados.persistence.size=50% \
-             mados.frobnicate=1 cow_label= mados.persistence.data=journal",
+             mados.frobnicate=1 mados.persistence.label= mados.persistence.data=journal \
+             mados.persistence.label=a-label-of-17-byt",
         );
         assert_eq!(p.cow_spacesize, None);
         assert_eq!(p.mode, None);
         assert_eq!(p.max_size, None);
-        assert_eq!(p.cow_label, None);
+        assert_eq!(p.label, None);
         assert_eq!(p.data_mode, None);
         let w = p.warnings.join("\n");
         for needle in [
@@ -261,12 +283,30 @@ mod tests {
             "mados.persistence=maybe",
             "mados.persistence.size=50%",
             "mados.frobnicate=1",
-            "'cow_label' needs a value",
+            "'mados.persistence.label' needs a value",
+            "at most 16 bytes",
             "mados.persistence.data=journal",
         ] {
             assert!(w.contains(needle), "missing warning for {needle}: {w}");
         }
-        assert_eq!(p.warnings.len(), 6);
+        assert_eq!(p.warnings.len(), 7);
+    }
+
+    #[test]
+    fn archiso_persistence_keeps_its_own_names() {
+        // archiso's cow_label=/cow_device= are archiso's: recorded so that
+        // boot stands down, never taken as ours
+        let p = parse("archisolabel=ARCH_202611 cow_label=mystick cow_spacesize=1G");
+        assert_eq!(p.archiso_cow.as_deref(), Some("cow_label=mystick"));
+        assert_eq!(p.label, None);
+        assert_eq!(p.device, None);
+        assert_eq!(p.cow_spacesize, Some(Size::Bytes(1 << 30)));
+        let p = parse("cow_device=/dev/disk/by-label/x");
+        assert_eq!(
+            p.archiso_cow.as_deref(),
+            Some("cow_device=/dev/disk/by-label/x")
+        );
+        assert_eq!(parse("cow_label=").archiso_cow, None);
     }
 
     #[test]

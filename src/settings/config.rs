@@ -35,7 +35,10 @@ pub enum OnIsoChange {
 pub struct Settings {
     pub mode: Mode,
     pub label: String,
+    /// `mados.persistence.device=`
     pub cow_device: Option<DeviceSpec>,
+    /// archiso's own persistence was asked for (`cow_label=`/`cow_device=`).
+    pub archiso_cow: Option<String>,
     pub cow_spacesize: Size,
     /// Cap on the size of a new persistence partition.
     pub max_size: Option<Size>,
@@ -61,6 +64,7 @@ impl Default for Settings {
             mode: Mode::Auto,
             label: "persistence".into(),
             cow_device: None,
+            archiso_cow: None,
             cow_spacesize: Size::Bytes(256 * MIB),
             max_size: None,
             min_free: 100 * MIB,
@@ -241,7 +245,7 @@ pub fn merge_params(s: &mut Settings, p: &BootParams) {
     if let Some(m) = p.mode {
         s.mode = m;
     }
-    if let Some(l) = &p.cow_label {
+    if let Some(l) = &p.label {
         s.label = l.clone();
     }
     if let Some(v) = p.cow_spacesize {
@@ -253,9 +257,10 @@ pub fn merge_params(s: &mut Settings, p: &BootParams) {
     if let Some(v) = p.data_mode {
         s.data_mode = v;
     }
-    if p.cow_device.is_some() {
-        s.cow_device = p.cow_device.clone();
+    if p.device.is_some() {
+        s.cow_device = p.device.clone();
     }
+    s.archiso_cow = p.archiso_cow.clone();
     if let Some(l) = p.archisolabel.as_ref().or(p.live_label.as_ref()) {
         s.iso_label = Some(l.clone());
     }
