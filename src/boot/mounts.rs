@@ -29,7 +29,9 @@ pub enum Step {
         source: PathBuf,
         target: PathBuf,
     },
-    /// Copy the live root's content into a new, empty persistent dir.
+    /// Create the persistent dir `to` as a copy of the live root's `from`:
+    /// copied into a temporary sibling, synced, renamed into place, so a
+    /// cut leaves no `to` and the next boot seeds again.
     Seed {
         from: PathBuf,
         to: PathBuf,
@@ -108,12 +110,13 @@ pub fn persistent_plan(
         let src = pmount.join(escape(d));
         let target = under(root, d);
         if fresh(&src) {
-            steps.push(Step::Mkdir { path: src.clone() });
             if exists(&target) {
                 steps.push(Step::Seed {
                     from: target.clone(),
                     to: src.clone(),
                 });
+            } else {
+                steps.push(Step::Mkdir { path: src.clone() });
             }
         }
         steps.push(Step::Mkdir {
@@ -290,7 +293,7 @@ fn execute_one(step: &Step, done: &mut Vec<Mounted>) -> Result<()> {
             });
             Ok(())
         }
-        Step::Seed { from, to } => crate::util::fsutil::copy_tree(from, to)
+        Step::Seed { from, to } => crate::util::fsutil::copy_tree_atomic(from, to)
             .with_context(|| format!("seeding {} from {}", to.display(), from.display())),
     }
 }
@@ -342,9 +345,6 @@ mod tests {
                         "lowerdir=/new_root/etc,upperdir=/run/mados/persistence/overlays/etc/upper,\
                               workdir=/run/mados/persistence/overlays/etc/work"
                             .into(),
-                },
-                Step::Mkdir {
-                    path: p("/run/mados/persistence/home")
                 },
                 Step::Seed {
                     from: p("/new_root/home"),

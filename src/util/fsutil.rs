@@ -7,9 +7,37 @@ use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 
-/// Copy `from`'s contents into the existing dir `to`.
+/// Create `to` as a copy of the directory `from`, all or nothing: the copy
+/// goes to a temporary sibling (`.NAME.seeding`, a stale one from a cut is
+/// removed first), is synced, and is renamed to `to`. `to` must not exist.
+/// Its owner and mode are those of the real directory `from` names (when
+/// `from` is a symlink, of its target, never the link's 0777).
+pub fn copy_tree_atomic(from: &Path, to: &Path) -> Result<()> {
+    let name = to
+        .file_name()
+        .with_context(|| format!("{} has no name", to.display()))?;
+    let tmp = to.with_file_name(format!(".{}.seeding", name.to_string_lossy()));
+    if fs::symlink_metadata(&tmp).is_ok() {
+        // remove_dir_all does not follow symlinks inside it
+        fs::remove_dir_all(&tmp)
+            .with_context(|| format!("removing the stale {}", tmp.display()))?;
+    }
+    fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    copy_tree(from, &tmp)?;
+    let d = fs::File::open(&tmp)?;
+    nix::unistd::syncfs(&d).context("syncing the copy")?;
+    fs::rename(&tmp, to)
+        .with_context(|| format!("renaming {} to {}", tmp.display(), to.display()))?;
+    if let Some(parent) = to.parent() {
+        fs::File::open(parent).and_then(|d| d.sync_all()).ok();
+    }
+    Ok(())
+}
+
+/// Copy `from`'s contents into the existing dir `to`. The top directory's
+/// owner and mode come from what `from` resolves to.
 pub fn copy_tree(from: &Path, to: &Path) -> Result<()> {
-    let meta = fs::symlink_metadata(from).with_context(|| format!("reading {}", from.display()))?;
+    let meta = fs::metadata(from).with_context(|| format!("reading {}", from.display()))?;
     fs::set_permissions(to, fs::Permissions::from_mode(meta.mode() & 0o7777))?;
     let _ = std::os::unix::fs::lchown(to, Some(meta.uid()), Some(meta.gid()));
     for e in fs::read_dir(from).with_context(|| format!("listing {}", from.display()))? {
@@ -89,6 +117,35 @@ pub fn exists_nofollow(path: &Path) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn seeding_is_all_or_nothing_and_takes_the_real_dirs_mode() {
+        let base = std::env::temp_dir().join(format!("mados-seed-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&base);
+        fs::create_dir_all(base.join("real/live")).unwrap();
+        fs::write(base.join("real/live/.profile"), "hi").unwrap();
+        fs::set_permissions(base.join("real"), fs::Permissions::from_mode(0o751)).unwrap();
+        std::os::unix::fs::symlink(base.join("real"), base.join("home")).unwrap();
+        // a cut left a half copy behind
+        fs::create_dir_all(base.join("p/.home.seeding/junk")).unwrap();
+        copy_tree_atomic(&base.join("home"), &base.join("p/home")).unwrap();
+        let m = fs::metadata(base.join("p/home")).unwrap();
+        assert_eq!(
+            m.mode() & 0o7777,
+            0o751,
+            "mode of the real dir, not the symlink's"
+        );
+        assert_eq!(
+            fs::read_to_string(base.join("p/home/live/.profile")).unwrap(),
+            "hi"
+        );
+        assert!(
+            !base.join("p/home/junk").exists(),
+            "the stale half copy was not reused"
+        );
+        assert!(!base.join("p/.home.seeding").exists());
+        fs::remove_dir_all(&base).unwrap();
+    }
 
     #[test]
     fn control_files_are_not_read_through_symlinks() {

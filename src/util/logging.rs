@@ -1,12 +1,18 @@
 //! The `log` facade's sink: `/dev/kmsg` in early boot (one write per record,
 //! `<prio>mados-persistence: msg`), stderr otherwise. Every record is also
 //! kept so that `boot` can store the log on the persistence partition.
+//!
+//! The kernel rate-limits writes to /dev/kmsg per open file (a burst of 10
+//! lines per 5 s, unless `printk.devkmsg=on`), and a boot logs more than
+//! that: the fsck and mount lines were being dropped from the console. Each
+//! record therefore opens /dev/kmsg anew (a boot logs a few dozen lines),
+//! rather than changing the system-wide `printk_devkmsg` setting.
 
 use std::io::Write;
 use std::sync::Mutex;
 
 pub struct Logger {
-    kmsg: Option<Mutex<std::fs::File>>,
+    kmsg: Option<Mutex<std::path::PathBuf>>,
     pub lines: Mutex<Vec<String>>,
     level: log::LevelFilter,
 }
@@ -30,8 +36,10 @@ impl log::Log for Logger {
         };
         match &self.kmsg {
             Some(k) => {
-                let mut f = k.lock().unwrap();
-                let _ = f.write_all(format!("<{prio}>mados-persistence: {msg}\n").as_bytes());
+                let path = k.lock().unwrap();
+                if let Ok(mut f) = std::fs::OpenOptions::new().write(true).open(&*path) {
+                    let _ = f.write_all(format!("<{prio}>mados-persistence: {msg}\n").as_bytes());
+                }
             }
             None => {
                 let tag = match r.level() {
@@ -52,14 +60,9 @@ impl log::Log for Logger {
 
 /// Install the logger once. `kmsg`: write to /dev/kmsg when it opens.
 pub fn init(kmsg: bool, level: log::LevelFilter) {
-    let kmsg = kmsg
-        .then(|| {
-            std::fs::OpenOptions::new()
-                .write(true)
-                .open("/dev/kmsg")
-                .ok()
-        })
-        .flatten();
+    let path = std::path::PathBuf::from("/dev/kmsg");
+    let kmsg =
+        (kmsg && std::fs::OpenOptions::new().write(true).open(&path).is_ok()).then_some(path);
     let l = LOGGER.get_or_init(|| Logger {
         kmsg: kmsg.map(Mutex::new),
         lines: Mutex::new(vec![]),
