@@ -255,3 +255,33 @@ fn a_reflashed_stick_gets_its_persistence_entry_back_unformatted() {
     }
     std::fs::remove_dir_all(&d).unwrap();
 }
+
+/// With a partition of the stick mounted (as the ISO is while the live
+/// system runs), the whole disk stays open and its page cache lives on:
+/// what the creation read through the disk before mkfs must not hide the
+/// new filesystem from the next command (`disable` after `enable`).
+#[test]
+fn the_disk_cache_does_not_hide_a_new_filesystem() {
+    if !require_root("the_disk_cache_does_not_hide_a_new_filesystem") {
+        return;
+    }
+    let d = tmpdir("stale");
+    let img = image("archiso", &d, Some(GIB));
+    let lo = LoopDev::attach(&img);
+    let script = format!(
+        // the host kernel has no MBR parser: partx adds p2 (the ESP) with
+        // BLKPG; holding it open holds the whole disk open, as a mount does
+        "partx -a -n 2 {lo} && exec 3<{lo}p2 && {bin} enable --device {lo} --yes && {bin} disable --device {lo} --once",
+        lo = lo.0,
+        bin = env!("CARGO_BIN_EXE_mados-persistence")
+    );
+    let o = in_namespace(&script);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains("The next boot runs in RAM mode"),
+        "{}",
+        text(&o)
+    );
+    drop(lo);
+    std::fs::remove_dir_all(&d).unwrap();
+}

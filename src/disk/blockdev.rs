@@ -81,6 +81,9 @@ pub fn geometry(f: &File) -> Result<(u64, u64)> {
     Ok((size, ss as u64))
 }
 
+/// Write back and drop the device's cached pages. A disk and its partition
+/// nodes have separate page caches: what mkfs wrote through `/dev/sda3` is
+/// not seen through `/dev/sda` pages read before it.
 pub fn flush_buffers(f: &File) -> Result<()> {
     f.sync_all().context("fsync")?;
     if f.metadata()?.file_type().is_block_device() {

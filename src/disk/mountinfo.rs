@@ -11,6 +11,32 @@ pub struct Mount {
     pub mountpoint: String,
     pub fstype: String,
     pub source: String,
+    /// The superblock options (an overlay's `lowerdir=…,upperdir=…`).
+    pub options: String,
+}
+
+impl Mount {
+    /// The value of option `key` in the superblock options (an overlay's
+    /// `upperdir`). Overlay paths escape `,` and `\\` with a backslash.
+    pub fn option(&self, key: &str) -> Option<String> {
+        let mut out = Vec::new();
+        let mut cur = String::new();
+        let mut esc = false;
+        for c in self.options.chars() {
+            match (esc, c) {
+                (true, c) => {
+                    cur.push(c);
+                    esc = false;
+                }
+                (false, '\\') => esc = true,
+                (false, ',') => out.push(std::mem::take(&mut cur)),
+                (false, c) => cur.push(c),
+            }
+        }
+        out.push(cur);
+        out.into_iter()
+            .find_map(|o| o.strip_prefix(&format!("{key}=")).map(String::from))
+    }
 }
 
 /// Unescape mountinfo's octal escapes (`\040` for a space).
@@ -45,6 +71,7 @@ pub fn parse(text: &str) -> Vec<Mount> {
                 mountpoint: unescape(f.get(4)?),
                 fstype: f.get(sep + 1)?.to_string(),
                 source: unescape(f.get(sep + 2)?),
+                options: unescape(f.get(sep + 3).unwrap_or(&"")),
             })
         })
         .collect()
@@ -102,6 +129,18 @@ garbage line
         assert_eq!(mounted(&m, (8, 1))[0].mountpoint, "/run/archiso/bootmnt");
         assert!(mounted(&m, (8, 2)).is_empty());
         assert!(at(&m, "/nowhere").is_none());
+        let root = at(&m, "/new root").unwrap();
+        assert_eq!(root.option("lowerdir").as_deref(), Some("x"));
+        assert_eq!(root.option("upperdir"), None);
+        let o = Mount {
+            options: "rw,lowerdir=/a,upperdir=/run/archiso/cowspace/persistent_X/x86_64/upperdir,workdir=/w"
+                .into(),
+            ..root.clone()
+        };
+        assert_eq!(
+            o.option("upperdir").as_deref(),
+            Some("/run/archiso/cowspace/persistent_X/x86_64/upperdir")
+        );
     }
 
     #[test]

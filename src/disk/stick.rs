@@ -46,6 +46,11 @@ pub fn open_device(path: &Path, write: bool) -> Result<Opened> {
         ss
     };
     let block = blockdev::is_block_device(path);
+    if block && let Err(e) = blockdev::flush_buffers(&file) {
+        // read what is on the disk, not pages cached before a partition
+        // node wrote to it (unprivileged: nothing to drop, reads are fresh)
+        log::debug!("dropping the cached pages of {}: {e:#}", path.display());
+    }
     let kernel = if block {
         Sysfs::default().partitions_of(&path.file_name().unwrap_or_default().to_string_lossy())
     } else {
@@ -615,6 +620,9 @@ fn finish(
             }
             return Err(e);
         }
+        // the disk's pages read before mkfs (the claim, the scan for a
+        // left-behind filesystem) are stale now
+        blockdev::flush_buffers(f)?;
     }
     Ok(Created {
         node,

@@ -6,10 +6,12 @@ use super::{
     running_settings, step, target_device,
 };
 use crate::boot::{flags, mounts};
+use crate::disk::mountinfo;
 use crate::disk::stick::{self, Existing, Origin, Prepared, find_persistence, open_device};
 use crate::disk::{blockdev, sysfs::Sysfs};
 use crate::settings::config::Settings;
 use crate::settings::size::human;
+use crate::util::treecopy;
 use anyhow::{Context, Result};
 use std::path::{Path, PathBuf};
 
@@ -164,8 +166,23 @@ pub fn enable(
     flags::write_backup(&m.dir, &backup)?;
     if is_boot {
         step(3, total, "copying this session's changes into it");
-        save_session(&m.dir, &settings)?;
+        let saved = save_session(&m.dir, &settings)?;
         crate::util::fsutil::write_atomic(&pending_path(), b"enabled\n")?;
+        nix::unistd::syncfs(std::fs::File::open(&m.dir)?).context("syncing the partition")?;
+        println!(
+            "      saved {} entries ({}) of this session",
+            saved.entries,
+            human(saved.bytes)
+        );
+        if !saved.not_carried.is_empty() {
+            drop(m);
+            anyhow::bail!(
+                "persistence was created on {} and takes effect at the next boot, but these parts of this \
+                 session were NOT saved:\n  {}",
+                disk.display(),
+                saved.not_carried.join("\n  ")
+            );
+        }
     }
     drop(m);
     println!(
@@ -186,26 +203,43 @@ pub fn enable(
     Ok(())
 }
 
-/// Copy the RAM session's changes to a new partition: the overlay uppers
-/// (archiso's cow or ours) and the bind dirs as they are now.
-fn save_session(pm: &Path, s: &Settings) -> Result<()> {
-    let uppers = [
-        PathBuf::from("/run/archiso/cowspace/upper"),
-        PathBuf::from("/run/mados/cow"),
-    ];
+/// Save the RAM session on the new partition, from wherever it really is:
+/// the upper layer of every overlay that holds this session's changes,
+/// found in the overlays' own mount options (archiso's root overlay, whose
+/// upper is `/run/archiso/cowspace/<cow_directory>/upperdir`; dracut's; our
+/// own RAM-mode overlays on /etc /usr /var /opt), copied faithfully
+/// (whiteouts, opaque dirs, xattrs, owners, modes, times, links, nodes);
+/// the bind dirs (`/home`) as they are now. Returns what was saved and what
+/// could not be.
+fn save_session(pm: &Path, s: &Settings) -> Result<treecopy::Report> {
+    let mi = mountinfo::read();
+    let upper_of = |mountpoint: &str| {
+        mountinfo::at(&mi, mountpoint)
+            .filter(|m| m.fstype == "overlay")
+            .and_then(|m| m.option("upperdir"))
+            .map(PathBuf::from)
+    };
+    let root_upper = upper_of("/");
+    let mut total = treecopy::Report::default();
+    let mut add = |r: treecopy::Report| {
+        total.entries += r.entries;
+        total.bytes += r.bytes;
+        total.not_carried.extend(r.not_carried);
+    };
     for d in &s.overlay_dirs {
         let esc = mounts::escape(d);
         let dst = pm.join("overlays").join(&esc).join("upper");
-        for (i, base) in uppers.iter().enumerate() {
-            let src = if i == 0 {
-                base.join(d.trim_start_matches('/'))
-            } else {
-                base.join(&esc).join("upper")
-            };
+        // the root overlay's changes under d, then an overlay on d itself
+        // (it lies above the root overlay, so it is copied last)
+        let sources = [
+            root_upper
+                .as_ref()
+                .map(|u| u.join(d.trim_start_matches('/'))),
+            upper_of(d),
+        ];
+        for src in sources.into_iter().flatten() {
             if src.is_dir() {
-                std::fs::create_dir_all(&dst)?;
-                crate::util::fsutil::copy_tree(&src, &dst)
-                    .with_context(|| format!("saving {d}"))?;
+                add(treecopy::copy(&src, &dst).with_context(|| format!("saving {d}"))?);
             }
         }
         std::fs::create_dir_all(pm.join("overlays").join(&esc).join("work"))?;
@@ -214,9 +248,8 @@ fn save_session(pm: &Path, s: &Settings) -> Result<()> {
         let src = Path::new(d);
         if src.is_dir() {
             let dst = pm.join(mounts::escape(d));
-            std::fs::create_dir_all(&dst)?;
-            crate::util::fsutil::copy_tree(src, &dst).with_context(|| format!("saving {d}"))?;
+            add(treecopy::copy(src, &dst).with_context(|| format!("saving {d}"))?);
         }
     }
-    Ok(())
+    Ok(total)
 }

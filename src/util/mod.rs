@@ -3,3 +3,4 @@
 
 pub mod fsutil;
 pub mod logging;
+pub mod treecopy;
