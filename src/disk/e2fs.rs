@@ -10,9 +10,36 @@ const DIRS: &[&str] = &["/usr/sbin", "/sbin", "/usr/bin", "/bin"];
 
 /// Options for a new persistence filesystem. Inode tables and journal are
 /// written at mkfs time (not lazily by the kernel afterwards), so the first
-/// session is not slowed by background zeroing on a slow stick; see
-/// README "First-boot cost" for the measurement behind this.
+/// session is not slowed, and no background zeroing is left behind, on a
+/// slow stick; see README "First-boot cost" for the measurement behind it.
 pub const MKFS_EXTENDED: &str = "lazy_itable_init=0,lazy_journal_init=0";
+
+/// At most about this many inodes: a live system's changes, installed
+/// packages and /home fit in far fewer (a whole Arch desktop has ~400k
+/// files), and every inode is 256 bytes mke2fs writes at creation.
+pub const MAX_INODES: u64 = 1 << 20;
+/// The journal: 64 MiB whatever the size (mke2fs's default grows to 1 GiB,
+/// all of it zeroed at creation).
+pub const JOURNAL_MIB: u64 = 64;
+
+/// mke2fs's arguments for a filesystem of `size` bytes labelled `label`.
+/// The bytes written at creation stay about constant above 16 GiB (inode
+/// tables ≤ 256 MiB, journal 64 MiB), so the first boot on a slow stick
+/// does not grow with the stick.
+pub fn mkfs_args(label: &str, size: u64) -> Vec<String> {
+    let ratio = (size / MAX_INODES).next_power_of_two().max(16384);
+    let mut a: Vec<String> = ["-q", "-t", "ext4", "-L", label, "-m", "1", "-i"]
+        .map(String::from)
+        .to_vec();
+    a.push(ratio.to_string());
+    if size >= 2 << 30 {
+        a.push("-J".into());
+        a.push(format!("size={JOURNAL_MIB}"));
+    }
+    a.push("-E".into());
+    a.push(MKFS_EXTENDED.into());
+    a
+}
 
 /// Find e2fsprogs' program, never a busybox applet of the same name
 /// (busybox's mke2fs lacks ext4 features and -E options).
@@ -50,19 +77,9 @@ fn run(cmd: &mut Command) -> Result<(i32, String)> {
     Ok((out.status.code().unwrap_or(-1), text.trim().to_string()))
 }
 
-pub fn mkfs(dev: &Path, label: &str) -> Result<()> {
+pub fn mkfs(dev: &Path, label: &str, size: u64) -> Result<()> {
     let mut cmd = Command::new(find("mke2fs")?);
-    cmd.args([
-        "-q",
-        "-t",
-        "ext4",
-        "-L",
-        label,
-        "-m",
-        "1",
-        "-E",
-        MKFS_EXTENDED,
-    ]);
+    cmd.args(mkfs_args(label, size));
     if !crate::disk::blockdev::is_block_device(dev) {
         cmd.arg("-F");
     }
@@ -114,6 +131,34 @@ pub fn fsck(dev: &Path) -> Result<Fsck> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn inode_tables_and_journal_do_not_grow_with_the_stick() {
+        let inodes = |size: u64| {
+            let a = mkfs_args("persistence", size);
+            let i = a.iter().position(|x| x == "-i").unwrap();
+            size / a[i + 1].parse::<u64>().unwrap()
+        };
+        const G: u64 = 1 << 30;
+        assert_eq!(
+            inodes(8 * G),
+            512 << 10,
+            "8 GiB keeps mke2fs's 16 KiB ratio"
+        );
+        assert_eq!(inodes(64 * G), 1 << 20);
+        assert_eq!(inodes(256 * G), 1 << 20);
+        assert!(inodes(2048 * G) <= 1 << 20);
+        assert!(mkfs_args("p", 8 * G).join(" ").contains("-J size=64"));
+        assert!(
+            !mkfs_args("p", G).contains(&"-J".to_string()),
+            "small: mke2fs's own journal"
+        );
+        assert!(
+            mkfs_args("p", G)
+                .join(" ")
+                .contains("lazy_itable_init=0,lazy_journal_init=0")
+        );
+    }
 
     #[test]
     fn fsck_codes() {

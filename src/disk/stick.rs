@@ -613,7 +613,7 @@ fn finish(
             target.display(),
             crate::settings::size::human(size)
         );
-        if let Err(e) = e2fs::mkfs(&target, &s.label) {
+        if let Err(e) = e2fs::mkfs(&target, &s.label, size) {
             undo(f, &e);
             if let Some(lp) = lp {
                 let _ = lp.detach();
