@@ -101,6 +101,21 @@ pub fn dev_of(path: &Path) -> Option<(u32, u32)> {
     ))
 }
 
+/// Whether two paths name the same device: by `dev_t` for block devices
+/// (`/dev/disk/by-id/usb-…` and `/dev/sdb` are one disk), by file identity
+/// for image files.
+pub fn same_device(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (dev_of(a), dev_of(b)) {
+        (Some(x), Some(y)) => x == y,
+        (None, None) => match (std::fs::metadata(a), std::fs::metadata(b)) {
+            (Ok(x), Ok(y)) => (x.dev(), x.ino()) == (y.dev(), y.ino()),
+            _ => false,
+        },
+        _ => false,
+    }
+}
+
 /// Where the filesystem on device `dev` is mounted, if anywhere.
 pub fn mounted(mounts: &[Mount], dev: (u32, u32)) -> Vec<&Mount> {
     mounts.iter().filter(|m| m.dev == dev).collect()
@@ -141,6 +156,20 @@ garbage line
             o.option("upperdir").as_deref(),
             Some("/run/archiso/cowspace/persistent_X/x86_64/upperdir")
         );
+    }
+
+    #[test]
+    fn the_same_device_under_two_names() {
+        let d = std::env::temp_dir().join(format!("mados-samedev-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join("img"), "x").unwrap();
+        std::fs::write(d.join("other"), "x").unwrap();
+        std::os::unix::fs::symlink(d.join("img"), d.join("by-id-link")).unwrap();
+        assert!(same_device(&d.join("img"), &d.join("by-id-link")));
+        assert!(!same_device(&d.join("img"), &d.join("other")));
+        assert!(!same_device(&d.join("img"), &d.join("missing")));
+        std::fs::remove_dir_all(&d).unwrap();
     }
 
     #[test]

@@ -26,7 +26,7 @@ pub fn enable(
     let is_boot = st
         .as_ref()
         .and_then(|s| s.boot_device.as_ref())
-        .is_some_and(|b| Path::new(&b.disk) == disk);
+        .is_some_and(|b| mountinfo::same_device(Path::new(&b.disk), &disk));
     let mut o = open_device(&disk, false)?;
     if let Some(e) = find_persistence(&mut o, &s.label) {
         // idempotent: already there; enable only clears disable/remove requests

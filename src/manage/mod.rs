@@ -118,7 +118,7 @@ fn active_on(st: Option<&State>, number: u32, disk: &Path) -> Option<PathBuf> {
     let same_disk = st
         .boot_device
         .as_ref()
-        .is_some_and(|b| Path::new(&b.disk) == disk);
+        .is_some_and(|b| crate::disk::mountinfo::same_device(Path::new(&b.disk), disk));
     (st.mode == "persistent"
         && same_disk
         && p.number == number
