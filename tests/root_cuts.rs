@@ -282,6 +282,14 @@ fn the_disk_cache_does_not_hide_a_new_filesystem() {
         "{}",
         text(&o)
     );
+    // a by-id style link names the same disk (dev_t), another loop does not
+    let link = d.join("usb-by-id-link");
+    std::os::unix::fs::symlink(&lo.0, &link).unwrap();
+    use mados_persistence::disk::mountinfo::same_device;
+    assert!(same_device(Path::new(&lo.0), &link));
+    let other = LoopDev::attach(&img);
+    assert!(!same_device(Path::new(&lo.0), Path::new(&other.0)));
+    drop(other);
     drop(lo);
     std::fs::remove_dir_all(&d).unwrap();
 }
