@@ -382,9 +382,11 @@ fn check_case(dev: &Dev, ss: u64, st: &mut Stats) {
         for &(s, e) in &protected {
             assert!(
                 we <= s || ws >= e,
-                "write '{}' at {ws}..{we} overlaps data at {s}..{e}; the bytes describe {:?}",
+                "write '{}' at {ws}..{we} overlaps data at {s}..{e}; the bytes describe {:?}; the layout saw ISO {:?}, GPT array at LBA {:?}",
                 w.what,
-                described(dev, ss)
+                described(dev, ss),
+                l.iso,
+                l.gpt.as_ref().map(|g| (g.entries_lba, g.num_entries))
             );
         }
     }

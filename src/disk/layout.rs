@@ -401,7 +401,9 @@ pub fn read_layout<R: Read + Seek>(
                     .iter()
                     .map(|e| (e.first_lba * ss, (e.last_lba + 1) * ss)),
             )
-            .find(|&(s, e)| s >= 2 * ss && overlaps(s, e));
+            // an entry starting in the table area (isohybrid's from LBA 0)
+            // still holds data past the 32 KiB system area
+            .find(|&(s, e)| overlaps(if s >= 2 * ss { s } else { s.max(32768) }, e));
         if iso_data || entry.is_some() {
             return Err(Invalid(format!(
                 "the GPT entry array (bytes {a0}..{a1}) overlaps {}",

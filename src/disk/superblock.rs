@@ -87,21 +87,25 @@ pub fn parse_iso(pvd: &[u8]) -> Option<IsoInfo> {
     }
     let blocks = u64::from(le32(pvd, 80));
     let bs = u64::from(le16(pvd, 128));
+    // The UUID archiso searches by is the modification date; a volume whose
+    // date is not digits still is a volume (the kernel mounts it), and its
+    // size still counts: only the UUID is left empty.
     let d = &pvd[813..829];
-    if !d.iter().all(u8::is_ascii_digit) {
-        return None;
-    }
     let s = |a: usize, b: usize| String::from_utf8_lossy(&d[a..b]).into_owned();
-    let uuid = format!(
-        "{}-{}-{}-{}-{}-{}-{}",
-        s(0, 4),
-        s(4, 6),
-        s(6, 8),
-        s(8, 10),
-        s(10, 12),
-        s(12, 14),
-        s(14, 16)
-    );
+    let uuid = if d.iter().all(u8::is_ascii_digit) {
+        format!(
+            "{}-{}-{}-{}-{}-{}-{}",
+            s(0, 4),
+            s(4, 6),
+            s(6, 8),
+            s(8, 10),
+            s(10, 12),
+            s(12, 14),
+            s(14, 16)
+        )
+    } else {
+        String::new()
+    };
     Some(IsoInfo {
         label: text(&pvd[40..72]),
         uuid,
@@ -263,6 +267,21 @@ mod tests {
         // a hostile block size is not ext4, and no panic
         img[1024 + 24..1024 + 28].copy_from_slice(&200u32.to_le_bytes());
         assert_eq!(probe(&mut Cursor::new(img)).unwrap(), None);
+    }
+
+    #[test]
+    fn a_volume_with_a_malformed_date_still_counts() {
+        // found by the long fuzz run: its size must not vanish with its UUID
+        let mut pvd = vec![0u8; 2048];
+        pvd[0] = 1;
+        pvd[1..6].copy_from_slice(b"CD001");
+        pvd[80..84].copy_from_slice(&65536u32.to_le_bytes());
+        pvd[128..130].copy_from_slice(&2048u16.to_le_bytes());
+        pvd[813..829].copy_from_slice(b"20261122225541xx");
+        let i = parse_iso(&pvd).unwrap();
+        assert_eq!((i.size, i.uuid.as_str()), (128 << 20, ""));
+        pvd[813..829].copy_from_slice(b"2026112222554100");
+        assert_eq!(parse_iso(&pvd).unwrap().uuid, "2026-11-22-22-55-41-00");
     }
 
     #[test]
