@@ -123,12 +123,8 @@ fn create_on_a_loop_device_then_layer_in_a_private_namespace() {
     std::fs::remove_dir_all(&d).unwrap();
 }
 
-#[test]
-fn failed_layering_falls_back_to_ram_and_unmounts() {
-    if !require_root("failed_layering_falls_back_to_ram_and_unmounts") {
-        return;
-    }
-    let d = tmpdir("root-fallback");
+/// A 256 MiB ext4 filesystem labelled `persistence` on a loop device.
+fn persistence_loop(d: &Path) -> LoopDev {
     let part = d.join("part.img");
     std::fs::File::create(&part)
         .unwrap()
@@ -146,7 +142,16 @@ fn failed_layering_falls_back_to_ram_and_unmounts() {
             part.to_str().unwrap(),
         ],
     );
-    let lo = LoopDev::attach(&part);
+    LoopDev::attach(&part)
+}
+
+#[test]
+fn failed_layering_falls_back_to_ram_and_unmounts() {
+    if !require_root("failed_layering_falls_back_to_ram_and_unmounts") {
+        return;
+    }
+    let d = tmpdir("root-fallback");
+    let lo = persistence_loop(&d);
     // /home is a file in this live root: the bind fails after the four
     // overlays were mounted, and they must be undone
     let root = d.join("new_root");
@@ -199,24 +204,7 @@ fn a_mounted_filesystem_is_never_mounted_twice() {
         return;
     }
     let d = tmpdir("root-inuse");
-    let part = d.join("part.img");
-    std::fs::File::create(&part)
-        .unwrap()
-        .set_len(256 << 20)
-        .unwrap();
-    run(
-        "mke2fs",
-        &[
-            "-q",
-            "-t",
-            "ext4",
-            "-L",
-            "persistence",
-            "-F",
-            part.to_str().unwrap(),
-        ],
-    );
-    let lo = LoopDev::attach(&part);
+    let lo = persistence_loop(&d);
     let root = d.join("new_root");
     for dir in ["etc", "usr", "var", "opt", "home"] {
         std::fs::create_dir_all(root.join(dir)).unwrap();

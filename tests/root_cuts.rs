@@ -55,6 +55,18 @@ fn planned_use(img: &Path) -> Option<(u64, u64, u64)> {
     })
 }
 
+/// The ISO image written to a 1 GiB stick image at `img`.
+fn stick(iso: &Path, img: &Path) -> std::path::PathBuf {
+    std::fs::copy(iso, img).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(img)
+        .unwrap()
+        .set_len(GIB)
+        .unwrap();
+    img.to_path_buf()
+}
+
 fn label_at(img: &Path, start: u64) -> String {
     let o = Command::new("blkid")
         .args(["-p", "-O", &start.to_string(), "-s", "LABEL", "-o", "value"])
@@ -88,14 +100,7 @@ fn a_creation_cut_at_any_point_is_finished_by_the_next_run() {
         let base = image(name, &d, None);
         let iso = std::fs::read(&base).unwrap();
         for &point in points {
-            let img = d.join(format!("{name}-{point}.img"));
-            std::fs::copy(&base, &img).unwrap();
-            std::fs::OpenOptions::new()
-                .write(true)
-                .open(&img)
-                .unwrap()
-                .set_len(GIB)
-                .unwrap();
+            let img = stick(&base, &d.join(format!("{name}-{point}.img")));
             let dev = img.to_str().unwrap();
             let cut = point.trim_end_matches("-partial");
             let o = mp(&["enable", "--device", dev, "--yes"], Some(cut));
@@ -193,14 +198,7 @@ fn a_reflashed_stick_gets_its_persistence_entry_back_unformatted() {
     for name in ["archiso", "archiso-uefi"] {
         let iso_path = image(name, &d, None);
         let iso = std::fs::read(&iso_path).unwrap();
-        let img = d.join(format!("{name}-stick.img"));
-        std::fs::copy(&iso_path, &img).unwrap();
-        std::fs::OpenOptions::new()
-            .write(true)
-            .open(&img)
-            .unwrap()
-            .set_len(GIB)
-            .unwrap();
+        let img = stick(&iso_path, &d.join(format!("{name}-stick.img")));
         let dev = img.to_str().unwrap();
         let o = mp(&["enable", "--device", dev, "--yes"], None);
         assert!(o.status.success(), "{name}: {}", text(&o));
