@@ -291,3 +291,37 @@ fn the_disk_cache_does_not_hide_a_new_filesystem() {
     drop(lo);
     std::fs::remove_dir_all(&d).unwrap();
 }
+
+/// `remove` needs only the table and a backup: with the filesystem's
+/// superblock destroyed (it neither mounts nor is found by its label), the
+/// claim names the partition and holds the table backup, and the table
+/// comes back exactly as the ISO wrote it.
+#[test]
+fn remove_works_when_the_filesystem_no_longer_mounts() {
+    if !require_root("remove_works_when_the_filesystem_no_longer_mounts") {
+        return;
+    }
+    let d = tmpdir("remove-broken");
+    let iso = image("archiso", &d, None);
+    let img = stick(&iso, &d.join("stick.img"));
+    let dev = img.to_str().unwrap();
+    let before = run("sfdisk", &["-d", dev]);
+    let o = mp(&["enable", "--device", dev, "--yes"], None);
+    assert!(o.status.success(), "{}", text(&o));
+    let (_, start, _) = planned_use(&img).unwrap();
+    // destroy the first 64 KiB of the filesystem (superblock included)
+    {
+        use std::io::{Seek, SeekFrom, Write};
+        let mut f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
+        f.seek(SeekFrom::Start(start)).unwrap();
+        f.write_all(&[0u8; 65536]).unwrap();
+    }
+    assert_eq!(planned_use(&img), None, "the label is gone");
+    let o = mp(&["remove", "--device", dev, "--yes"], None);
+    let out = text(&o);
+    assert!(o.status.success(), "{out}");
+    assert!(out.contains("does not mount"), "{out}");
+    assert!(out.contains("restored from the backup"), "{out}");
+    assert_eq!(run("sfdisk", &["-d", dev]), before);
+    std::fs::remove_dir_all(&d).unwrap();
+}
