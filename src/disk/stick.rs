@@ -52,7 +52,9 @@ pub fn open_device(path: &Path, write: bool) -> Result<Opened> {
         log::debug!("dropping the cached pages of {}: {e:#}", path.display());
     }
     let kernel = if block {
-        Sysfs::default().partitions_of(&path.file_name().unwrap_or_default().to_string_lossy())
+        // the kernel's name (a by-id link's file name is not it)
+        let real = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+        Sysfs::default().partitions_of(&real.file_name().unwrap_or_default().to_string_lossy())
     } else {
         vec![]
     };
@@ -103,6 +105,7 @@ pub fn remove_partition(
     size: u64,
     backup: Option<&Backup>,
 ) -> Result<String> {
+    let disk = &std::fs::canonicalize(disk).unwrap_or_else(|_| disk.to_path_buf());
     let mut o = open_device(disk, true)?;
     let entry = o
         .layout
@@ -458,6 +461,8 @@ pub fn execute(
     p: Prepared,
     backup_dir: &Path,
 ) -> Result<Created> {
+    // /dev/disk/by-id/usb-… → /dev/sdb: partition nodes and sysfs go by it
+    let disk = &std::fs::canonicalize(disk).unwrap_or_else(|_| disk.to_path_buf());
     let dev_name = disk.display().to_string();
     let origin = p.origin();
     let plan = match p {

@@ -2,13 +2,13 @@
 //! same planning and safety code as `boot`, and save the RAM session into it.
 
 use super::{
-    RUN_DIR, TempMount, active_on, confirm, mount_sources, pending_path, read_state, refuse,
+    RUN_DIR, TempMount, active_on, confirm, in_use, pending_path, read_state, refuse,
     running_settings, step, target_device,
 };
 use crate::boot::{flags, mounts};
+use crate::disk::blockdev;
 use crate::disk::mountinfo;
 use crate::disk::stick::{self, Existing, Origin, Prepared, find_persistence, open_device};
-use crate::disk::{blockdev, sysfs::Sysfs};
 use crate::settings::config::Settings;
 use crate::settings::size::human;
 use crate::util::treecopy;
@@ -47,21 +47,10 @@ pub fn enable(
         return Ok(());
     }
     if o.block && !is_boot {
-        let name = disk
-            .file_name()
-            .unwrap_or_default()
-            .to_string_lossy()
-            .into_owned();
-        let busy: Vec<String> = Sysfs::default()
-            .partitions_of(&name)
-            .into_iter()
-            .map(|k| format!("/dev/{}", k.name))
-            .chain(std::iter::once(disk.display().to_string()))
-            .filter(|n| mount_sources().contains(n))
-            .collect();
+        let busy = in_use(&disk);
         if !busy.is_empty() {
             return refuse(format!(
-                "{} is in use (mounted: {})",
+                "{} is in use ({})",
                 disk.display(),
                 busy.join(", ")
             ));

@@ -54,7 +54,18 @@ struct TempMount {
 
 impl TempMount {
     fn new(disk: &Path, block: bool, e: &Existing, readonly: bool) -> Result<TempMount> {
-        let node = blockdev::partition_path(disk, e.number);
+        let real = std::fs::canonicalize(disk).unwrap_or_else(|_| disk.to_path_buf());
+        let node = blockdev::partition_path(&real, e.number);
+        if block && let Some(dev) = crate::disk::mountinfo::dev_of(&node) {
+            let mi = crate::disk::mountinfo::read();
+            if let Some(m) = crate::disk::mountinfo::mounted(&mi, dev).first() {
+                return refuse(format!(
+                    "{} is mounted at {}; unmount it first (never mounted a second time)",
+                    node.display(),
+                    m.mountpoint
+                ));
+            }
+        }
         let (via, lp) = if block && blockdev::is_block_device(&node) {
             (node, None)
         } else {
@@ -175,14 +186,31 @@ fn step(n: usize, total: usize, what: &str) {
     println!("[{n}/{total}] {what}");
 }
 
-fn mount_sources() -> Vec<String> {
-    std::fs::read_to_string("/proc/self/mountinfo")
+/// Where `disk` or any of its partitions is mounted or held, by device
+/// number (`disk` may be a by-id link): "/dev/sdb1 at /mnt".
+fn in_use(disk: &Path) -> Vec<String> {
+    let real = std::fs::canonicalize(disk).unwrap_or_else(|_| disk.to_path_buf());
+    let name = real
+        .file_name()
         .unwrap_or_default()
-        .lines()
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split(' ').collect();
-            let sep = f.iter().position(|x| *x == "-")?;
-            f.get(sep + 2).map(|s| s.to_string())
+        .to_string_lossy()
+        .into_owned();
+    let mi = crate::disk::mountinfo::read();
+    crate::disk::sysfs::Sysfs::default()
+        .list()
+        .into_iter()
+        .filter(|d| d.name == name || d.parent.as_deref() == Some(name.as_str()))
+        .flat_map(|d| {
+            let mut v: Vec<String> = crate::disk::mountinfo::mounted(&mi, d.devnum)
+                .into_iter()
+                .map(|m| format!("{} at {}", d.dev_path().display(), m.mountpoint))
+                .collect();
+            v.extend(
+                d.holders
+                    .iter()
+                    .map(|h| format!("{} held by {h}", d.dev_path().display())),
+            );
+            v
         })
         .collect()
 }

@@ -72,6 +72,8 @@ pub fn remove(device: Option<PathBuf>, yes: bool) -> Result<()> {
         Some(pm) => (usage(&pm.to_string_lossy()), None),
         None => match TempMount::new(&disk, o.block, &e, true) {
             Ok(m) => (usage(&m.dir.to_string_lossy()), flags::read_backup(&m.dir)),
+            // mounted elsewhere, or held: never removed from under its user
+            Err(err) if err.downcast_ref::<super::Refused>().is_some() => return Err(err),
             Err(err) => {
                 eprintln!(
                     "mados-persistence: warning: the filesystem on partition {} does not mount ({err:#}); \
