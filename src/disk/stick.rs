@@ -129,12 +129,12 @@ pub fn remove_partition(
         .filter(|b| b.device_size == o.layout.size);
     let how = match usable {
         Some(b) if table::unchanged_since(&mut o.file, b)? => {
-            table::restore(&mut o.file, b)?;
+            table::restore(&mut o.file, b, &mut sync_dev)?;
             "partition table restored from the backup saved at creation"
         }
         _ => {
             let writes = partplan::plan_delete(&o.layout, number).map_err(anyhow::Error::msg)?;
-            table::apply(&mut o.file, &writes)?;
+            table::apply_synced(&mut o.file, &writes, &mut sync_dev)?;
             "its table entry deleted"
         }
     };
@@ -547,7 +547,9 @@ pub fn execute(
 
 fn restore_table(f: &mut File, backup: &table::Backup, disk: &Path, why: &anyhow::Error) {
     log::error!("{why:#}; restoring the partition table");
-    if let Err(e) = table::restore(f, backup).and_then(|_| blockdev::flush_buffers(f)) {
+    if let Err(e) =
+        table::restore(f, backup, &mut sync_dev).and_then(|_| blockdev::flush_buffers(f))
+    {
         log::error!(
             "restoring the partition table of {} failed: {e:#}",
             disk.display()

@@ -169,11 +169,19 @@ pub fn unchanged_since<R: Read + Seek>(r: &mut R, b: &Backup) -> Result<bool> {
     Ok(true)
 }
 
-pub fn restore<W: Write + Seek>(w: &mut W, b: &Backup) -> Result<()> {
+/// Put every region's original bytes back, in the backup's order (the
+/// order they were written: primary header last), `sync` after each.
+pub fn restore<W: Write + Seek>(
+    w: &mut W,
+    b: &Backup,
+    sync: &mut dyn FnMut(&mut W) -> Result<()>,
+) -> Result<()> {
     for r in &b.regions {
         write_at(w, r.offset, &r.data()?, &r.what)?;
+        w.flush().context("flushing the restored partition table")?;
+        sync(w).with_context(|| format!("syncing after {}", r.what))?;
     }
-    w.flush().context("flushing the restored partition table")
+    Ok(())
 }
 
 #[cfg(test)]
@@ -206,7 +214,7 @@ mod tests {
         assert_ne!(dev.get_ref(), &orig);
         let b2: Backup = serde_json::from_str(&json).unwrap();
         assert!(unchanged_since(&mut dev, &b2).unwrap());
-        restore(&mut dev, &b2).unwrap();
+        restore(&mut dev, &b2, &mut |_| Ok(())).unwrap();
         assert!(!unchanged_since(&mut dev, &b2).unwrap());
         assert_eq!(dev.get_ref(), &orig);
     }
