@@ -67,7 +67,24 @@ impl TempMount {
             }
         }
         let (via, lp) = if block && blockdev::is_block_device(&node) {
-            (node, None)
+            // held by a device mapper, md or loop user: never reached around
+            let name = node.file_name().unwrap_or_default().to_string_lossy();
+            let holders: Vec<String> = crate::disk::sysfs::Sysfs::default()
+                .list()
+                .into_iter()
+                .filter(|d| d.name == name)
+                .flat_map(|d| d.holders)
+                .collect();
+            if !holders.is_empty() {
+                return refuse(format!(
+                    "{} is held by {}; never used a second time",
+                    node.display(),
+                    holders.join(", ")
+                ));
+            }
+            // the node, or a loop device over the disk when the kernel
+            // refuses the node because the whole disk is mounted (the ISO)
+            crate::disk::stick::reach_partition(&real, &node, e.start, e.size)?
         } else {
             let lp = Loop::attach(disk, e.start, e.size)?;
             (lp.path.clone(), Some(lp))
