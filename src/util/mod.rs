@@ -3,4 +3,5 @@
 
 pub mod fsutil;
 pub mod logging;
+pub mod overlayfs;
 pub mod treecopy;
