@@ -152,7 +152,7 @@ fn fold_dir(src: &Path, dst: &Path, rel: &str, o: &FoldOptions, r: &mut FoldRepo
         } else {
             format!("{rel}/{}", name.to_string_lossy())
         };
-        if o.skip.iter().any(|s| *s == rel_e) {
+        if o.skip.contains(&rel_e) {
             continue;
         }
         let (s, d) = (src.join(&name), dst.join(&name));
