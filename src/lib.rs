@@ -9,10 +9,12 @@
 //!   partition planning and writing, ioctls, e2fsprogs, the persistence
 //!   partition's shared operations).
 //! - `boot`: what happens in the initramfs (detection, mounts, flags, state).
+//! - `companion`: the daemon after boot (RAM tier sync) and `sync`.
 //! - `manage`: what a person runs after boot (status, enable, disable,
 //!   remove, plan) and its text rendering.
 
 pub mod boot;
+pub mod companion;
 pub mod disk;
 pub mod manage;
 pub mod settings;

@@ -5,7 +5,7 @@ use anyhow::Result;
 use clap::{CommandFactory, Parser, Subcommand};
 use mados_persistence::disk::layout;
 use mados_persistence::settings::size::Size;
-use mados_persistence::{boot, manage};
+use mados_persistence::{boot, companion, manage};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -92,6 +92,22 @@ enum Cmd {
         #[arg(long)]
         device: Option<PathBuf>,
     },
+    /// The companion: sync the RAM tiers (interval, idle, full, SIGUSR1) and a final sync on SIGTERM.
+    #[command(
+        after_help = "Run by mados-persistence.service (Type=notify); without systemd it runs in the \
+        foreground and logs to stderr. SIGTERM, SIGINT or SIGHUP: final sync, then exit 0. \
+        SIGUSR1: sync now.\n\nExample:\n  mados-persistence daemon"
+    )]
+    Daemon,
+    /// Write every RAM tier to the stick now; returns 0 only when it is durable.
+    #[command(
+        after_help = "Examples:\n  sudo mados-persistence sync\n  sudo mados-persistence sync --json"
+    )]
+    Sync {
+        /// Print one JSON document.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print shell completions.
     #[command(
         after_help = "Example:\n  mados-persistence completions bash > /usr/share/bash-completion/completions/mados-persistence"
@@ -175,6 +191,15 @@ fn run(cli: Cli) -> Result<ExitCode> {
             manage::remove(device, yes)?;
             Ok(ExitCode::SUCCESS)
         }
+        Cmd::Daemon => {
+            companion::daemon::run()?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Sync { json } => Ok(if companion::sync_command(json)? {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::from(1)
+        }),
         Cmd::Completions { shell } => {
             clap_complete::generate(
                 shell,

@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-const LAYERS: &[&str] = &["util", "settings", "disk", "boot", "manage"];
+const LAYERS: &[&str] = &["util", "settings", "disk", "boot", "companion", "manage"];
 
 fn rank(stage: &str) -> Option<usize> {
     LAYERS.iter().position(|l| *l == stage)

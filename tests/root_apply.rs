@@ -75,7 +75,10 @@ fn create_on_a_loop_device_then_layer_in_a_private_namespace() {
         {bin} boot --root {r} --run {run} --cmdline 'mados.persistence.device={lo}p3'
         echo written > {r}/etc/from-test
         echo mine > {r}/home/live/note
+        echo tiered > {r}/var/log/app.log
+        mkdir -p {r}/var/log/journal && echo direct > {r}/var/log/journal/j
         grep -c ' {r}/' /proc/self/mountinfo
+        MADOS_PERSISTENCE_RUN={run}/mados-persistence {bin} sync
         sync",
         r = root.display(),
         run = run_dir.display(),
@@ -89,16 +92,22 @@ fn create_on_a_loop_device_then_layer_in_a_private_namespace() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(stdout.contains("mode persistent"), "{stdout}");
-    // etc usr var opt overlays + home bind + /tmp + /var/tmp tmpfs
+    // etc usr var opt overlays + home bind + /tmp + /var/tmp tmpfs + the
+    // RAM tier's overlay on /var/log + its journal bound from /var
     assert!(
-        stdout.lines().any(|l| l.trim() == "7"),
+        stdout.lines().any(|l| l.trim() == "9"),
         "mount count: {stdout}"
+    );
+    assert!(
+        stdout.contains("/var/log: synced:") && stdout.contains("durable on the stick"),
+        "{stdout}"
     );
     let state: serde_json::Value = serde_json::from_slice(
         &std::fs::read(run_dir.join("mados-persistence/state.json")).unwrap(),
     )
     .unwrap();
     assert_eq!(state["mode"], "persistent");
+    assert_eq!(state["tiers"][0]["dir"], "/var/log", "{state}");
     // the namespace is gone, nothing leaked into ours
     assert!(
         !root.join("etc/from-test").exists(),
@@ -108,14 +117,33 @@ fn create_on_a_loop_device_then_layer_in_a_private_namespace() {
     let mnt = d.join("check");
     std::fs::create_dir_all(&mnt).unwrap();
     let check = format!(
-        "mount {lo}p3 {m} && cat {m}/overlays/etc/upper/from-test {m}/home/live/note {m}/home/live/.profile; umount {m}",
+        "mount {lo}p3 {m} && cat {m}/overlays/etc/upper/from-test {m}/home/live/note {m}/home/live/.profile \
+         {m}/tier/var-log/stage/app.log {m}/overlays/var/upper/log/journal/j; umount {m}",
         lo = lo.0,
         m = mnt.display()
     );
     let out = in_namespace(&check);
     assert_eq!(
         String::from_utf8_lossy(&out.stdout),
-        "written\nmine\nhi",
+        // .profile was written without a newline
+        "written\nmine\nhitiered\ndirect\n",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // the next boot folds the sync into the tier's lower and shows it
+    let again = format!(
+        "set -e
+        {bin} boot --root {r} --run {run} --cmdline 'mados.persistence.device={lo}p3' >/dev/null
+        cat {r}/var/log/app.log {r}/var/log/journal/j
+        ls {run}/mados/persistence/tier/var-log/stage | wc -l",
+        r = root.display(),
+        run = run_dir.display(),
+        lo = lo.0
+    );
+    let out = in_namespace(&again);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "tiered\ndirect\n0\n",
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );

@@ -9,6 +9,7 @@ pub mod flags;
 pub mod iso_build;
 pub mod mounts;
 pub mod state;
+pub mod tier;
 
 use crate::disk::blockdev::Loop;
 use crate::disk::e2fs;
@@ -501,16 +502,26 @@ fn mount_persistence(
         source: node,
         options: opts,
     }];
+    // the RAM tier's offline part, before the overlays cover its dirs
+    let tiers = tier::prepare(&o.root, &pm, &o.run, s, mem_total());
     let plan = mounts::persistent_plan(&o.root, &pm, s, mem_total(), &|p| p.is_dir(), &|p| {
         !p.exists()
     });
     match mounts::execute(&plan, &mut done) {
         Ok(()) => {
             t.lap("layer");
+            let (mounted, warnings) = tier::mount(&o.root, tiers, &mut done);
+            for w in warnings {
+                log::warn!("{w}");
+                st.warnings.push(w);
+            }
+            st.tiers = mounted;
+            t.lap("tier");
             st.mounts.extend(done);
             Ok(())
         }
         Err(e) => {
+            tier::abandon(tiers);
             mounts::undo(&mut done, 0);
             Err(Reason::new("mount_failed", format!("{e:#}")))
         }

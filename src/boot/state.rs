@@ -69,4 +69,7 @@ pub struct State {
     /// build (the stick was re-flashed): what was done about it.
     #[serde(default)]
     pub iso_change: Option<crate::boot::iso_build::IsoChange>,
+    /// The RAM tiers mounted this boot (the companion syncs them).
+    #[serde(default)]
+    pub tiers: Vec<crate::boot::tier::Tier>,
 }

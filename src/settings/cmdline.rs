@@ -87,6 +87,8 @@ pub struct BootParams {
     pub max_size: Option<Size>,
     pub data_mode: Option<DataMode>,
     pub debug: bool,
+    /// `mados.tier=off`: no RAM tier this boot (`on` is the default).
+    pub tier_off: bool,
     pub warnings: Vec<String>,
 }
 
@@ -209,6 +211,13 @@ pub fn parse(cmdline: &str) -> BootParams {
                     }
                 }
             }
+            "mados.tier" => match val {
+                Some("off" | "0" | "no") => p.tier_off = true,
+                Some("on" | "1" | "yes") => p.tier_off = false,
+                _ => p
+                    .warnings
+                    .push(format!("{word}: expected mados.tier=off or on; ignored")),
+            },
             "mados.debug" => p.debug = !matches!(val, Some("0" | "off" | "no")),
             k if k.starts_with("mados.") => p
                 .warnings
@@ -222,6 +231,15 @@ pub fn parse(cmdline: &str) -> BootParams {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tier_switch() {
+        assert!(parse("mados.tier=off").tier_off);
+        assert!(!parse("mados.tier=on").tier_off);
+        let p = parse("mados.tier=sometimes");
+        assert!(!p.tier_off);
+        assert_eq!(p.warnings.len(), 1);
+    }
 
     #[test]
     fn splits_with_quotes() {

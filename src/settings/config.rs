@@ -31,6 +31,71 @@ pub enum OnIsoChange {
     Keep,
 }
 
+/// `[tier]`: directories whose writes live in RAM and are synced to the
+/// partition (the companion's RAM tier).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TierSettings {
+    /// On unless `mados.tier=off` or `enabled = false`.
+    pub enabled: bool,
+    pub dirs: Vec<String>,
+    /// Subdirectories kept out of the tier (written straight to the
+    /// partition): systemd's journal by default, because journald keeps its
+    /// active files open and mapped, and a copy of an open journal comes
+    /// back after a reboot as a corrupt `.journal~`.
+    pub exclude: Vec<String>,
+    /// RAM for all tiers together (one tmpfs).
+    pub budget: Size,
+    /// Seconds between syncs.
+    pub interval: u64,
+    /// Seconds without tier writes after which a sync runs.
+    pub idle: u64,
+}
+
+impl Default for TierSettings {
+    fn default() -> Self {
+        TierSettings {
+            enabled: true,
+            dirs: vec!["/var/log".into()],
+            exclude: vec!["/var/log/journal".into()],
+            budget: Size::Bytes(1 << 30),
+            interval: 300,
+            idle: 30,
+        }
+    }
+}
+
+impl TierSettings {
+    /// The budget in bytes: as configured, and by default min(1 GiB, 10%
+    /// of RAM).
+    pub fn budget_bytes(&self, ram: u64) -> u64 {
+        if self.budget == TierSettings::default().budget {
+            (1u64 << 30).min(ram / 10)
+        } else {
+            self.budget.resolve(ram)
+        }
+    }
+}
+
+/// `[cleanup]`: old files removed from the temp dirs.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct CleanupSettings {
+    pub dirs: Vec<String>,
+    /// Seconds between passes.
+    pub every: u64,
+    /// A file unused (mtime, atime and ctime) for longer is removed.
+    pub age: u64,
+}
+
+impl Default for CleanupSettings {
+    fn default() -> Self {
+        CleanupSettings {
+            dirs: vec!["/tmp".into(), "/var/tmp".into()],
+            every: 60,
+            age: 600,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Settings {
     pub mode: Mode,
@@ -56,6 +121,8 @@ pub struct Settings {
     pub iso_uuid: Option<String>,
     pub iso_device: Option<DeviceSpec>,
     pub debug: bool,
+    pub tier: TierSettings,
+    pub cleanup: CleanupSettings,
 }
 
 impl Default for Settings {
@@ -87,6 +154,8 @@ impl Default for Settings {
             iso_uuid: None,
             iso_device: None,
             debug: false,
+            tier: TierSettings::default(),
+            cleanup: CleanupSettings::default(),
         }
     }
 }
@@ -104,6 +173,8 @@ const KEYS: &[&str] = &[
     "tmpfs",
     "cache_binds",
     "iso_label",
+    "tier",
+    "cleanup",
 ];
 
 fn check_dir(key: &str, d: &str, warnings: &mut Vec<String>) -> bool {
@@ -215,9 +286,93 @@ pub fn apply_toml(s: &mut Settings, text: &str, warnings: &mut Vec<String>) {
                     _ => bad(warnings, "[[tmpfs]] tables with path and size"),
                 }
             }
+            "tier" => match val.as_table() {
+                Some(t) => apply_tier(&mut s.tier, t, warnings),
+                None => bad(warnings, "a [tier] table"),
+            },
+            "cleanup" => match val.as_table() {
+                Some(t) => apply_cleanup(&mut s.cleanup, t, warnings),
+                None => bad(warnings, "a [cleanup] table"),
+            },
             _ => warnings.push(format!(
                 "config: unknown key '{key}' (known: {}); ignored",
                 KEYS.join(", ")
+            )),
+        }
+    }
+}
+
+fn dir_list(key: &str, v: &toml::Value, warnings: &mut Vec<String>) -> Option<Vec<String>> {
+    let arr = v.as_array()?;
+    let mut out = Vec::new();
+    for d in arr {
+        let d = d.as_str()?;
+        if check_dir(key, d, warnings) {
+            out.push(d.trim_end_matches('/').to_string());
+        }
+    }
+    Some(out)
+}
+
+fn seconds(v: &toml::Value) -> Option<u64> {
+    v.as_integer()
+        .and_then(|i| u64::try_from(i).ok())
+        .filter(|s| *s > 0)
+}
+
+fn apply_tier(t: &mut TierSettings, table: &toml::Table, warnings: &mut Vec<String>) {
+    for (k, v) in table {
+        let mut bad = |want: &str| {
+            warnings.push(format!(
+                "config tier.{k} = {v}: expected {want}; using the default"
+            ))
+        };
+        match k.as_str() {
+            "enabled" => match v.as_bool() {
+                Some(b) => t.enabled = b,
+                None => bad("true or false"),
+            },
+            "dirs" | "exclude" => match dir_list(&format!("tier.{k}"), v, warnings) {
+                Some(d) if k == "dirs" => t.dirs = d,
+                Some(d) => t.exclude = d,
+                None => warnings.push(format!(
+                    "config tier.{k} = {v}: expected a list of absolute directory paths; using the default"
+                )),
+            },
+            "budget" => match v.as_str().and_then(|x| Size::parse(x).ok()) {
+                Some(b) => t.budget = b,
+                None => bad("a size such as \"512M\" or \"10%\""),
+            },
+            "interval" | "idle" => match seconds(v) {
+                Some(x) if k == "interval" => t.interval = x,
+                Some(x) => t.idle = x,
+                None => bad("a number of seconds"),
+            },
+            _ => warnings.push(format!(
+                "config: unknown key 'tier.{k}' (known: enabled, dirs, exclude, budget, interval, idle); ignored"
+            )),
+        }
+    }
+}
+
+fn apply_cleanup(c: &mut CleanupSettings, table: &toml::Table, warnings: &mut Vec<String>) {
+    for (k, v) in table {
+        match k.as_str() {
+            "dirs" => match dir_list("cleanup.dirs", v, warnings) {
+                Some(d) => c.dirs = d,
+                None => warnings.push(format!(
+                    "config cleanup.dirs = {v}: expected a list of absolute directory paths; using the default"
+                )),
+            },
+            "every" | "age" => match seconds(v) {
+                Some(x) if k == "every" => c.every = x,
+                Some(x) => c.age = x,
+                None => warnings.push(format!(
+                    "config cleanup.{k} = {v}: expected a number of seconds; using the default"
+                )),
+            },
+            _ => warnings.push(format!(
+                "config: unknown key 'cleanup.{k}' (known: dirs, every, age); ignored"
             )),
         }
     }
@@ -271,6 +426,9 @@ pub fn merge_params(s: &mut Settings, p: &BootParams) {
         s.iso_device = p.archisodevice.clone();
     }
     s.debug |= p.debug;
+    if p.tier_off {
+        s.tier.enabled = false;
+    }
 }
 
 #[cfg(test)]
@@ -369,6 +527,37 @@ cow_spacesize = "128M"
             ..Default::default()
         };
         assert_eq!(s, defaults, "the shipped file restates the defaults");
+    }
+
+    #[test]
+    fn tier_and_cleanup_tables() {
+        let mut w = vec![];
+        let mut s = Settings::default();
+        assert_eq!(s.tier.budget_bytes(4 << 30), (4u64 << 30) / 10);
+        assert_eq!(s.tier.budget_bytes(64 << 30), 1 << 30);
+        apply_toml(
+            &mut s,
+            r#"
+[tier]
+dirs = ["/var/log", "/home/live/.cache/"]
+budget = "256M"
+interval = 60
+idle = 0
+colour = 1
+[cleanup]
+age = 3600
+"#,
+            &mut w,
+        );
+        assert_eq!(s.tier.dirs, ["/var/log", "/home/live/.cache"]);
+        assert_eq!(s.tier.budget_bytes(64 << 30), 256 << 20);
+        assert_eq!(s.tier.interval, 60);
+        assert_eq!(s.tier.idle, 30, "0 s refused");
+        assert_eq!(s.cleanup.age, 3600);
+        assert_eq!(s.cleanup.every, 60);
+        assert_eq!(w.len(), 2, "{w:?}");
+        merge_params(&mut s, &cmdline::parse("mados.tier=off"));
+        assert!(!s.tier.enabled);
     }
 
     #[test]

@@ -46,8 +46,7 @@ fn clear_opaque(dir: &Path) -> Result<()> {
     for n in OPAQUE_XATTRS {
         if xattr::get(dir, n).ok().flatten().is_some() {
             op()?;
-            xattr::remove(dir, n)
-                .with_context(|| format!("clearing {n} on {}", dir.display()))?;
+            xattr::remove(dir, n).with_context(|| format!("clearing {n} on {}", dir.display()))?;
         }
     }
     Ok(())
@@ -384,7 +383,10 @@ mod tests {
     fn listing(p: &Path) -> Vec<String> {
         let mut out = vec![];
         fn walk(base: &Path, p: &Path, out: &mut Vec<String>) {
-            let mut es: Vec<_> = fs::read_dir(p).unwrap().map(|e| e.unwrap().path()).collect();
+            let mut es: Vec<_> = fs::read_dir(p)
+                .unwrap()
+                .map(|e| e.unwrap().path())
+                .collect();
             es.sort();
             for e in es {
                 let m = fs::symlink_metadata(&e).unwrap();
@@ -433,7 +435,11 @@ mod tests {
             cuts += 1;
             fold(&src, &dst, &o).unwrap();
             assert_eq!(listing(&dst), want, "cut after {n} changes");
-            assert!(listing(&src).is_empty(), "cut after {n}: {:?}", listing(&src));
+            assert!(
+                listing(&src).is_empty(),
+                "cut after {n}: {:?}",
+                listing(&src)
+            );
         }
         assert!(cuts > 10, "only {cuts} cut points");
         fs::remove_dir_all(&t).unwrap();

@@ -1,0 +1,477 @@
+//! The RAM tier at boot: each tier dir becomes an overlay whose upper is
+//! in RAM (one tmpfs of the budget for all tiers) and whose lower is a
+//! plain ext4 directory on the partition, above what the live system has
+//! there. Before mounting, offline, what the companion synced last boot
+//! (the stage) is folded into the lower, and for a dir under a persistent
+//! overlay (`/var/log` under `/var`), what that overlay's upper holds there
+//! (written while the tier was off) too. A tier that is turned off is
+//! handed back the same way: its lower folded into the overlay's upper.
+//! Every fold is cut-safe and idempotent (`util::overlayfs::fold`).
+//!
+//! Layout on the partition, per tier (`/var/log` → `tier/var-log/`):
+//! `tier.json` (what it is), `lower/`, `stage/` (the companion's syncs),
+//! `tmp/` (a sync's files before their rename), `generation.json`.
+//!
+//! overlayfs rules kept: the lower is never written while mounted (the
+//! companion writes the stage); mounted with `redirect_dir=off,
+//! metacopy=off,index=off,xino=off` so that folding into the lower offline
+//! is legal; the live system's dir is reached through a bind made before
+//! the persistent overlay covers it (depth ≤ 1: no third level of
+//! stacking).
+
+use crate::boot::mounts::{self, Mounted, escape};
+use crate::settings::config::Settings;
+use crate::util::overlayfs::{self, FoldOptions, fold};
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+pub const OVERLAY_OPTIONS: &str = "redirect_dir=off,metacopy=off,index=off,xino=off";
+
+/// A tier as mounted this boot (state.json `tiers`); paths are as seen
+/// after the switch to the live root (`/run` moves along).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Tier {
+    /// The directory (`/var/log`).
+    pub dir: String,
+    /// `tier/<name>/` on the partition.
+    pub base: String,
+    pub lower: String,
+    pub stage: String,
+    pub tmp: String,
+    /// In the tier tmpfs.
+    pub upper: String,
+    pub work: String,
+    /// Subdirectories bound from the persistent overlay, not in RAM.
+    pub excluded: Vec<String>,
+}
+
+/// What a tier's lower sits on, recorded in `tier.json` so that a tier no
+/// longer configured can be handed back.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "home", rename_all = "snake_case")]
+pub enum Home {
+    /// Under a persistent overlay dir: `parent` (`/var`) with its upper's
+    /// subdir `sub` (`log`). Whiteouts in the lower hide the live image.
+    Overlay {
+        dir: String,
+        parent: String,
+        sub: String,
+    },
+    /// Under a bind dir (`/home`): the lower is the partition's own dir.
+    Bind { dir: String, path: String },
+}
+
+impl Home {
+    fn dir(&self) -> &str {
+        match self {
+            Home::Overlay { dir, .. } | Home::Bind { dir, .. } => dir,
+        }
+    }
+}
+
+fn strictly_under<'a>(d: &'a str, parent: &str) -> Option<&'a str> {
+    d.strip_prefix(parent)?
+        .strip_prefix('/')
+        .filter(|r| !r.is_empty())
+}
+
+/// Where a tier dir's data lives (pure). `None` with the reason when it is
+/// not under a persistent dir.
+pub fn home_of(d: &str, s: &Settings) -> Result<Home, String> {
+    for p in &s.overlay_dirs {
+        if let Some(sub) = strictly_under(d, p) {
+            return Ok(Home::Overlay {
+                dir: d.into(),
+                parent: p.clone(),
+                sub: sub.into(),
+            });
+        }
+    }
+    for b in &s.bind_dirs {
+        if d == b {
+            return Err(format!(
+                "tier dir {d} is a bind dir itself; give a directory below it"
+            ));
+        }
+        if let Some(sub) = strictly_under(d, b) {
+            return Ok(Home::Bind {
+                dir: d.into(),
+                path: format!("{}/{sub}", escape(b)),
+            });
+        }
+    }
+    Err(format!(
+        "tier dir {d} is not below a persistent directory ({}); not in the tier",
+        s.overlay_dirs
+            .iter()
+            .chain(&s.bind_dirs)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join(", ")
+    ))
+}
+
+fn under(root: &Path, dir: &str) -> PathBuf {
+    root.join(dir.trim_start_matches('/'))
+}
+
+/// A tier ready to mount, and the live system's dir bound aside for it.
+type Ready = (Tier, Option<PathBuf>);
+
+/// Folded and bound before the persistent overlays are mounted.
+pub struct Prepared {
+    tiers: Vec<Ready>,
+    pub mounts: Vec<Mounted>,
+    pub warnings: Vec<String>,
+    ram: PathBuf,
+}
+
+/// Phase one, offline: hand back tiers no longer configured, fold each
+/// tier's stage (and the persistent overlay's part of its dir) into its
+/// lower, mount the tier tmpfs and bind the live system's view of each dir
+/// aside. `pm` is the mounted partition, `run` the initramfs /run.
+pub fn prepare(root: &Path, pm: &Path, run: &Path, s: &Settings, ram: u64) -> Prepared {
+    let mut p = Prepared {
+        tiers: vec![],
+        mounts: vec![],
+        warnings: vec![],
+        ram: run.join("mados/tier"),
+    };
+    let wanted: Vec<Home> = if s.tier.enabled {
+        s.tier
+            .dirs
+            .iter()
+            .filter_map(|d| home_of(d, s).map_err(|w| p.warnings.push(w)).ok())
+            .collect()
+    } else {
+        vec![]
+    };
+    // tiers on the partition that are not wanted now: hand them back
+    if let Ok(rd) = std::fs::read_dir(pm.join("tier")) {
+        for e in rd.flatten() {
+            let base = e.path();
+            let Some(h) = crate::util::fsutil::read_nofollow(&base.join("tier.json"), 1 << 16)
+                .ok()
+                .and_then(|b| serde_json::from_slice::<Home>(&b).ok())
+            else {
+                continue;
+            };
+            if !wanted.iter().any(|w| w.dir() == h.dir()) {
+                match hand_back(pm, &base, &h) {
+                    Ok(()) => log::info!("RAM tier {} off: its data is back in place", h.dir()),
+                    Err(e) => p
+                        .warnings
+                        .push(format!("handing back the RAM tier of {}: {e:#}", h.dir())),
+                }
+            }
+        }
+    }
+    if wanted.is_empty() {
+        return p;
+    }
+    let budget = s.tier.budget_bytes(ram);
+    let tmpfs = (|| -> Result<()> {
+        std::fs::create_dir_all(&p.ram)?;
+        mounts::mount(
+            "mados-tier",
+            &p.ram,
+            "tmpfs",
+            &format!("size={budget},mode=0755"),
+        )
+    })();
+    if let Err(e) = tmpfs {
+        p.warnings.push(format!(
+            "RAM tier: mounting its tmpfs: {e:#}; no RAM tier this boot"
+        ));
+        return p;
+    }
+    p.mounts.push(Mounted {
+        target: p.ram.clone(),
+        fstype: "tmpfs".into(),
+        source: "mados-tier".into(),
+        options: format!("size={budget},mode=0755"),
+    });
+    for h in wanted {
+        match prepare_one(root, pm, &p.ram, s, &h) {
+            Ok(t) => p.tiers.push(t),
+            Err(e) => p.warnings.push(format!(
+                "RAM tier {}: {e:#}; written to the partition directly this boot",
+                h.dir()
+            )),
+        }
+    }
+    p
+}
+
+fn prepare_one(root: &Path, pm: &Path, ram: &Path, s: &Settings, h: &Home) -> Result<Ready> {
+    let dir = h.dir().to_string();
+    let name = escape(&dir);
+    let base = pm.join("tier").join(&name);
+    let (lower, keep) = match h {
+        Home::Overlay { .. } => (base.join("lower"), true),
+        Home::Bind { path, .. } => (pm.join(path), false),
+    };
+    let stage = base.join("stage");
+    let tmp = base.join("tmp");
+    std::fs::create_dir_all(&stage)?;
+    std::fs::create_dir_all(&lower)?;
+    crate::util::fsutil::write_atomic(&base.join("tier.json"), &serde_json::to_vec_pretty(h)?)?;
+    overlayfs::remove_all(&tmp)?;
+    let excluded: Vec<String> = match h {
+        Home::Overlay { .. } => s
+            .tier
+            .exclude
+            .iter()
+            .filter_map(|e| strictly_under(e, &dir).map(String::from))
+            .collect(),
+        Home::Bind { .. } => vec![],
+    };
+    let r = fold(
+        &stage,
+        &lower,
+        &FoldOptions {
+            keep_whiteouts: keep,
+            skip: &[],
+        },
+    )
+    .context("folding the last sync into the lower")?;
+    if r.moved + r.removed > 0 {
+        log::info!(
+            "RAM tier {dir}: folded the last sync ({} entries)",
+            r.moved + r.removed
+        );
+    }
+    let mut below = None;
+    if let Home::Overlay { parent, sub, .. } = h {
+        let up = pm
+            .join("overlays")
+            .join(escape(parent))
+            .join("upper")
+            .join(sub);
+        if up.is_dir() {
+            let r = fold(
+                &up,
+                &lower,
+                &FoldOptions {
+                    keep_whiteouts: true,
+                    skip: &excluded,
+                },
+            )
+            .context("moving what the persistent overlay holds there into the tier")?;
+            if r.moved + r.removed > 0 {
+                log::info!(
+                    "RAM tier {dir}: took over {} entries from the persistent overlay",
+                    r.moved + r.removed
+                );
+            }
+        }
+        let hidden = up.is_dir() && overlayfs::is_opaque(&up);
+        let live = under(root, &dir);
+        if live.is_dir() && !hidden {
+            let b = ram.join(&name).join("below");
+            std::fs::create_dir_all(&b)?;
+            nix::mount::mount(
+                Some(&live),
+                &b,
+                None::<&str>,
+                nix::mount::MsFlags::MS_BIND,
+                None::<&str>,
+            )
+            .with_context(|| format!("binding {} aside", live.display()))?;
+            below = Some(b);
+        }
+    }
+    for e in &excluded {
+        std::fs::create_dir_all(lower.join(e))?;
+    }
+    let (upper, work) = (ram.join(&name).join("upper"), ram.join(&name).join("work"));
+    std::fs::create_dir_all(&upper)?;
+    std::fs::create_dir_all(&work)?;
+    let t = Tier {
+        dir: dir.clone(),
+        base: base.display().to_string(),
+        lower: lower.display().to_string(),
+        stage: stage.display().to_string(),
+        tmp: tmp.display().to_string(),
+        upper: upper.display().to_string(),
+        work: work.display().to_string(),
+        excluded: excluded.iter().map(|e| format!("{dir}/{e}")).collect(),
+    };
+    Ok((t, below))
+}
+
+/// Phase two, after the persistent overlays and binds: mount each tier's
+/// overlay, and bind its excluded subdirs from the persistent view.
+pub fn mount(root: &Path, p: Prepared, done: &mut Vec<Mounted>) -> (Vec<Tier>, Vec<String>) {
+    let mut tiers = vec![];
+    let mut warnings = p.warnings;
+    done.extend(p.mounts);
+    for (t, below) in p.tiers {
+        let target = under(root, &t.dir);
+        let r = (|| -> Result<()> {
+            std::fs::create_dir_all(&target)
+                .with_context(|| format!("creating {}", target.display()))?;
+            // the excluded subdirs as the persistent overlay shows them
+            let mut aside = vec![];
+            for (i, e) in t.excluded.iter().enumerate() {
+                let view = under(root, e);
+                std::fs::create_dir_all(&view)?;
+                let a = Path::new(&t.upper).with_file_name(format!("excluded-{i}"));
+                std::fs::create_dir_all(&a)?;
+                bind(&view, &a)?;
+                aside.push((a, e.clone()));
+            }
+            let lowers = match &below {
+                Some(b) => format!("{}:{}", t.lower, b.display()),
+                None => t.lower.clone(),
+            };
+            let opts = format!(
+                "lowerdir={lowers},upperdir={},workdir={},{OVERLAY_OPTIONS}",
+                t.upper, t.work
+            );
+            mounts::mount("mados-tier", &target, "overlay", &opts)?;
+            done.push(Mounted {
+                target: target.clone(),
+                fstype: "overlay".into(),
+                source: "mados-tier".into(),
+                options: opts,
+            });
+            for (a, e) in aside {
+                let view = under(root, &e);
+                bind(&a, &view)?;
+                let _ = nix::mount::umount2(&a, nix::mount::MntFlags::MNT_DETACH);
+                done.push(Mounted {
+                    target: view,
+                    fstype: "bind".into(),
+                    source: format!("{e} (persistent)"),
+                    options: "bind".into(),
+                });
+            }
+            Ok(())
+        })();
+        // the overlay keeps its own reference to the lower: the bind goes
+        if let Some(b) = &below {
+            let _ = nix::mount::umount2(b, nix::mount::MntFlags::MNT_DETACH);
+        }
+        match r {
+            Ok(()) => {
+                log::info!("RAM tier on {} (lower {})", t.dir, t.lower);
+                tiers.push(t);
+            }
+            Err(e) => warnings.push(format!(
+                "RAM tier {}: {e:#}; written to the partition directly this boot",
+                t.dir
+            )),
+        }
+    }
+    (tiers, warnings)
+}
+
+/// The persistent mounts failed: no tier either.
+pub fn abandon(p: Prepared) {
+    for (_, below) in &p.tiers {
+        if let Some(b) = below {
+            let _ = nix::mount::umount2(b, nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+    for m in p.mounts.iter().rev() {
+        let _ = nix::mount::umount2(&m.target, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+fn bind(from: &Path, to: &Path) -> Result<()> {
+    nix::mount::mount(
+        Some(from),
+        to,
+        None::<&str>,
+        nix::mount::MsFlags::MS_BIND,
+        None::<&str>,
+    )
+    .with_context(|| format!("binding {} on {}", from.display(), to.display()))
+}
+
+/// A tier turned off: its last sync and its lower go back where the
+/// directory lives without the tier, then its directory is removed.
+fn hand_back(pm: &Path, base: &Path, h: &Home) -> Result<()> {
+    let stage = base.join("stage");
+    match h {
+        Home::Overlay { parent, sub, .. } => {
+            let lower = base.join("lower");
+            if stage.is_dir() {
+                fold(
+                    &stage,
+                    &lower,
+                    &FoldOptions {
+                        keep_whiteouts: true,
+                        skip: &[],
+                    },
+                )?;
+            }
+            let up = pm
+                .join("overlays")
+                .join(escape(parent))
+                .join("upper")
+                .join(sub);
+            if lower.is_dir() {
+                fold(
+                    &lower,
+                    &up,
+                    &FoldOptions {
+                        keep_whiteouts: true,
+                        skip: &[],
+                    },
+                )?;
+            }
+        }
+        Home::Bind { path, .. } => {
+            if stage.is_dir() {
+                fold(
+                    &stage,
+                    &pm.join(path),
+                    &FoldOptions {
+                        keep_whiteouts: false,
+                        skip: &[],
+                    },
+                )?;
+            }
+        }
+    }
+    overlayfs::remove_all(base)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn homes() {
+        let s = Settings::default();
+        assert_eq!(
+            home_of("/var/log", &s),
+            Ok(Home::Overlay {
+                dir: "/var/log".into(),
+                parent: "/var".into(),
+                sub: "log".into()
+            })
+        );
+        assert_eq!(
+            home_of("/home/live/.cache", &s),
+            Ok(Home::Bind {
+                dir: "/home/live/.cache".into(),
+                path: "home/live/.cache".into()
+            })
+        );
+        assert!(home_of("/var", &s).unwrap_err().contains("not below"));
+        assert!(
+            home_of("/home", &s)
+                .unwrap_err()
+                .contains("bind dir itself")
+        );
+        assert!(home_of("/srv/x", &s).is_err());
+        assert!(
+            home_of("/variable", &s).is_err(),
+            "a prefix is not a parent"
+        );
+    }
+}

@@ -1,0 +1,169 @@
+//! The companion, `mados-persistence daemon`, and `mados-persistence sync`:
+//! after boot, the RAM tiers `boot` mounted (state.json `tiers`) are synced
+//! to the partition on a timer, when idle, when the tier fills, on request
+//! and at stop.
+//!
+//! - `sync`: one tier's crash-safe sync (stage mirrors the RAM upper).
+//! - `notify`: systemd's readiness protocol over `$NOTIFY_SOCKET`.
+//! - `daemon`: the loop, the single-instance lock, signals.
+
+pub mod daemon;
+pub mod notify;
+pub mod sync;
+
+use crate::boot::state::{self, State};
+use crate::boot::tier::Tier;
+use anyhow::{Context, Result};
+use std::path::{Path, PathBuf};
+
+pub const RUN_DIR: &str = "/run/mados-persistence";
+
+/// The directory for the companion's runtime files (`MADOS_PERSISTENCE_RUN`
+/// overrides it, for tests).
+pub fn run_dir() -> PathBuf {
+    std::env::var_os("MADOS_PERSISTENCE_RUN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(RUN_DIR))
+}
+
+pub fn read_state(run: &Path) -> Result<State> {
+    let p = run.join(state::STATE_FILE);
+    let text = std::fs::read_to_string(&p).with_context(|| {
+        format!(
+            "reading {} (did the initramfs hook run this boot?)",
+            p.display()
+        )
+    })?;
+    serde_json::from_str(&text).with_context(|| format!("parsing {}", p.display()))
+}
+
+fn manifest_path(run: &Path, t: &Tier) -> PathBuf {
+    run.join(format!(
+        "tier-{}.manifest.json",
+        crate::boot::mounts::escape(&t.dir)
+    ))
+}
+
+/// The outcome of syncing every tier once.
+#[derive(Debug, Default)]
+pub struct SyncAll {
+    pub reports: Vec<(String, Result<sync::Report>)>,
+    pub seconds: f64,
+}
+
+impl SyncAll {
+    pub fn ok(&self) -> bool {
+        self.reports.iter().all(|(_, r)| r.is_ok())
+    }
+}
+
+/// Sync every tier under the sync lock (the daemon and `sync` never run
+/// one at the same time). Each tier's manifest lives in `run`.
+pub fn sync_all(run: &Path, tiers: &[Tier]) -> Result<SyncAll> {
+    let _lock = Lock::take(&run.join("sync.lock"), true)?;
+    let t0 = std::time::Instant::now();
+    let mut out = SyncAll::default();
+    for t in tiers {
+        let mp = manifest_path(run, t);
+        let mut m = sync::Manifest::load(&mp).unwrap_or_default();
+        let r = sync::sync_tier(t, &mut m).and_then(|r| {
+            m.save(&mp)?;
+            Ok(r)
+        });
+        out.reports.push((t.dir.clone(), r));
+    }
+    out.seconds = t0.elapsed().as_secs_f64();
+    Ok(out)
+}
+
+/// An exclusive `flock` on a file in /run, released when dropped (or when
+/// the process dies, `kill -9` included).
+pub struct Lock {
+    _l: nix::fcntl::Flock<std::fs::File>,
+}
+
+impl Lock {
+    pub fn take(p: &Path, wait: bool) -> Result<Lock> {
+        use nix::fcntl::{Flock, FlockArg};
+        if let Some(d) = p.parent() {
+            std::fs::create_dir_all(d)?;
+        }
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(p)
+            .with_context(|| format!("opening {}", p.display()))?;
+        let arg = if wait {
+            FlockArg::LockExclusive
+        } else {
+            FlockArg::LockExclusiveNonblock
+        };
+        Flock::lock(f, arg)
+            .map(|l| Lock { _l: l })
+            .map_err(|(_, e)| e)
+            .with_context(|| format!("locking {}", p.display()))
+    }
+}
+
+/// `mados-persistence sync`: every tier durable on the stick now.
+pub fn sync_command(json: bool) -> Result<bool> {
+    let run = run_dir();
+    let st = read_state(&run)?;
+    if st.tiers.is_empty() {
+        let why = if st.mode != "persistent" {
+            format!(
+                "this boot runs in RAM mode ({}); there is no RAM tier to sync",
+                st.mode
+            )
+        } else {
+            "no RAM tier is mounted this boot (tier off or not configured)".into()
+        };
+        if json {
+            println!("{}", serde_json::json!({"synced": [], "note": why}));
+        } else {
+            println!("{why}");
+        }
+        return Ok(true);
+    }
+    let all = sync_all(&run, &st.tiers)?;
+    let mut ok = true;
+    let mut out = vec![];
+    for (dir, r) in &all.reports {
+        match r {
+            Ok(r) => {
+                if !json {
+                    println!(
+                        "{dir}: synced: {} changed ({} bytes written, {} appended, {} renamed, {} removed); durable on the stick",
+                        r.changed, r.bytes, r.appended, r.renamed, r.removed
+                    );
+                    for n in &r.not_carried {
+                        println!("  not carried: {n}");
+                    }
+                }
+                out.push(
+                    serde_json::json!({"dir": dir, "ok": true, "changed": r.changed,
+                    "bytes": r.bytes, "appended": r.appended, "renamed": r.renamed,
+                    "removed": r.removed, "not_carried": r.not_carried}),
+                );
+            }
+            Err(e) => {
+                ok = false;
+                if !json {
+                    eprintln!("{dir}: NOT synced: {e:#}");
+                }
+                out.push(serde_json::json!({"dir": dir, "ok": false, "error": format!("{e:#}")}));
+            }
+        }
+    }
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(
+                &serde_json::json!({"synced": out, "seconds": all.seconds})
+            )?
+        );
+    }
+    Ok(ok)
+}
