@@ -216,7 +216,14 @@ fn prepare_one(root: &Path, pm: &Path, ram: &Path, s: &Settings, h: &Home) -> Re
     let tmp = base.join("tmp");
     std::fs::create_dir_all(&stage)?;
     std::fs::create_dir_all(&lower)?;
-    crate::util::fsutil::write_atomic(&base.join("tier.json"), &serde_json::to_vec_pretty(h)?)?;
+    // what the tier is, for a later boot that no longer has it configured
+    // (written once: no fsync on every boot)
+    let record = serde_json::to_vec_pretty(h)?;
+    if crate::util::fsutil::read_nofollow(&base.join("tier.json"), 1 << 16).ok()
+        != Some(record.clone())
+    {
+        crate::util::fsutil::write_atomic(&base.join("tier.json"), &record)?;
+    }
     overlayfs::remove_all(&tmp)?;
     let excluded: Vec<String> = match h {
         Home::Overlay { .. } => s

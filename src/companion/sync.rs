@@ -23,12 +23,13 @@
 
 use crate::boot::tier::Tier;
 use crate::util::overlayfs::{self, fsync_dir, is_opaque, is_whiteout};
+use crate::util::treecopy;
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs;
 use std::io::{Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 /// What the last sync left in the stage, per path relative to the tier.
@@ -576,21 +577,7 @@ fn make_node(src: &Path, tp: &Path, m: &fs::Metadata, r: &mut Report) -> Result<
         std::os::unix::fs::symlink(fs::read_link(src)?, tp)
             .with_context(|| format!("creating the symlink {}", tp.display()))?;
     } else if ft.is_char_device() || ft.is_block_device() || ft.is_fifo() {
-        use nix::sys::stat::{Mode, SFlag, mknod};
-        let kind = if ft.is_char_device() {
-            SFlag::S_IFCHR
-        } else if ft.is_block_device() {
-            SFlag::S_IFBLK
-        } else {
-            SFlag::S_IFIFO
-        };
-        mknod(
-            tp,
-            kind,
-            Mode::from_bits_truncate(m.mode() & 0o7777),
-            m.rdev() as nix::libc::dev_t,
-        )
-        .with_context(|| format!("creating the node {}", tp.display()))?;
+        treecopy::make_node(tp, m)?;
     } else {
         // a socket: its program makes it again; an empty file holds its place
         r.not_carried.push(format!(
@@ -603,36 +590,9 @@ fn make_node(src: &Path, tp: &Path, m: &fs::Metadata, r: &mut Report) -> Result<
     set_attrs(src, tp, m, &mut r.not_carried)
 }
 
-/// Owner, then mode (chown clears set-id bits), then extended attributes,
-/// then times. A refusal is reported, not fatal.
+/// Owner, mode, attributes, times as `util::treecopy` carries them (the
+/// opaque mark included; `sync_opaque` also clears a stale one).
 fn set_attrs(src: &Path, dst: &Path, m: &fs::Metadata, not: &mut Vec<String>) -> Result<()> {
-    let link = m.file_type().is_symlink();
-    if let Err(e) = std::os::unix::fs::lchown(dst, Some(m.uid()), Some(m.gid())) {
-        not.push(format!("{}: owner ({e})", src.display()));
-    }
-    if !link && let Err(e) = fs::set_permissions(dst, fs::Permissions::from_mode(m.mode() & 0o7777))
-    {
-        not.push(format!("{}: mode ({e})", src.display()));
-    }
-    if let Ok(names) = xattr::list(src) {
-        for n in names {
-            if n.to_string_lossy().ends_with("overlay.opaque") {
-                continue; // set by sync_opaque once the children are there
-            }
-            if let Ok(Some(v)) = xattr::get(src, &n)
-                && xattr::get(dst, &n).ok().flatten().as_deref() != Some(&v[..])
-                && let Err(e) = xattr::set(dst, &n, &v)
-            {
-                not.push(format!(
-                    "{}: attribute {} ({e})",
-                    src.display(),
-                    n.to_string_lossy()
-                ));
-            }
-        }
-    }
-    if let Err(e) = overlayfs::set_times(dst, m) {
-        not.push(format!("{e:#}"));
-    }
+    treecopy::attrs(src, dst, m, not);
     Ok(())
 }

@@ -61,7 +61,7 @@ fn copy_dir(
         let m = fs::symlink_metadata(&src).with_context(|| format!("reading {}", src.display()))?;
         copy_entry(&src, &dst, &m, links, r)?;
     }
-    attrs(from, to, meta, r);
+    attrs(from, to, meta, &mut r.not_carried);
     r.entries += 1;
     Ok(())
 }
@@ -110,21 +110,7 @@ fn copy_entry(
         std::os::unix::fs::symlink(fs::read_link(src)?, dst)
             .with_context(|| format!("creating the symlink {}", dst.display()))?;
     } else if ft.is_char_device() || ft.is_block_device() || ft.is_fifo() {
-        use nix::sys::stat::{Mode, SFlag, mknod};
-        let kind = if ft.is_char_device() {
-            SFlag::S_IFCHR
-        } else if ft.is_block_device() {
-            SFlag::S_IFBLK
-        } else {
-            SFlag::S_IFIFO
-        };
-        mknod(
-            dst,
-            kind,
-            Mode::from_bits_truncate(m.mode() & 0o7777),
-            m.rdev() as nix::libc::dev_t,
-        )
-        .with_context(|| format!("creating the node {}", dst.display()))?;
+        make_node(dst, m)?;
     } else {
         r.not_carried.push(format!(
             "{}: a socket (recreated by its program)",
@@ -132,17 +118,39 @@ fn copy_entry(
         ));
         return Ok(());
     }
-    attrs(src, dst, m, r);
+    attrs(src, dst, m, &mut r.not_carried);
     r.entries += 1;
     Ok(())
 }
 
+/// A char/block device or FIFO at `dst` like the one `m` describes (a
+/// char device 0/0 is an overlay whiteout).
+pub fn make_node(dst: &Path, m: &fs::Metadata) -> Result<()> {
+    use nix::sys::stat::{Mode, SFlag, mknod};
+    let ft = m.file_type();
+    let kind = if ft.is_char_device() {
+        SFlag::S_IFCHR
+    } else if ft.is_block_device() {
+        SFlag::S_IFBLK
+    } else {
+        SFlag::S_IFIFO
+    };
+    mknod(
+        dst,
+        kind,
+        Mode::from_bits_truncate(m.mode() & 0o7777),
+        m.rdev() as nix::libc::dev_t,
+    )
+    .with_context(|| format!("creating the node {}", dst.display()))
+}
+
 /// Owner, then mode (chown clears set-id bits), then extended attributes
 /// (`security.capability` too is cleared by chown), then times.
-fn attrs(src: &Path, dst: &Path, m: &fs::Metadata, r: &mut Report) {
+/// What cannot be carried is pushed to `not_carried`, never fatal.
+pub fn attrs(src: &Path, dst: &Path, m: &fs::Metadata, not_carried: &mut Vec<String>) {
     let link = m.file_type().is_symlink();
     if let Err(e) = std::os::unix::fs::lchown(dst, Some(m.uid()), Some(m.gid())) {
-        r.not_carried.push(format!(
+        not_carried.push(format!(
             "{}: owner {}:{} ({e})",
             src.display(),
             m.uid(),
@@ -151,7 +159,7 @@ fn attrs(src: &Path, dst: &Path, m: &fs::Metadata, r: &mut Report) {
     }
     if !link && let Err(e) = fs::set_permissions(dst, fs::Permissions::from_mode(m.mode() & 0o7777))
     {
-        r.not_carried.push(format!(
+        not_carried.push(format!(
             "{}: mode {:o} ({e})",
             src.display(),
             m.mode() & 0o7777
@@ -164,7 +172,7 @@ fn attrs(src: &Path, dst: &Path, m: &fs::Metadata, r: &mut Report) {
                     Ok(Some(v)) => v,
                     Ok(None) => continue,
                     Err(e) => {
-                        r.not_carried.push(format!(
+                        not_carried.push(format!(
                             "{}: attribute {} ({e})",
                             src.display(),
                             n.to_string_lossy()
@@ -173,7 +181,7 @@ fn attrs(src: &Path, dst: &Path, m: &fs::Metadata, r: &mut Report) {
                     }
                 };
                 if let Err(e) = xattr::set(dst, &n, &v) {
-                    r.not_carried.push(format!(
+                    not_carried.push(format!(
                         "{}: attribute {} ({e})",
                         src.display(),
                         n.to_string_lossy()
@@ -181,9 +189,7 @@ fn attrs(src: &Path, dst: &Path, m: &fs::Metadata, r: &mut Report) {
                 }
             }
         }
-        Err(e) => r
-            .not_carried
-            .push(format!("{}: attributes ({e})", src.display())),
+        Err(e) => not_carried.push(format!("{}: attributes ({e})", src.display())),
     }
     use nix::sys::stat::{UtimensatFlags, utimensat};
     use nix::sys::time::TimeSpec;
@@ -196,7 +202,6 @@ fn attrs(src: &Path, dst: &Path, m: &fs::Metadata, r: &mut Report) {
         &mt,
         UtimensatFlags::NoFollowSymlink,
     ) {
-        r.not_carried
-            .push(format!("{}: times ({e})", src.display()));
+        not_carried.push(format!("{}: times ({e})", src.display()));
     }
 }
