@@ -47,12 +47,18 @@ enum Cmd {
     },
     /// Is my work being saved, and if not, why? (no root needed)
     #[command(
-        after_help = "Examples:\n  mados-persistence status\n  mados-persistence status --json | jq .mode"
+        after_help = "Examples:\n  mados-persistence status\n  mados-persistence status --json | jq .mode\n  \
+        mados-persistence status --watch            # live: RAM tier, syncs, cleanup, every second\n  \
+        mados-persistence status --watch 5 --json   # one JSON document a line, every 5 s"
     )]
     Status {
         /// Print one JSON document (schema in README: \"status --json\").
         #[arg(long)]
         json: bool,
+        /// Refresh every SECS seconds (default 1) until interrupted; the live
+        /// numbers come from the daemon's shared-memory stats.
+        #[arg(long, value_name = "SECS", num_args = 0..=1, default_missing_value = "1")]
+        watch: Option<u64>,
     },
     /// Create persistence on the boot stick (or --device), keeping this session's changes.
     #[command(after_help = "Examples:\n  sudo mados-persistence enable\n  \
@@ -175,8 +181,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
             println!("mados-persistence: mode {mode}");
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Status { json } => {
-            manage::status(json)?;
+        Cmd::Status { json, watch } => {
+            manage::status(json, watch)?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Enable { device, size, yes } => {

@@ -5,8 +5,13 @@
 //! final time on SIGTERM/SIGINT/SIGHUP before it exits 0. The tier's data
 //! lives in its tmpfs, not in this process: a `kill -9` loses nothing, and
 //! a restarted daemon goes on from the manifests in /run.
+//!
+//! In every mode (RAM mode too) it runs the temp cleanup every
+//! `[cleanup] every` seconds and publishes live stats
+//! (`/run/mados-persistence/stats`, `companion::stats`) once a second.
 
-use super::{Lock, notify::notify, read_state, run_dir, sync_all};
+use super::stats::{self, Stats};
+use super::{Lock, cleanup, notify::notify, read_state, run_dir, sync, sync_all};
 use crate::boot::tier::Tier;
 use crate::settings::config::{self, Settings};
 use anyhow::{Context, Result};
@@ -32,6 +37,112 @@ fn tier_ram(tiers: &[Tier]) -> Option<&Path> {
     tiers
         .first()
         .and_then(|t| Path::new(&t.upper).parent()?.parent())
+}
+
+/// The daemon's view of what it did, published to the stats block.
+struct Live {
+    stats: Stats,
+    writer: Option<stats::Writer>,
+}
+
+impl Live {
+    fn publish(&mut self) {
+        self.stats.updated_unix_ms = stats::now_ms();
+        if let Some(w) = &self.writer {
+            w.publish(&self.stats);
+        }
+    }
+
+    /// Per-tier RAM use and what a sync would carry now.
+    fn refresh_dirty(&mut self, run: &Path, tiers: &[Tier]) {
+        for (t, ts) in tiers.iter().zip(self.stats.tiers.iter_mut()) {
+            let m = sync::Manifest::load(&super::manifest_path(run, t)).unwrap_or_default();
+            if let Ok((files, bytes)) = sync::pending(t, &m) {
+                ts.dirty_files = files;
+                ts.dirty_bytes = bytes;
+            }
+            ts.ram_bytes = du(Path::new(&t.upper));
+        }
+    }
+
+    fn record_sync(&mut self, all: &super::SyncAll) {
+        let now = stats::now_ms();
+        for (dir, r) in &all.reports {
+            if let Some(ts) = self.stats.tiers.iter_mut().find(|t| &t.dir == dir) {
+                ts.last_sync_unix_ms = now;
+                match r {
+                    Ok(r) => {
+                        ts.syncs += 1;
+                        ts.last_sync_us = r.micros;
+                        ts.last_sync_bytes = r.bytes;
+                    }
+                    Err(_) => ts.sync_errors += 1,
+                }
+            }
+        }
+    }
+}
+
+/// Bytes a tree takes (allocated blocks), without following symlinks or
+/// leaving its filesystem.
+fn du(root: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(rm) = std::fs::symlink_metadata(root) else {
+        return 0;
+    };
+    let mut total = rm.blocks() * 512;
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            if let Ok(m) = e.path().symlink_metadata() {
+                total = total.saturating_add(m.blocks() * 512);
+                if m.is_dir() && m.dev() == rm.dev() {
+                    stack.push(e.path());
+                }
+            }
+        }
+    }
+    total
+}
+
+/// One cleanup pass over every configured dir, logged and counted.
+fn cleanup_pass(s: &Settings, live: &mut Live) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    for d in &s.cleanup.dirs {
+        let p = Path::new(d);
+        if !p.is_dir() {
+            continue;
+        }
+        match cleanup::run(p, Path::new("/proc"), now, s.cleanup.age) {
+            Ok(pass) => {
+                if pass.files > 0 {
+                    log::info!(
+                        "cleanup {d}: removed {} files ({} bytes) older than {} s",
+                        pass.files,
+                        pass.bytes,
+                        s.cleanup.age
+                    );
+                }
+                for e in &pass.errors {
+                    log::warn!("cleanup: {e}");
+                }
+                live.stats.cleanup_files += pass.files;
+                live.stats.cleanup_bytes = live.stats.cleanup_bytes.saturating_add(pass.bytes);
+            }
+            Err(e) => log::warn!("cleanup of {d}: {e:#}"),
+        }
+    }
+    let held = cleanup::deleted_open(Path::new("/proc"));
+    live.stats.deleted_open_files = held.len() as u64;
+    live.stats.deleted_open_bytes = held.iter().map(|h| h.bytes).sum();
+    live.stats.cleanup_runs += 1;
+    live.stats.last_cleanup_unix_ms = stats::now_ms();
 }
 
 pub fn run() -> Result<()> {
@@ -75,6 +186,34 @@ pub fn run() -> Result<()> {
                 .join(", ")
         )
     };
+    let mut live = Live {
+        stats: Stats {
+            pid: u64::from(std::process::id()),
+            started_unix_ms: stats::now_ms(),
+            tiers: tiers
+                .iter()
+                .map(|t| stats::TierStats {
+                    dir: t.dir.clone(),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        },
+        writer: None,
+    };
+    live.refresh_dirty(&run, &tiers);
+    if let Some(u) = ram.as_deref().and_then(usage) {
+        (live.stats.tier_used, live.stats.tier_budget) = (u.0, u.2);
+    }
+    let sp = run.join(stats::STATS_FILE);
+    match stats::Writer::create(&sp, &live.stats) {
+        Ok(w) => live.writer = Some(w),
+        Err(e) => log::warn!("no live stats: {e:#}"),
+    }
+    let cleanup_every = (s.cleanup.every > 0).then(|| Duration::from_secs(s.cleanup.every));
+    if cleanup_every.is_none() {
+        log::info!("temp cleanup is off (cleanup.every = 0)");
+    }
     log::info!("started: {status}");
     let _ = notify(&format!("READY=1\nSTATUS={status}"));
     let interval = Duration::from_secs(s.tier.interval);
@@ -82,6 +221,11 @@ pub fn run() -> Result<()> {
     let mut last_sync = Instant::now();
     let mut last_seen = ram.as_deref().and_then(usage);
     let mut last_write: Option<Instant> = None;
+    let mut last_refresh = Instant::now();
+    // the dirty counts shown are older than the last tier write
+    let mut stale = false;
+    // the first pass soon after start, then every `every`
+    let mut next_cleanup = cleanup_every.map(|_| Instant::now() + Duration::from_secs(5));
     // a restarted daemon does not know whether the tiers changed: sync once
     let mut dirty = !tiers.is_empty();
     loop {
@@ -103,10 +247,12 @@ pub fn run() -> Result<()> {
         ) {
             let _ = notify("STOPPING=1\nSTATUS=final sync");
             log::info!("stopping: final sync");
-            if tiers.is_empty() {
-                return Ok(());
-            }
-            return match sync_once(&run, &tiers) {
+            let ok = tiers.is_empty() || sync_once(&run, &tiers, &mut live);
+            live.refresh_dirty(&run, &tiers);
+            live.stats.stopped = true;
+            live.publish();
+            return match ok {
+                true if tiers.is_empty() => Ok(()),
                 true => {
                     log::info!("final sync done: everything written before it is on the stick");
                     Ok(())
@@ -116,16 +262,29 @@ pub fn run() -> Result<()> {
                 }
             };
         }
+        if let (Some(every), Some(at)) = (cleanup_every, next_cleanup)
+            && Instant::now() >= at
+        {
+            cleanup_pass(&s, &mut live);
+            next_cleanup = Some(Instant::now() + every);
+        }
         if tiers.is_empty() {
+            live.publish();
             continue;
         }
         let now = ram.as_deref().and_then(usage);
-        if now.map(|u| (u.0, u.1)) != last_seen.map(|u| (u.0, u.1)) {
+        let changed = now.map(|u| (u.0, u.1)) != last_seen.map(|u| (u.0, u.1));
+        if changed {
             dirty = true;
+            stale = true;
             last_write = Some(Instant::now());
             last_seen = now;
         }
         let full = now.is_some_and(|(used, _, size)| size > 0 && used * 10 >= size * 9);
+        if let Some(u) = now {
+            (live.stats.tier_used, live.stats.tier_budget) = (u.0, u.2);
+        }
+        live.stats.tier_full = full;
         let due = wake == Some(Signal::SIGUSR1)
             || (dirty && last_sync.elapsed() >= interval)
             || (dirty && last_write.is_some_and(|w| w.elapsed() >= idle))
@@ -136,20 +295,30 @@ pub fn run() -> Result<()> {
                     "the RAM tier is above 90% of its budget: syncing; it cannot be emptied while mounted, so it fills up (see README)"
                 );
             }
-            if sync_once(&run, &tiers) {
+            if sync_once(&run, &tiers, &mut live) {
                 dirty = false;
                 last_write = None;
             }
             last_sync = Instant::now();
             last_seen = ram.as_deref().and_then(usage);
+            live.refresh_dirty(&run, &tiers);
+            last_refresh = Instant::now();
+            stale = false;
+        } else if stale && last_refresh.elapsed() >= Duration::from_secs(5) {
+            // what is dirty costs a walk of the RAM upper: at most every 5 s
+            live.refresh_dirty(&run, &tiers);
+            last_refresh = Instant::now();
+            stale = false;
         }
+        live.publish();
     }
 }
 
 /// Sync all tiers, log each outcome; whether all are durable.
-fn sync_once(run: &Path, tiers: &[Tier]) -> bool {
+fn sync_once(run: &Path, tiers: &[Tier], live: &mut Live) -> bool {
     match sync_all(run, tiers) {
         Ok(all) => {
+            live.record_sync(&all);
             for (dir, r) in &all.reports {
                 match r {
                     Ok(r) if r.changed > 0 => log::info!(

@@ -5,10 +5,15 @@
 //!
 //! - `sync`: one tier's crash-safe sync (stage mirrors the RAM upper).
 //! - `notify`: systemd's readiness protocol over `$NOTIFY_SOCKET`.
+//! - `cleanup`: old files out of the temp dirs, never one in use; the
+//!   space deleted-but-open files hold.
+//! - `stats`: the live stats block in shared memory (seqlock).
 //! - `daemon`: the loop, the single-instance lock, signals.
 
+pub mod cleanup;
 pub mod daemon;
 pub mod notify;
+pub mod stats;
 pub mod sync;
 
 use crate::boot::state::{self, State};
@@ -37,7 +42,7 @@ pub fn read_state(run: &Path) -> Result<State> {
     serde_json::from_str(&text).with_context(|| format!("parsing {}", p.display()))
 }
 
-fn manifest_path(run: &Path, t: &Tier) -> PathBuf {
+pub fn manifest_path(run: &Path, t: &Tier) -> PathBuf {
     run.join(format!(
         "tier-{}.manifest.json",
         crate::boot::mounts::escape(&t.dir)
@@ -66,8 +71,10 @@ pub fn sync_all(run: &Path, tiers: &[Tier]) -> Result<SyncAll> {
     for t in tiers {
         let mp = manifest_path(run, t);
         let mut m = sync::Manifest::load(&mp).unwrap_or_default();
-        let r = sync::sync_tier(t, &mut m).and_then(|r| {
+        let t1 = std::time::Instant::now();
+        let r = sync::sync_tier(t, &mut m).and_then(|mut r| {
             m.save(&mp)?;
+            r.micros = t1.elapsed().as_micros() as u64;
             Ok(r)
         });
         out.reports.push((t.dir.clone(), r));

@@ -83,6 +83,8 @@ pub struct Report {
     pub entries: u64,
     /// What could not be carried, with the reason (sockets).
     pub not_carried: Vec<String>,
+    /// How long the sync took (set by `companion::sync_all`).
+    pub micros: u64,
 }
 
 fn kind_of(p: &Path, m: &fs::Metadata) -> char {
@@ -393,6 +395,41 @@ pub fn sync_tier(t: &Tier, manifest: &mut Manifest) -> Result<Report> {
         &serde_json::to_vec_pretty(&g)?,
     )?;
     Ok(c.r)
+}
+
+/// What a sync would carry now (files and bytes), from a walk of the
+/// upper against the manifest, without writing anything: the "dirty" count
+/// the stats show. An append counts only its new tail.
+pub fn pending(t: &Tier, manifest: &Manifest) -> Result<(u64, u64)> {
+    let upper = Path::new(&t.upper);
+    let entries = walk(upper)?;
+    let (mut files, mut bytes) = (0u64, 0u64);
+    let mut seen = BTreeSet::new();
+    for (rel, m) in &entries {
+        seen.insert(rel.as_str());
+        let rec = rec_of(&upper.join(rel), m);
+        match manifest.entries.get(rel) {
+            Some(o) if same_identity(o, &rec) => {}
+            Some(o)
+                if o.kind == 'f' && rec.kind == 'f' && o.ino == rec.ino && rec.size >= o.size =>
+            {
+                files += 1;
+                bytes = bytes.saturating_add(rec.size - o.synced_len.min(rec.size));
+            }
+            _ => {
+                files += 1;
+                if rec.kind == 'f' {
+                    bytes = bytes.saturating_add(rec.size);
+                }
+            }
+        }
+    }
+    files += manifest
+        .entries
+        .keys()
+        .filter(|r| !seen.contains(r.as_str()))
+        .count() as u64;
+    Ok((files, bytes))
 }
 
 /// The stage still holds what the manifest says (a lost or stale manifest

@@ -55,6 +55,27 @@ pub struct Status {
     pub iso: Option<crate::boot::iso_build::IsoBuild>,
     /// Set when this boot found overlays made on another ISO build.
     pub iso_change: Option<crate::boot::iso_build::IsoChange>,
+    /// The companion: RAM tiers, live stats, cleanup, deleted-but-open
+    /// files (null when not gathered).
+    pub companion: Option<Companion>,
+}
+
+/// What the companion publishes and what is held by deleted files.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Companion {
+    /// The RAM tier dirs this boot mounted (state.json `tiers`).
+    pub tiers: Vec<String>,
+    /// The daemon that wrote `stats` is alive.
+    pub running: bool,
+    /// The last stats block it published (null: no daemon ran this boot).
+    pub stats: Option<crate::companion::stats::Stats>,
+    /// Why the stats are missing or could not be read.
+    pub stats_note: Option<String>,
+    /// Deleted files still held open, largest first (as seen by this
+    /// user: root sees every process).
+    pub deleted_open: Vec<crate::companion::cleanup::DeletedOpen>,
+    /// When this was gathered (Unix ms), for the ages shown.
+    pub now_unix_ms: u64,
 }
 
 pub const FULL_PERCENT: u64 = 90;
@@ -90,6 +111,7 @@ pub fn build(
             state_file: state_file.into(),
             iso: None,
             iso_change: None,
+            companion: None,
         };
     };
     let root = if st.root.is_empty() {
@@ -154,7 +176,151 @@ pub fn build(
         state_file: state_file.into(),
         iso: st.iso.clone(),
         iso_change: st.iso_change.clone(),
+        companion: None,
     }
+}
+
+fn ago(now_ms: u64, then_ms: u64) -> String {
+    let s = now_ms.saturating_sub(then_ms) / 1000;
+    match s {
+        0..=59 => format!("{s} s ago"),
+        60..=3599 => format!("{} min ago", s / 60),
+        _ => format!("{} h {} min ago", s / 3600, s / 60 % 60),
+    }
+}
+
+/// The companion's part of the text (pure).
+pub fn render_companion(c: &Companion) -> String {
+    let mut o = String::new();
+    let mut line = |k: &str, v: String| o.push_str(&format!("{k:<14}{v}\n"));
+    let st = c.stats.as_ref();
+    let daemon = match (c.running, st) {
+        (true, Some(s)) => format!(
+            "running (pid {}, started {}, updated {})",
+            s.pid,
+            ago(c.now_unix_ms, s.started_unix_ms),
+            ago(c.now_unix_ms, s.updated_unix_ms)
+        ),
+        (_, Some(s)) if s.stopped => format!(
+            "NOT RUNNING: it stopped cleanly {}{}",
+            ago(c.now_unix_ms, s.updated_unix_ms),
+            if c.tiers.is_empty() {
+                ""
+            } else {
+                "; the RAM tier is not synced until it runs again (`sudo mados-persistence sync` syncs now)"
+            }
+        ),
+        (_, Some(s)) => format!(
+            "NOT RUNNING: it died (pid {} gone, last update {}){}; the numbers below are its last",
+            s.pid,
+            ago(c.now_unix_ms, s.updated_unix_ms),
+            if c.tiers.is_empty() {
+                ""
+            } else {
+                "; nothing in the RAM tier is lost, but it is not synced until it runs again (`sudo mados-persistence sync`)"
+            }
+        ),
+        (_, None) => format!(
+            "NOT RUNNING: no daemon ran this boot{}",
+            c.stats_note
+                .as_ref()
+                .map(|n| format!(" ({n})"))
+                .unwrap_or_default()
+        ),
+    };
+    line("companion:", daemon);
+    if let Some(s) = st {
+        if !c.tiers.is_empty() {
+            let pct = (s.tier_used.saturating_mul(100))
+                .checked_div(s.tier_budget)
+                .unwrap_or(0);
+            line(
+                "RAM tier:",
+                format!(
+                    "{} of {} used ({pct}%){}",
+                    h(s.tier_used),
+                    h(s.tier_budget),
+                    if s.tier_full {
+                        " — WARNING: above 90% of its budget; it cannot be emptied while mounted, so new writes fail when it is full (README, \"When the tier is full\")"
+                    } else {
+                        ""
+                    }
+                ),
+            );
+        }
+        for t in &s.tiers {
+            let last = if t.last_sync_unix_ms == 0 {
+                "not synced yet by the daemon".to_string()
+            } else {
+                format!(
+                    "last sync {} ({} written in {:.1} ms)",
+                    ago(c.now_unix_ms, t.last_sync_unix_ms),
+                    h(t.last_sync_bytes),
+                    t.last_sync_us as f64 / 1000.0
+                )
+            };
+            let pending = if t.dirty_files == 0 {
+                "all synced".to_string()
+            } else {
+                format!(
+                    "{} changes ({}) not yet synced",
+                    t.dirty_files,
+                    h(t.dirty_bytes)
+                )
+            };
+            line(
+                "",
+                format!(
+                    "{}: {} in RAM; {pending}; {last}; {} syncs, {} failed",
+                    t.dir,
+                    h(t.ram_bytes),
+                    t.syncs,
+                    t.sync_errors
+                ),
+            );
+        }
+        let cleanup = if s.cleanup_runs == 0 {
+            "no pass yet".to_string()
+        } else {
+            format!(
+                "{} passes, {} files ({}) removed, last {}",
+                s.cleanup_runs,
+                s.cleanup_files,
+                h(s.cleanup_bytes),
+                ago(c.now_unix_ms, s.last_cleanup_unix_ms)
+            )
+        };
+        line("temp cleanup:", cleanup);
+    } else if !c.tiers.is_empty() {
+        line("RAM tier:", c.tiers.join(", "));
+    }
+    let held: u64 = c.deleted_open.iter().map(|d| d.bytes).sum();
+    if !c.deleted_open.is_empty() {
+        line(
+            "deleted-open:",
+            format!(
+                "{} held by {} deleted files still open (df counts them, du does not); freed when these close:",
+                h(held),
+                c.deleted_open.len()
+            ),
+        );
+        for d in c.deleted_open.iter().take(5) {
+            line(
+                "",
+                format!("{:>9}  {}  ({})", h(d.bytes), d.path, d.holders.join(", ")),
+            );
+        }
+    } else if let Some(s) = st.filter(|s| s.deleted_open_files > 0) {
+        line(
+            "deleted-open:",
+            format!(
+                "{} held by {} deleted files still open (run as root to see which processes)",
+                h(s.deleted_open_bytes),
+                s.deleted_open_files
+            ),
+        );
+    }
+    o
 }
 
 fn h(b: u64) -> String {
@@ -288,11 +454,16 @@ pub fn render(s: &Status) -> String {
             o.push_str(&format!("  - {w}\n"));
         }
     }
+    if let Some(c) = &s.companion {
+        o.push('\n');
+        o.push_str(&render_companion(c));
+    }
     o.push_str(&format!("\nlog: {}   state: {}\n", s.log, s.state_file));
     o
 }
 
-pub fn status(json: bool) -> Result<()> {
+/// Everything `status` shows, read now.
+pub fn gather() -> Status {
     let st = read_state();
     let mounted = mounted_targets();
     let next = std::fs::read_to_string(pending_path())
@@ -329,12 +500,48 @@ pub fn status(json: bool) -> Result<()> {
         &usage,
         next,
     );
-    if json {
-        println!("{}", serde_json::to_string_pretty(&s)?);
-    } else {
-        print!("{}", render(&s));
+    let mut s = s;
+    s.companion = Some(gather_companion(st.as_ref()));
+    s
+}
+
+/// The companion's stats block and the deleted-but-open files, read now.
+fn gather_companion(st: Option<&State>) -> Companion {
+    use crate::companion::{cleanup, run_dir, stats};
+    let (stats, stats_note) = match stats::read(&run_dir().join(stats::STATS_FILE)) {
+        Ok(s) => (s, None),
+        Err(e) => (None, Some(format!("{e:#}"))),
+    };
+    Companion {
+        tiers: st
+            .map(|s| s.tiers.iter().map(|t| t.dir.clone()).collect())
+            .unwrap_or_default(),
+        running: stats.as_ref().is_some_and(stats::daemon_alive),
+        stats,
+        stats_note,
+        deleted_open: cleanup::deleted_open(Path::new("/proc")),
+        now_unix_ms: stats::now_ms(),
     }
-    Ok(())
+}
+
+/// `status`: once, or every `watch` seconds until interrupted (the text
+/// redrawn in place; with `--json`, one document a line).
+pub fn status(json: bool, watch: Option<u64>) -> Result<()> {
+    loop {
+        let s = gather();
+        match (json, watch.is_some()) {
+            (true, false) => println!("{}", serde_json::to_string_pretty(&s)?),
+            (true, true) => println!("{}", serde_json::to_string(&s)?),
+            (false, false) => print!("{}", render(&s)),
+            (false, true) => print!("\x1b[H\x1b[2J{}", render(&s)),
+        }
+        use std::io::Write;
+        std::io::stdout().flush()?;
+        match watch {
+            Some(secs) => std::thread::sleep(std::time::Duration::from_secs(secs.max(1))),
+            None => return Ok(()),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -439,5 +646,87 @@ mod tests {
             serde_json::to_value(&status).unwrap()["next_boot"],
             "disabled-once"
         );
+    }
+
+    fn companion(running: bool, stopped: bool) -> Companion {
+        use crate::companion::stats::{Stats, TierStats};
+        Companion {
+            tiers: vec!["/var/log".into()],
+            running,
+            stats: Some(Stats {
+                pid: 77,
+                started_unix_ms: 1_000_000,
+                updated_unix_ms: 1_299_000,
+                tier_full: true,
+                stopped,
+                cleanup_runs: 5,
+                cleanup_files: 12,
+                cleanup_bytes: 3 << 20,
+                deleted_open_bytes: 9 << 20,
+                deleted_open_files: 1,
+                tier_budget: 1 << 30,
+                tier_used: 1000 << 20,
+                last_cleanup_unix_ms: 1_290_000,
+                tiers: vec![TierStats {
+                    dir: "/var/log".into(),
+                    ram_bytes: 4 << 20,
+                    dirty_files: 3,
+                    dirty_bytes: 12 << 10,
+                    last_sync_unix_ms: 1_180_000,
+                    last_sync_us: 2500,
+                    last_sync_bytes: 8 << 10,
+                    syncs: 4,
+                    sync_errors: 1,
+                }],
+            }),
+            stats_note: None,
+            deleted_open: vec![],
+            now_unix_ms: 1_300_000,
+        }
+    }
+
+    #[test]
+    fn companion_live_stats_are_shown() {
+        let text = render_companion(&companion(true, false));
+        assert!(
+            text.contains("running (pid 77, started 5 min ago, updated 1 s ago)"),
+            "{text}"
+        );
+        assert!(
+            text.contains("1000M of 1G used (97%)") && text.contains("WARNING: above 90%"),
+            "{text}"
+        );
+        assert!(
+            text.contains("/var/log: 4M in RAM; 3 changes (12K) not yet synced; last sync 2 min ago (8K written in 2.5 ms); 4 syncs, 1 failed"),
+            "{text}"
+        );
+        assert!(
+            text.contains("5 passes, 12 files (3M) removed, last 10 s ago"),
+            "{text}"
+        );
+        assert!(text.contains("9M held by 1 deleted files"), "{text}");
+        let mut c = companion(true, false);
+        c.deleted_open = vec![crate::companion::cleanup::DeletedOpen {
+            path: "/tmp/big".into(),
+            bytes: 9 << 20,
+            holders: vec!["123 firefox".into()],
+        }];
+        let text = render_companion(&c);
+        assert!(text.contains("/tmp/big  (123 firefox)"), "{text}");
+        let j = serde_json::to_value(&c).unwrap();
+        assert_eq!(j["stats"]["tiers"][0]["dirty_files"], 3);
+        assert_eq!(j["deleted_open"][0]["holders"][0], "123 firefox");
+    }
+
+    #[test]
+    fn companion_not_running_is_said() {
+        let text = render_companion(&companion(false, true));
+        assert!(text.contains("NOT RUNNING: it stopped cleanly"), "{text}");
+        let text = render_companion(&companion(false, false));
+        assert!(text.contains("NOT RUNNING: it died (pid 77 gone"), "{text}");
+        let mut c = companion(false, false);
+        c.stats = None;
+        let text = render_companion(&c);
+        assert!(text.contains("no daemon ran this boot"), "{text}");
     }
 }

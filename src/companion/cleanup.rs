@@ -1,0 +1,517 @@
+//! Temp cleanup: files older than `[cleanup] age` (by mtime, atime and
+//! ctime, the newest of the three) are removed from the configured dirs
+//! (`/tmp`, `/var/tmp`) every `every` seconds; empty directories too.
+//!
+//! Never removed: anything a process has open, maps, or uses as its cwd or
+//! root (from `/proc/*/fd`, `/proc/*/maps`, `cwd`, `root`) and everything
+//! below such a cwd or root (a build running there, a chroot), a file with a
+//! lock held on it (`/proc/locks`), sockets and FIFOs, the X11/ICE socket
+//! dirs and systemd's private temp dirs (as systemd's `tmp.conf` keeps
+//! them). The walk never crosses a mount point and never follows a symlink
+//! (a symlink itself is removed when old). `/proc` is read twice, before
+//! and after the walk, and only what was unused both times goes; the
+//! removal re-opens each parent one component at a time with `O_NOFOLLOW`
+//! on the same filesystem, checks the entry is still the same inode and
+//! still old, then `unlinkat`s it: a directory swapped for a symlink meanwhile
+//! makes the removal stop, not follow.
+//!
+//! `plan` is pure (entries, the in-use set, the clock → what to remove) and
+//! unit-tested; `in_use` and `deleted_open` read /proc; `run` executes.
+//!
+//! Also here: the space held by deleted-but-open files, with the processes
+//! holding it (the "df says full, du says empty" complaint).
+
+use anyhow::{Context, Result};
+use nix::fcntl::{AtFlags, OFlag, openat};
+use nix::sys::stat::{Mode, fstatat};
+use nix::unistd::{UnlinkatFlags, unlinkat};
+use serde::Serialize;
+use std::collections::{BTreeMap, HashSet};
+use std::fs;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+
+/// (st_dev, st_ino) of something in use.
+pub type Id = (u64, u64);
+
+/// What processes use: `ids` (open, mapped, locked, cwd, root) are never
+/// removed; `anchors` (cwds and roots) keep their whole subtree too — a
+/// build running in a dir, or a chroot, owns what is below it.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct InUse {
+    pub ids: HashSet<Id>,
+    pub anchors: HashSet<Id>,
+}
+
+impl InUse {
+    fn merge(mut self, o: InUse) -> InUse {
+        self.ids.extend(o.ids);
+        self.anchors.extend(o.anchors);
+        self
+    }
+}
+
+/// One entry found under a cleanup dir (paths relative to it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    pub rel: String,
+    pub kind: Kind,
+    pub dev: u64,
+    pub ino: u64,
+    pub size: u64,
+    /// The newest of mtime, atime and ctime (Unix seconds).
+    pub newest: i64,
+    /// Directories: how many entries the walk found in it.
+    pub children: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    File,
+    Dir,
+    Symlink,
+    /// Sockets, FIFOs, device nodes: never removed.
+    Special,
+}
+
+/// Top-level names kept whatever their age (systemd's tmp.conf).
+fn kept_name(rel: &str) -> bool {
+    let top = rel.split('/').next().unwrap_or(rel);
+    matches!(
+        top,
+        ".X11-unix" | ".ICE-unix" | ".XIM-unix" | ".font-unix" | ".Test-unix"
+    ) || top.starts_with("systemd-private-")
+        || (top.starts_with(".X") && top.ends_with("-lock"))
+}
+
+/// What to remove, deepest first (pure). `entries` come from one walk of
+/// a dir on device `dev`; `in_use` holds what processes use or lock.
+pub fn plan(entries: &[Entry], dev: u64, in_use: &InUse, now: i64, age: u64) -> Vec<Entry> {
+    let age = i64::try_from(age).unwrap_or(i64::MAX);
+    let anchored: Vec<String> = entries
+        .iter()
+        .filter(|e| e.kind == Kind::Dir && in_use.anchors.contains(&(e.dev, e.ino)))
+        .map(|e| format!("{}/", e.rel))
+        .collect();
+    let under_anchor = |rel: &str| anchored.iter().any(|a| rel.starts_with(a.as_str()));
+    let old = |e: &Entry| now.saturating_sub(e.newest) >= age;
+    let mut out: Vec<Entry> = vec![];
+    // children removed per dir, to know which dirs end up empty
+    let mut removed_in: BTreeMap<String, usize> = BTreeMap::new();
+    let parent = |rel: &str| rel.rsplit_once('/').map(|(p, _)| p.to_string());
+    let mut sorted: Vec<&Entry> = entries.iter().collect();
+    // deepest first, so a dir is judged after its children
+    sorted.sort_by(|a, b| {
+        let da = a.rel.matches('/').count();
+        let db = b.rel.matches('/').count();
+        db.cmp(&da).then(a.rel.cmp(&b.rel))
+    });
+    for e in sorted {
+        if e.dev != dev
+            || kept_name(&e.rel)
+            || in_use.ids.contains(&(e.dev, e.ino))
+            || under_anchor(&e.rel)
+        {
+            continue;
+        }
+        let go = match e.kind {
+            Kind::Special => false,
+            Kind::File | Kind::Symlink => old(e),
+            Kind::Dir => old(e) && removed_in.get(&e.rel).copied().unwrap_or(0) == e.children,
+        };
+        if go {
+            if let Some(p) = parent(&e.rel) {
+                *removed_in.entry(p).or_default() += 1;
+            }
+            out.push(e.clone());
+        }
+    }
+    out
+}
+
+/// Walk `root` without crossing mounts or following symlinks.
+pub fn walk(root: &Path) -> Result<(u64, Vec<Entry>)> {
+    let rm = fs::symlink_metadata(root).with_context(|| format!("reading {}", root.display()))?;
+    let dev = rm.dev();
+    let mut out = vec![];
+    let mut stack = vec![String::new()];
+    while let Some(rel) = stack.pop() {
+        let dir = if rel.is_empty() {
+            root.to_path_buf()
+        } else {
+            root.join(&rel)
+        };
+        let Ok(rd) = fs::read_dir(&dir) else { continue };
+        for de in rd.flatten() {
+            let name = de.file_name().to_string_lossy().into_owned();
+            let r = if rel.is_empty() {
+                name
+            } else {
+                format!("{rel}/{name}")
+            };
+            let Ok(m) = fs::symlink_metadata(root.join(&r)) else {
+                continue;
+            };
+            let ft = m.file_type();
+            let kind = if ft.is_dir() {
+                Kind::Dir
+            } else if ft.is_symlink() {
+                Kind::Symlink
+            } else if ft.is_file() {
+                Kind::File
+            } else {
+                Kind::Special
+            };
+            // a mount point: another device; neither entered nor removed
+            if kind == Kind::Dir && m.dev() == dev {
+                stack.push(r.clone());
+            }
+            out.push(Entry {
+                rel: r,
+                kind,
+                dev: m.dev(),
+                ino: m.ino(),
+                size: m.len(),
+                newest: m.mtime().max(m.atime()).max(m.ctime()),
+                children: 0,
+            });
+        }
+    }
+    // how many entries each dir holds (to know which dirs a pass empties)
+    let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+    for e in &out {
+        if let Some((p, _)) = e.rel.rsplit_once('/') {
+            *counts.entry(p.to_string()).or_default() += 1;
+        }
+    }
+    for e in out.iter_mut().filter(|e| e.kind == Kind::Dir) {
+        e.children = counts.get(&e.rel).copied().unwrap_or(0);
+    }
+    Ok((dev, out))
+}
+
+fn dev_of(maj: u64, min: u64) -> u64 {
+    nix::sys::stat::makedev(maj, min)
+}
+
+/// Parse `/proc/<pid>/maps`: the (dev, inode) of every file-backed mapping.
+pub fn parse_maps(text: &str) -> Vec<Id> {
+    text.lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let (_, _, _, dev, ino) = (f.next()?, f.next()?, f.next()?, f.next()?, f.next()?);
+            let ino: u64 = ino.parse().ok()?;
+            let (ma, mi) = dev.split_once(':')?;
+            let (ma, mi) = (
+                u64::from_str_radix(ma, 16).ok()?,
+                u64::from_str_radix(mi, 16).ok()?,
+            );
+            (ino != 0).then(|| (dev_of(ma, mi), ino))
+        })
+        .collect()
+}
+
+/// Parse `/proc/locks`: the (dev, inode) of every locked file.
+pub fn parse_locks(text: &str) -> Vec<Id> {
+    text.lines()
+        .filter_map(|l| {
+            // "1: POSIX  ADVISORY  WRITE 1234 08:01:5678 0 EOF"; a "->"
+            // marks a waiter, whose columns shift by one
+            let f: Vec<&str> = l.split_whitespace().filter(|w| *w != "->").collect();
+            let id = f.get(5)?;
+            let mut p = id.split(':');
+            let (ma, mi, ino) = (p.next()?, p.next()?, p.next()?);
+            Some((
+                dev_of(
+                    u64::from_str_radix(ma, 16).ok()?,
+                    u64::from_str_radix(mi, 16).ok()?,
+                ),
+                ino.parse().ok()?,
+            ))
+        })
+        .collect()
+}
+
+fn pids(proc_: &Path) -> Vec<PathBuf> {
+    fs::read_dir(proc_)
+        .map(|rd| {
+            rd.flatten()
+                .filter(|e| {
+                    e.file_name()
+                        .to_string_lossy()
+                        .bytes()
+                        .all(|b| b.is_ascii_digit())
+                })
+                .map(|e| e.path())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Everything processes use now: open files, mappings, cwds, roots, locks.
+pub fn in_use(proc_: &Path) -> InUse {
+    let mut u = InUse::default();
+    let id = |p: &Path| fs::metadata(p).ok().map(|m| (m.dev(), m.ino()));
+    for pd in pids(proc_) {
+        for l in ["cwd", "root"] {
+            if let Some(i) = id(&pd.join(l)) {
+                u.ids.insert(i);
+                u.anchors.insert(i);
+            }
+        }
+        if let Ok(rd) = fs::read_dir(pd.join("fd")) {
+            for fd in rd.flatten() {
+                u.ids.extend(id(&fd.path()));
+            }
+        }
+        if let Ok(m) = fs::read_to_string(pd.join("maps")) {
+            u.ids.extend(parse_maps(&m));
+        }
+    }
+    if let Ok(l) = fs::read_to_string(proc_.join("locks")) {
+        u.ids.extend(parse_locks(&l));
+    }
+    u
+}
+
+/// A deleted file that a process still holds open.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DeletedOpen {
+    pub path: String,
+    pub bytes: u64,
+    /// "pid comm" of each holder.
+    pub holders: Vec<String>,
+}
+
+/// Regular files with no name left that processes still hold open (memfds
+/// excluded: they never had one), the largest first.
+pub fn deleted_open(proc_: &Path) -> Vec<DeletedOpen> {
+    let mut by_id: BTreeMap<Id, DeletedOpen> = BTreeMap::new();
+    for pd in pids(proc_) {
+        let Ok(rd) = fs::read_dir(pd.join("fd")) else {
+            continue;
+        };
+        let comm = fs::read_to_string(pd.join("comm")).unwrap_or_default();
+        let who = format!(
+            "{} {}",
+            pd.file_name().unwrap_or_default().to_string_lossy(),
+            comm.trim()
+        );
+        for fd in rd.flatten() {
+            let Ok(target) = fs::read_link(fd.path()) else {
+                continue;
+            };
+            let t = target.to_string_lossy();
+            let Some(path) = t.strip_suffix(" (deleted)") else {
+                continue;
+            };
+            if path.starts_with("/memfd:") {
+                continue;
+            }
+            let Ok(m) = fs::metadata(fd.path()) else {
+                continue;
+            };
+            if !m.is_file() || m.nlink() != 0 {
+                continue;
+            }
+            let e = by_id
+                .entry((m.dev(), m.ino()))
+                .or_insert_with(|| DeletedOpen {
+                    path: path.to_string(),
+                    bytes: m.blocks().saturating_mul(512),
+                    holders: vec![],
+                });
+            if !e.holders.contains(&who) {
+                e.holders.push(who.clone());
+            }
+        }
+    }
+    let mut v: Vec<DeletedOpen> = by_id.into_values().collect();
+    v.sort_by(|a, b| b.bytes.cmp(&a.bytes).then(a.path.cmp(&b.path)));
+    v
+}
+
+/// What one pass did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Pass {
+    pub files: u64,
+    pub bytes: u64,
+    pub errors: Vec<String>,
+}
+
+/// Open `rel`'s parent under `root_fd` one component at a time, never
+/// following a symlink and never leaving device `dev`.
+fn open_parent(root_fd: &OwnedFd, rel: &str, dev: u64) -> nix::Result<OwnedFd> {
+    let mut cur = root_fd.try_clone().map_err(|_| nix::errno::Errno::EBADF)?;
+    let comps: Vec<&str> = rel.split('/').collect();
+    for c in &comps[..comps.len() - 1] {
+        let next = openat(
+            cur.as_fd(),
+            *c,
+            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )?;
+        if nix::sys::stat::fstat(next.as_fd())?.st_dev != dev {
+            return Err(nix::errno::Errno::EXDEV);
+        }
+        cur = next;
+    }
+    Ok(cur)
+}
+
+/// One pass over `root`: walk, plan against two reads of /proc, remove.
+pub fn run(root: &Path, proc_: &Path, now: i64, age: u64) -> Result<Pass> {
+    let before = in_use(proc_);
+    let (dev, entries) = walk(root)?;
+    let after = in_use(proc_);
+    let used = before.merge(after);
+    let todo = plan(&entries, dev, &used, now, age);
+    let root_fd: OwnedFd = fs::File::open(root)
+        .with_context(|| format!("opening {}", root.display()))?
+        .into();
+    let mut pass = Pass::default();
+    let agei = i64::try_from(age).unwrap_or(i64::MAX);
+    for e in todo {
+        let name = e.rel.rsplit('/').next().unwrap_or(&e.rel);
+        let r = open_parent(&root_fd, &e.rel, dev).and_then(|p| {
+            let st = fstatat(p.as_fd(), name, AtFlags::AT_SYMLINK_NOFOLLOW)?;
+            let newest = st.st_mtime.max(st.st_atime).max(st.st_ctime);
+            if st.st_ino != e.ino || st.st_dev != dev || now.saturating_sub(newest) < agei {
+                // replaced or touched since the walk: not old any more
+                return Ok(false);
+            }
+            let how = if e.kind == Kind::Dir {
+                UnlinkatFlags::RemoveDir
+            } else {
+                UnlinkatFlags::NoRemoveDir
+            };
+            unlinkat(p.as_fd(), name, how).map(|_| true)
+        });
+        match r {
+            Ok(true) => {
+                if e.kind != Kind::Dir {
+                    pass.files += 1;
+                    pass.bytes = pass.bytes.saturating_add(e.size);
+                }
+            }
+            Ok(false) => {}
+            // a dir that got a new entry, or a race with its owner
+            Err(nix::errno::Errno::ENOTEMPTY | nix::errno::Errno::ENOENT) => {}
+            Err(err) => pass
+                .errors
+                .push(format!("{}: {err}", root.join(&e.rel).display())),
+        }
+    }
+    Ok(pass)
+}
+
+/// Whether a metadata is a socket or FIFO (for tests and callers).
+pub fn is_special(m: &fs::Metadata) -> bool {
+    let t = m.file_type();
+    t.is_socket() || t.is_fifo() || t.is_block_device() || t.is_char_device()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn e(rel: &str, kind: Kind, ino: u64, newest: i64, children: usize) -> Entry {
+        Entry {
+            rel: rel.into(),
+            kind,
+            dev: 1,
+            ino,
+            size: 10,
+            newest,
+            children,
+        }
+    }
+
+    fn rels(v: &[Entry]) -> Vec<&str> {
+        v.iter().map(|e| e.rel.as_str()).collect()
+    }
+
+    #[test]
+    fn old_unused_goes_new_or_used_stays() {
+        let now = 10_000;
+        let entries = vec![
+            e("old", Kind::File, 2, 100, 0),
+            e("new", Kind::File, 3, 9_900, 0),
+            e("open", Kind::File, 4, 100, 0),
+            e("sock", Kind::Special, 5, 100, 0),
+            e("link", Kind::Symlink, 6, 100, 0),
+            e("mnt", Kind::Dir, 7, 100, 0),
+        ];
+        let mut used = InUse::default();
+        used.ids.insert((1, 4));
+        let mut mnt = entries.clone();
+        mnt[5].dev = 2; // a mount point
+        let p = plan(&mnt, 1, &used, now, 600);
+        assert_eq!(rels(&p), vec!["link", "old"]);
+    }
+
+    #[test]
+    fn dirs_go_only_when_emptied_and_deepest_first() {
+        let now = 10_000;
+        let entries = vec![
+            e("a", Kind::Dir, 2, 100, 2),
+            e("a/x", Kind::File, 3, 100, 0),
+            e("a/b", Kind::Dir, 4, 100, 1),
+            e("a/b/y", Kind::File, 5, 100, 0),
+            e("c", Kind::Dir, 6, 100, 1),
+            e("c/fresh", Kind::File, 7, 9_999, 0),
+            e("d", Kind::Dir, 8, 100, 0),
+        ];
+        let p = plan(&entries, 1, &InUse::default(), now, 600);
+        assert_eq!(rels(&p), vec!["a/b/y", "a/b", "a/x", "a", "d"]);
+        // a/b open (say, an fd on the dir) keeps a/b and so a
+        let mut used = InUse::default();
+        used.ids.insert((1, 4));
+        let p = plan(&entries, 1, &used, now, 600);
+        assert_eq!(rels(&p), vec!["a/b/y", "a/x", "d"]);
+        // a/b as a cwd or root keeps its whole subtree too
+        used.anchors.insert((1, 4));
+        let p = plan(&entries, 1, &used, now, 600);
+        assert_eq!(rels(&p), vec!["a/x", "d"]);
+    }
+
+    #[test]
+    fn the_newest_timestamp_counts_and_kept_names_stay() {
+        let entries = vec![
+            e(".X11-unix", Kind::Dir, 2, 0, 0),
+            e("systemd-private-abc-foo", Kind::Dir, 3, 0, 0),
+            e(".X0-lock", Kind::File, 4, 0, 0),
+            e("edge", Kind::File, 5, 400, 0),
+        ];
+        // exactly `age` old goes; a second younger stays
+        assert_eq!(
+            rels(&plan(&entries, 1, &InUse::default(), 1000, 600)),
+            vec!["edge"]
+        );
+        assert!(plan(&entries, 1, &InUse::default(), 999, 600).is_empty());
+    }
+
+    #[test]
+    fn proc_parsers() {
+        let maps = "7f00-7f01 r-xp 00000000 08:01 1234  /usr/lib/libc.so.6\n\
+                    7f02-7f03 rw-p 00000000 00:00 0 \n\
+                    7f04-7f05 r--p 00001000 00:1a 99 /tmp/mapped (deleted)\n";
+        assert_eq!(
+            parse_maps(maps),
+            vec![(dev_of(8, 1), 1234), (dev_of(0, 0x1a), 99)]
+        );
+        let locks = "1: POSIX  ADVISORY  WRITE 1234 00:1a:77 0 EOF\n\
+                     1: -> POSIX  ADVISORY  WRITE 1235 00:1a:77 0 EOF\n\
+                     2: FLOCK  ADVISORY  WRITE 99 fd:00:5 0 EOF\n\
+                     garbage line\n";
+        assert_eq!(
+            parse_locks(locks),
+            vec![
+                (dev_of(0, 0x1a), 77),
+                (dev_of(0, 0x1a), 77),
+                (dev_of(0xfd, 0), 5)
+            ]
+        );
+    }
+}
