@@ -7,14 +7,16 @@
 //! opaque dirs, files, links, nodes, owners, modes, times, xattrs). The
 //! lower is never written while the overlay is mounted.
 //!
-//! Crash safety, per entry: a file is written to the tier's `tmp/`, synced
-//! and renamed into place (or swapped with `RENAME_EXCHANGE` when a
-//! directory is replaced), so after a cut at any instant every entry of the
-//! stage is its last synced version or a newer one, never torn. An append
-//! (the upper's file still holds the synced bytes, checked by CRC) writes
-//! only the new tail and `fdatasync`s it. Directories that changed are
-//! fsynced, `syncfs` is checked, and only then is the generation record
-//! switched (`generation.json`, written atomically).
+//! Crash safety, per entry: a file is written to the tier's `tmp/`; once
+//! every changed file is written, one `syncfs` makes them all durable (one
+//! journal commit, not one per file), and only then are they renamed into
+//! place (or swapped with `RENAME_EXCHANGE` when a directory is replaced),
+//! so after a cut at any instant every entry of the stage is its last
+//! synced version or a newer one, never torn. An append (the upper's file
+//! still holds the synced bytes, checked by CRC) writes only the new tail
+//! in place; a cut leaves the synced prefix whole. Directories that changed
+//! are fsynced, a final `syncfs` is checked, and only then is the
+//! generation record switched (`generation.json`, written atomically).
 //!
 //! What it costs follows what changed: the upper (RAM) is walked, the
 //! stage is compared against the manifest of the last sync (kept in /run,
@@ -171,6 +173,11 @@ fn walk(upper: &Path) -> Result<Vec<(String, fs::Metadata)>> {
 
 struct Ctx<'a> {
     tmp: &'a Path,
+    /// Files written to tmp but not yet durable: installed (renamed into
+    /// the stage) only after one `syncfs` has made all of them durable.
+    deferred: Vec<(PathBuf, PathBuf)>,
+    /// The same, by stage path: a hardlink to one links to its tmp.
+    deferred_at: HashMap<PathBuf, PathBuf>,
     dirty: BTreeSet<PathBuf>,
     seq: u64,
     r: Report,
@@ -180,6 +187,11 @@ impl Ctx<'_> {
     fn tmp_path(&mut self) -> PathBuf {
         self.seq += 1;
         self.tmp.join(format!("t{}", self.seq))
+    }
+
+    fn defer(&mut self, tmp: PathBuf, dst: PathBuf) {
+        self.deferred_at.insert(dst.clone(), tmp.clone());
+        self.deferred.push((tmp, dst));
     }
 
     fn dirty_parent(&mut self, p: &Path) {
@@ -230,6 +242,8 @@ pub fn sync_tier(t: &Tier, manifest: &mut Manifest) -> Result<Report> {
     let now: BTreeSet<&str> = entries.iter().map(|(r, _)| r.as_str()).collect();
     let mut c = Ctx {
         tmp,
+        deferred: vec![],
+        deferred_at: HashMap::new(),
         dirty: BTreeSet::new(),
         seq: 0,
         r: Report {
@@ -281,7 +295,10 @@ pub fn sync_tier(t: &Tier, manifest: &mut Manifest) -> Result<Report> {
         // a hardlink's other names: link to the first in the stage
         if rec.kind == 'f' && m.nlink() > 1 {
             if let Some(first) = first_link.get(&m.ino()).cloned() {
-                let f = stage.join(&first);
+                // the first name may still be a tmp file waiting for syncfs:
+                // link to that, and wait with it
+                let pending = c.deferred_at.get(&stage.join(&first)).cloned();
+                let f = pending.clone().unwrap_or_else(|| stage.join(&first));
                 let same = fs::symlink_metadata(&dst)
                     .ok()
                     .zip(fs::symlink_metadata(&f).ok())
@@ -289,7 +306,11 @@ pub fn sync_tier(t: &Tier, manifest: &mut Manifest) -> Result<Report> {
                 if !same {
                     let tp = c.tmp_path();
                     fs::hard_link(&f, &tp).with_context(|| format!("linking {}", dst.display()))?;
-                    c.install(&tp, &dst)?;
+                    if pending.is_some() {
+                        c.defer(tp, dst.clone());
+                    } else {
+                        c.install(&tp, &dst)?;
+                    }
                     c.r.changed += 1;
                 }
                 rec.synced_len = next[&first].synced_len;
@@ -346,6 +367,15 @@ pub fn sync_tier(t: &Tier, manifest: &mut Manifest) -> Result<Report> {
             _ => unreachable!(),
         }
         next.insert(rel.clone(), rec);
+    }
+    // the new file contents, all durable at once (one syncfs rather than
+    // an fsync each: one journal commit), then renamed into the stage
+    if !c.deferred.is_empty() {
+        let f = fs::File::open(tmp).with_context(|| format!("opening {}", tmp.display()))?;
+        nix::unistd::syncfs(&f).context("syncfs on the persistence partition")?;
+        for (tp, dst) in std::mem::take(&mut c.deferred) {
+            c.install(&tp, &dst)?;
+        }
     }
     // directory attributes, deepest first (setting one changes no parent)
     for rel in dirs_changed.iter().rev() {
@@ -493,9 +523,9 @@ fn copy_file(
             .with_context(|| format!("opening {}", dst.display()))?;
         from.seek(SeekFrom::Start(o.synced_len))?;
         let mut h = crc32fast::Hasher::new_with_initial_len(o.crc, o.synced_len);
+        // durable with the rest at the syncfs below, before the
+        // generation switches (an fdatasync each would cost a commit each)
         let n = pump(&mut from, &mut to, m.len() - o.synced_len, &mut h)?;
-        to.sync_data()
-            .with_context(|| format!("fdatasync {}", dst.display()))?;
         set_attrs(src, dst, m, &mut c.r.not_carried)?;
         if n > 0 || m.len() != o.size {
             c.r.appended += 1;
@@ -513,11 +543,9 @@ fn copy_file(
         .with_context(|| format!("creating {}", tp.display()))?;
     let mut h = crc32fast::Hasher::new();
     let (len, written) = copy_sparse(&mut from, &mut to, m.len(), &mut h)?;
-    to.sync_all()
-        .with_context(|| format!("fsync {}", tp.display()))?;
     drop(to);
     set_attrs(src, &tp, m, &mut c.r.not_carried)?;
-    c.install(&tp, dst)?;
+    c.defer(tp, dst.to_path_buf());
     c.r.bytes += written;
     c.r.changed += 1;
     Ok((len, h.finalize()))

@@ -1,0 +1,81 @@
+//! The write patterns `bench/run` measures inside the QEMU live system, in a
+//! RAM-tier dir, the same kind of dir on the persistent overlay, and plain
+//! tmpfs (built static with the product, copied into the bench live root).
+//!
+//!   tierbench fsync DIR N     N × (append 4 KiB, fsync) to one file
+//!   tierbench journal DIR N   N SQLite-like rollback-journal transactions:
+//!                             journal created, 4 KiB written and fsynced,
+//!                             a 4 KiB page written into the database and
+//!                             fsynced, the journal unlinked, the dir fsynced
+//!
+//! Prints `OPS <pattern> <dir> <ops> <seconds> <ops/s>`.
+
+use std::fs::{self, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::time::Instant;
+
+fn fsync_dir(d: &Path) -> std::io::Result<()> {
+    fs::File::open(d)?.sync_all()
+}
+
+fn main() -> std::io::Result<()> {
+    let a: Vec<String> = std::env::args().collect();
+    if a.len() != 4 {
+        eprintln!("usage: tierbench fsync|journal DIR N");
+        std::process::exit(2);
+    }
+    let dir = Path::new(&a[2]);
+    let n: u64 = a[3].parse().expect("N");
+    fs::create_dir_all(dir)?;
+    let page = [0x5au8; 4096];
+    let t0 = Instant::now();
+    match a[1].as_str() {
+        "fsync" => {
+            let mut f = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(dir.join("fsync.log"))?;
+            for _ in 0..n {
+                f.write_all(&page)?;
+                f.sync_all()?;
+            }
+        }
+        "journal" => {
+            let db = OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .read(true)
+                .write(true)
+                .open(dir.join("bench.db"))?;
+            let jp = dir.join("bench.db-journal");
+            for i in 0..n {
+                let mut j = OpenOptions::new()
+                    .create(true)
+                    .truncate(true)
+                    .write(true)
+                    .open(&jp)?;
+                j.write_all(&page)?;
+                j.sync_all()?;
+                db.write_all_at(&page, (i % 64) * 4096)?;
+                db.sync_all()?;
+                drop(j);
+                fs::remove_file(&jp)?;
+                fsync_dir(dir)?;
+            }
+        }
+        other => {
+            eprintln!("unknown pattern {other}");
+            std::process::exit(2);
+        }
+    }
+    let s = t0.elapsed().as_secs_f64();
+    println!(
+        "OPS {} {} {n} {s:.3} {:.1}",
+        a[1],
+        dir.display(),
+        n as f64 / s
+    );
+    Ok(())
+}
