@@ -324,6 +324,10 @@ pub fn render_companion(c: &Companion) -> String {
 }
 
 fn h(b: u64) -> String {
+    if b < 1024 {
+        // "14" alone reads as a count
+        return format!("{b} B");
+    }
     crate::settings::size::human(b)
 }
 
