@@ -70,6 +70,14 @@ impl Home {
     }
 }
 
+/// The persistent overlay's upper for `sub` of `parent` (`/var`, `log`).
+fn parent_upper(pm: &Path, parent: &str, sub: &str) -> PathBuf {
+    pm.join("overlays")
+        .join(escape(parent))
+        .join("upper")
+        .join(sub)
+}
+
 fn strictly_under<'a>(d: &'a str, parent: &str) -> Option<&'a str> {
     d.strip_prefix(parent)?
         .strip_prefix('/')
@@ -251,11 +259,7 @@ fn prepare_one(root: &Path, pm: &Path, ram: &Path, s: &Settings, h: &Home) -> Re
     }
     let mut below = None;
     if let Home::Overlay { parent, sub, .. } = h {
-        let up = pm
-            .join("overlays")
-            .join(escape(parent))
-            .join("upper")
-            .join(sub);
+        let up = parent_upper(pm, parent, sub);
         if up.is_dir() {
             let r = fold(
                 &up,
@@ -415,11 +419,7 @@ fn hand_back(pm: &Path, base: &Path, h: &Home) -> Result<()> {
                     },
                 )?;
             }
-            let up = pm
-                .join("overlays")
-                .join(escape(parent))
-                .join("upper")
-                .join(sub);
+            let up = parent_upper(pm, parent, sub);
             if lower.is_dir() {
                 fold(
                     &lower,

@@ -29,7 +29,7 @@ use serde::Serialize;
 use std::collections::{BTreeMap, HashSet};
 use std::fs;
 use std::os::fd::{AsFd, OwnedFd};
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 /// (st_dev, st_ino) of something in use.
@@ -404,12 +404,6 @@ pub fn run(root: &Path, proc_: &Path, now: i64, age: u64) -> Result<Pass> {
         }
     }
     Ok(pass)
-}
-
-/// Whether a metadata is a socket or FIFO (for tests and callers).
-pub fn is_special(m: &fs::Metadata) -> bool {
-    let t = m.file_type();
-    t.is_socket() || t.is_fifo() || t.is_block_device() || t.is_char_device()
 }
 
 #[cfg(test)]

@@ -57,11 +57,11 @@ impl Live {
     fn refresh_dirty(&mut self, run: &Path, tiers: &[Tier]) {
         for (t, ts) in tiers.iter().zip(self.stats.tiers.iter_mut()) {
             let m = sync::Manifest::load(&super::manifest_path(run, t)).unwrap_or_default();
-            if let Ok((files, bytes)) = sync::pending(t, &m) {
-                ts.dirty_files = files;
-                ts.dirty_bytes = bytes;
+            if let Ok(p) = sync::pending(t, &m) {
+                ts.dirty_files = p.files;
+                ts.dirty_bytes = p.bytes;
+                ts.ram_bytes = p.ram;
             }
-            ts.ram_bytes = du(Path::new(&t.upper));
         }
     }
 
@@ -81,31 +81,6 @@ impl Live {
             }
         }
     }
-}
-
-/// Bytes a tree takes (allocated blocks), without following symlinks or
-/// leaving its filesystem.
-fn du(root: &Path) -> u64 {
-    use std::os::unix::fs::MetadataExt;
-    let Ok(rm) = std::fs::symlink_metadata(root) else {
-        return 0;
-    };
-    let mut total = rm.blocks() * 512;
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let Ok(rd) = std::fs::read_dir(&d) else {
-            continue;
-        };
-        for e in rd.flatten() {
-            if let Ok(m) = e.path().symlink_metadata() {
-                total = total.saturating_add(m.blocks() * 512);
-                if m.is_dir() && m.dev() == rm.dev() {
-                    stack.push(e.path());
-                }
-            }
-        }
-    }
-    total
 }
 
 /// One cleanup pass over every configured dir, logged and counted.

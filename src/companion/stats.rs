@@ -337,14 +337,20 @@ pub fn read(path: &Path) -> Result<Option<Stats>> {
     decode(&w).map(Some)
 }
 
-/// Whether the daemon that wrote `s` is alive: its pid runs a program
-/// named mados-persistence (the kernel cuts names at 15 bytes).
+/// Whether the daemon that wrote `s` is alive: its pid runs this same
+/// program (the same `comm` as the reader's; a reused pid runs another).
 pub fn daemon_alive(s: &Stats) -> bool {
     if s.pid == 0 || s.stopped {
         return false;
     }
-    fs::read_to_string(format!("/proc/{}/comm", s.pid))
-        .is_ok_and(|c| "mados-persistence".starts_with(c.trim()) && !c.trim().is_empty())
+    let comm = |p: &str| fs::read_to_string(p).ok().map(|c| c.trim().to_string());
+    match (
+        comm(&format!("/proc/{}/comm", s.pid)),
+        comm("/proc/self/comm"),
+    ) {
+        (Some(theirs), Some(ours)) => !ours.is_empty() && theirs == ours,
+        _ => false,
+    }
 }
 
 #[cfg(test)]
@@ -485,6 +491,37 @@ mod tests {
         let distinct = reader.join().unwrap();
         assert!(distinct > 1, "the reader saw only one version");
         fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn alive_only_when_the_pid_runs_this_program() {
+        let me = Stats {
+            pid: u64::from(std::process::id()),
+            ..Default::default()
+        };
+        assert!(daemon_alive(&me));
+        assert!(!daemon_alive(&Stats {
+            stopped: true,
+            ..me.clone()
+        }));
+        assert!(!daemon_alive(&Stats {
+            pid: 0,
+            ..me.clone()
+        }));
+        // a pid now used by another program
+        let mut other = std::process::Command::new("sleep")
+            .arg("5")
+            .spawn()
+            .unwrap();
+        let o = Stats {
+            pid: u64::from(other.id()),
+            ..Default::default()
+        };
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let alive = daemon_alive(&o);
+        other.kill().unwrap();
+        other.wait().unwrap();
+        assert!(!alive);
     }
 
     #[test]

@@ -427,39 +427,50 @@ pub fn sync_tier(t: &Tier, manifest: &mut Manifest) -> Result<Report> {
     Ok(c.r)
 }
 
-/// What a sync would carry now (files and bytes), from a walk of the
-/// upper against the manifest, without writing anything: the "dirty" count
-/// the stats show. An append counts only its new tail.
-pub fn pending(t: &Tier, manifest: &Manifest) -> Result<(u64, u64)> {
+/// What a sync would carry now, from one walk of the upper against the
+/// manifest, without writing anything: the "dirty" counts the stats show.
+/// An append counts only its new tail.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Pending {
+    pub files: u64,
+    pub bytes: u64,
+    /// What the upper takes in RAM (allocated blocks).
+    pub ram: u64,
+}
+
+pub fn pending(t: &Tier, manifest: &Manifest) -> Result<Pending> {
     let upper = Path::new(&t.upper);
     let entries = walk(upper)?;
-    let (mut files, mut bytes) = (0u64, 0u64);
+    let mut p = Pending::default();
     let mut seen = BTreeSet::new();
     for (rel, m) in &entries {
         seen.insert(rel.as_str());
+        p.ram = p.ram.saturating_add(m.blocks().saturating_mul(512));
         let rec = rec_of(&upper.join(rel), m);
         match manifest.entries.get(rel) {
             Some(o) if same_identity(o, &rec) => {}
             Some(o)
                 if o.kind == 'f' && rec.kind == 'f' && o.ino == rec.ino && rec.size >= o.size =>
             {
-                files += 1;
-                bytes = bytes.saturating_add(rec.size - o.synced_len.min(rec.size));
+                p.files += 1;
+                p.bytes = p
+                    .bytes
+                    .saturating_add(rec.size - o.synced_len.min(rec.size));
             }
             _ => {
-                files += 1;
+                p.files += 1;
                 if rec.kind == 'f' {
-                    bytes = bytes.saturating_add(rec.size);
+                    p.bytes = p.bytes.saturating_add(rec.size);
                 }
             }
         }
     }
-    files += manifest
+    p.files += manifest
         .entries
         .keys()
         .filter(|r| !seen.contains(r.as_str()))
         .count() as u64;
-    Ok((files, bytes))
+    Ok(p)
 }
 
 /// The stage still holds what the manifest says (a lost or stale manifest
