@@ -138,7 +138,10 @@ fn cleanup_never_removes_what_is_in_use() {
         .as_secs()
         + 7200) as i64;
     let before = listing(&t);
-    let pass = cleanup::run(&t, Path::new("/proc"), now, 600).unwrap();
+    let pass = cleanup::run(&[t.as_path()], Path::new("/proc"), now, 600)
+        .pop()
+        .unwrap()
+        .unwrap();
     let after = listing(&t);
     let removed: BTreeSet<&str> = before.difference(&after).map(String::as_str).collect();
     let want: BTreeSet<&str> = ["plain", "deep", "deep/er", "deep/er/file", "link"].into();
@@ -196,7 +199,10 @@ fn cleanup_never_removes_what_is_in_use() {
     // SAFETY: unmapping the mapping made above
     unsafe { nix::sys::mman::munmap(map, 4096).unwrap() };
     drop(lock);
-    let pass = cleanup::run(&t, Path::new("/proc"), now, 600).unwrap();
+    let pass = cleanup::run(&[t.as_path()], Path::new("/proc"), now, 600)
+        .pop()
+        .unwrap()
+        .unwrap();
     let left = listing(&t);
     for gone in ["open", "mapped", "locked", "cwd", "cwd/inside", "root"] {
         assert!(

@@ -8,7 +8,7 @@
 //! lock held on it (`/proc/locks`), sockets and FIFOs, the X11/ICE socket
 //! dirs and systemd's private temp dirs (as systemd's `tmp.conf` keeps
 //! them). The walk never crosses a mount point and never follows a symlink
-//! (a symlink itself is removed when old). `/proc` is read twice, before
+//! (a symlink itself is removed when old). `/proc` is read twice for all dirs, before
 //! and after the walk, and only what was unused both times goes; the
 //! removal re-opens each parent one component at a time with `O_NOFOLLOW`
 //! on the same filesystem, checks the entry is still the same inode and
@@ -360,13 +360,25 @@ fn open_parent(root_fd: &OwnedFd, rel: &str, dev: u64) -> nix::Result<OwnedFd> {
     Ok(cur)
 }
 
-/// One pass over `root`: walk, plan against two reads of /proc, remove.
-pub fn run(root: &Path, proc_: &Path, now: i64, age: u64) -> Result<Pass> {
+/// One pass over each of `roots`: walk, plan against two reads of /proc
+/// (before and after all the walks), remove.
+pub fn run(roots: &[&Path], proc_: &Path, now: i64, age: u64) -> Vec<Result<Pass>> {
+    // /proc is read once before and once after all the walks
     let before = in_use(proc_);
-    let (dev, entries) = walk(root)?;
-    let after = in_use(proc_);
-    let used = before.merge(after);
-    let todo = plan(&entries, dev, &used, now, age);
+    let walks: Vec<Result<(u64, Vec<Entry>)>> = roots.iter().map(|r| walk(r)).collect();
+    let used = before.merge(in_use(proc_));
+    roots
+        .iter()
+        .zip(walks)
+        .map(|(root, w)| {
+            let (dev, entries) = w?;
+            remove(root, dev, &plan(&entries, dev, &used, now, age), now, age)
+        })
+        .collect()
+}
+
+/// Remove what `plan` chose under `root`, each entry checked again first.
+fn remove(root: &Path, dev: u64, todo: &[Entry], now: i64, age: u64) -> Result<Pass> {
     let root_fd: OwnedFd = fs::File::open(root)
         .with_context(|| format!("opening {}", root.display()))?
         .into();

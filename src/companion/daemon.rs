@@ -89,12 +89,17 @@ fn cleanup_pass(s: &Settings, live: &mut Live) {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0);
-    for d in &s.cleanup.dirs {
-        let p = Path::new(d);
-        if !p.is_dir() {
-            continue;
-        }
-        match cleanup::run(p, Path::new("/proc"), now, s.cleanup.age) {
+    let dirs: Vec<&Path> = s
+        .cleanup
+        .dirs
+        .iter()
+        .map(Path::new)
+        .filter(|p| p.is_dir())
+        .collect();
+    let passes = cleanup::run(&dirs, Path::new("/proc"), now, s.cleanup.age);
+    for (p, r) in dirs.iter().zip(passes) {
+        let d = p.display();
+        match r {
             Ok(pass) => {
                 if pass.files > 0 {
                     log::info!(
