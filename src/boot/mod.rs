@@ -10,6 +10,7 @@ pub mod iso_build;
 pub mod mounts;
 pub mod state;
 pub mod tier;
+pub mod usercache;
 
 use crate::disk::blockdev::Loop;
 use crate::disk::e2fs;
@@ -496,6 +497,16 @@ fn mount_persistence(
             }
         }
     }
+    // From here on, the user's own saved config (in the persistent /etc)
+    // decides what lives in RAM.
+    let late;
+    let s = match saved_config(&pm, s, &o.cmdline, &mut st.warnings) {
+        Some(l) => {
+            late = l;
+            &late
+        }
+        None => s,
+    };
     let mut done = vec![Mounted {
         target: pm.clone(),
         fstype: "ext4".into(),
@@ -517,6 +528,10 @@ fn mount_persistence(
             }
             st.tiers = mounted;
             t.lap("tier");
+            if s.user_cache.enabled {
+                st.user_caches = user_caches(&o.root, &pm, s, &mut st.warnings, &mut done);
+                t.lap("user caches");
+            }
             st.mounts.extend(done);
             Ok(())
         }
@@ -526,6 +541,105 @@ fn mount_persistence(
             Err(Reason::new("mount_failed", format!("{e:#}")))
         }
     }
+}
+
+/// Each user's `~/.cache` in RAM (`boot::usercache`). A failure costs only
+/// the caches: the boot stays persistent, the mounts made for the caches
+/// are undone, and the user is told.
+fn user_caches(
+    root: &Path,
+    pm: &Path,
+    s: &Settings,
+    warnings: &mut Vec<String>,
+    done: &mut Vec<Mounted>,
+) -> Vec<usercache::UserCache> {
+    let seen = match usercache::look(root, pm, s) {
+        Ok(v) => v,
+        Err(e) => {
+            let w = format!("~/.cache stays on the stick for every user: {e:#}");
+            log::warn!("{w}");
+            warnings.push(w);
+            return vec![];
+        }
+    };
+    let (steps, caches, notes) = usercache::plan(root, s, mem_total(), &seen);
+    for n in notes {
+        log::warn!("{n}");
+        warnings.push(n);
+    }
+    match mounts::execute(&steps, done) {
+        Ok(()) => caches,
+        Err(e) => {
+            let w = format!("~/.cache could not be put in RAM: {e:#}; it stays on the stick");
+            log::warn!("{w}");
+            warnings.push(w);
+            vec![]
+        }
+    }
+}
+
+/// The settings with the user's saved `/etc/mados/persistence.toml` (read
+/// offline from the persistent `/etc` upper on the partition at `pm`)
+/// applied for the [`config::LATE_KEYS`]; `None` when the user saved no
+/// config of their own (the ISO's file stands).
+fn saved_config(
+    pm: &Path,
+    early: &Settings,
+    cmdline: &str,
+    warnings: &mut Vec<String>,
+) -> Option<Settings> {
+    use crate::util::overlayfs::{InUpper, in_upper};
+    if !early.overlay_dirs.iter().any(|d| d == "/etc") {
+        return None;
+    }
+    let upper = pm
+        .join("overlays")
+        .join(mounts::escape("/etc"))
+        .join("upper");
+    let rel = Path::new(config::CONFIG_PATH)
+        .strip_prefix("etc")
+        .expect("the config lives in /etc");
+    let text = match in_upper(&upper, rel) {
+        InUpper::Lower => return None,
+        InUpper::Hidden => None,
+        InUpper::Entry(p) => match fsutil::read_nofollow(&p, 1 << 20)
+            .map_err(|e| e.to_string())
+            .and_then(|b| String::from_utf8(b).map_err(|_| "not UTF-8".to_string()))
+        {
+            Ok(t) => Some(t),
+            Err(e) => {
+                let w = format!(
+                    "the saved /etc/mados/persistence.toml cannot be read ({e}); using the ISO's"
+                );
+                log::warn!("{w}");
+                warnings.push(w);
+                return None;
+            }
+        },
+    };
+    log::info!(
+        "using the saved /etc/mados/persistence.toml{} for {}",
+        if text.is_none() {
+            " (deleted: the defaults)"
+        } else {
+            ""
+        },
+        config::LATE_KEYS.join(", ")
+    );
+    let params = cmdline::parse(cmdline);
+    let mut w = Vec::new();
+    let late = config::resolve_text(text.as_deref(), &params, &mut w);
+    let (s, notes) = config::with_late_keys(early, &late);
+    for m in w
+        .into_iter()
+        .filter(|m| !params.warnings.contains(m))
+        .map(|m| format!("saved config: {m}"))
+        .chain(notes)
+    {
+        log::warn!("{m}");
+        warnings.push(m);
+    }
+    Some(s)
 }
 
 fn finish(o: &BootOptions, st: &mut State, mut t: Timer) {

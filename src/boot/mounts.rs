@@ -36,6 +36,19 @@ pub enum Step {
         from: PathBuf,
         to: PathBuf,
     },
+    /// Create one directory (its parent exists) owned by `uid`:`gid` with
+    /// `mode`; an existing directory is left as it is.
+    MkdirAs {
+        path: PathBuf,
+        uid: u32,
+        gid: u32,
+        mode: u32,
+    },
+    /// Move an entry within the partition; never over an existing one.
+    Rename {
+        from: PathBuf,
+        to: PathBuf,
+    },
 }
 
 /// `/var/lib` → `var-lib`: a dir's name on the partition.
@@ -295,7 +308,40 @@ fn execute_one(step: &Step, done: &mut Vec<Mounted>) -> Result<()> {
         }
         Step::Seed { from, to } => crate::util::fsutil::copy_tree_atomic(from, to)
             .with_context(|| format!("seeding {} from {}", to.display(), from.display())),
+        Step::MkdirAs {
+            path,
+            uid,
+            gid,
+            mode,
+        } => mkdir_as(path, *uid, *gid, *mode),
+        Step::Rename { from, to } => nix::fcntl::renameat2(
+            nix::fcntl::AT_FDCWD,
+            from.as_path(),
+            nix::fcntl::AT_FDCWD,
+            to.as_path(),
+            nix::fcntl::RenameFlags::RENAME_NOREPLACE,
+        )
+        .with_context(|| format!("moving {} to {}", from.display(), to.display())),
     }
+}
+
+fn mkdir_as(path: &Path, uid: u32, gid: u32, mode: u32) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    match std::fs::create_dir(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            let m = std::fs::symlink_metadata(path)?;
+            anyhow::ensure!(
+                m.is_dir(),
+                "{} exists and is not a directory",
+                path.display()
+            );
+            return Ok(());
+        }
+        r => r.with_context(|| format!("creating {}", path.display()))?,
+    }
+    std::os::unix::fs::lchown(path, Some(uid), Some(gid))
+        .and_then(|_| std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)))
+        .with_context(|| format!("giving {} to {uid}:{gid}", path.display()))
 }
 
 #[cfg(test)]

@@ -72,4 +72,7 @@ pub struct State {
     /// The RAM tiers mounted this boot (the companion syncs them).
     #[serde(default)]
     pub tiers: Vec<crate::boot::tier::Tier>,
+    /// The users' `~/.cache` tmpfs mounted this boot.
+    #[serde(default)]
+    pub user_caches: Vec<crate::boot::usercache::UserCache>,
 }

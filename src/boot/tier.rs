@@ -78,7 +78,8 @@ fn parent_upper(pm: &Path, parent: &str, sub: &str) -> PathBuf {
         .join(sub)
 }
 
-fn strictly_under<'a>(d: &'a str, parent: &str) -> Option<&'a str> {
+/// `d` strictly below `parent`: the rest of the path.
+pub(crate) fn strictly_under<'a>(d: &'a str, parent: &str) -> Option<&'a str> {
     d.strip_prefix(parent)?
         .strip_prefix('/')
         .filter(|r| !r.is_empty())

@@ -55,6 +55,8 @@ pub struct Status {
     pub iso: Option<crate::boot::iso_build::IsoBuild>,
     /// Set when this boot found overlays made on another ISO build.
     pub iso_change: Option<crate::boot::iso_build::IsoChange>,
+    /// The users' `~/.cache` in RAM this boot, with what stays on the stick.
+    pub user_caches: Vec<crate::boot::usercache::UserCache>,
     /// The companion: RAM tiers, live stats, cleanup, deleted-but-open
     /// files (null when not gathered).
     pub companion: Option<Companion>,
@@ -111,6 +113,7 @@ pub fn build(
             state_file: state_file.into(),
             iso: None,
             iso_change: None,
+            user_caches: vec![],
             companion: None,
         };
     };
@@ -176,6 +179,7 @@ pub fn build(
         state_file: state_file.into(),
         iso: st.iso.clone(),
         iso_change: st.iso_change.clone(),
+        user_caches: st.user_caches.clone(),
         companion: None,
     }
 }
@@ -435,6 +439,22 @@ pub fn render(s: &Status) -> String {
         };
         line("next boot:", what);
     }
+    for c in &s.user_caches {
+        line(
+            "user cache:",
+            format!(
+                "{} of {} in RAM (up to {}); on the stick: {}",
+                c.path,
+                c.user,
+                h(c.size),
+                if c.kept.is_empty() {
+                    "nothing".into()
+                } else {
+                    c.kept.join(", ")
+                }
+            ),
+        );
+    }
     if !s.mounts.is_empty() {
         o.push_str("\nmounts:\n");
         let w = s.mounts.iter().map(|m| m.path.len()).max().unwrap_or(0);
@@ -565,7 +585,8 @@ mod tests {
         {"target": "/new_root/tmp", "fstype": "tmpfs", "source": "tmpfs", "options": ""}
       ],
       "warnings": ["ignoring /dev/vda labelled 'persistence': it is not on the boot device sda"],
-      "timings": [], "cmdline": ""
+      "timings": [], "cmdline": "",
+      "user_caches": [{"user": "alice", "path": "/home/alice/.cache", "size": 536870912, "kept": ["paru"]}]
     }"#;
 
     const CDROM: &str = r#"{
@@ -606,6 +627,12 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("ignoring /dev/vda"), "{text}");
+        assert!(
+            text.contains(
+                "user cache:   /home/alice/.cache of alice in RAM (up to 512M); on the stick: paru"
+            ),
+            "{text}"
+        );
         let json = serde_json::to_value(&status).unwrap();
         assert_eq!(json["partition_usage"]["used"], 950);
         assert_eq!(json["mounts"][2]["kind"], "bind");

@@ -89,6 +89,9 @@ pub struct BootParams {
     pub debug: bool,
     /// `mados.tier=off`: no RAM tier this boot (`on` is the default).
     pub tier_off: bool,
+    /// `mados.usercache=off`: each user's `~/.cache` stays on the
+    /// partition this boot.
+    pub usercache_off: bool,
     pub warnings: Vec<String>,
 }
 
@@ -211,13 +214,22 @@ pub fn parse(cmdline: &str) -> BootParams {
                     }
                 }
             }
-            "mados.tier" => match val {
-                Some("off" | "0" | "no") => p.tier_off = true,
-                Some("on" | "1" | "yes") => p.tier_off = false,
-                _ => p
-                    .warnings
-                    .push(format!("{word}: expected mados.tier=off or on; ignored")),
-            },
+            "mados.tier" | "mados.usercache" => {
+                let off = match val {
+                    Some("off" | "0" | "no") => true,
+                    Some("on" | "1" | "yes") => false,
+                    _ => {
+                        p.warnings
+                            .push(format!("{word}: expected {key}=off or on; ignored"));
+                        continue;
+                    }
+                };
+                if key == "mados.tier" {
+                    p.tier_off = off
+                } else {
+                    p.usercache_off = off
+                }
+            }
             "mados.debug" => p.debug = !matches!(val, Some("0" | "off" | "no")),
             k if k.starts_with("mados.") => p
                 .warnings
@@ -236,6 +248,9 @@ mod tests {
     fn tier_switch() {
         assert!(parse("mados.tier=off").tier_off);
         assert!(!parse("mados.tier=on").tier_off);
+        assert!(parse("mados.usercache=off").usercache_off);
+        assert!(!parse("mados.usercache=off").tier_off);
+        assert!(parse("mados.usercache=bad").warnings[0].contains("mados.usercache=off or on"));
         let p = parse("mados.tier=sometimes");
         assert!(!p.tier_off);
         assert_eq!(p.warnings.len(), 1);

@@ -96,6 +96,29 @@ impl Default for CleanupSettings {
     }
 }
 
+/// `[user_cache]`: each user's `~/.cache` in RAM (a tmpfs of `size`), with
+/// the `keep` subdirectories still on the partition (bind mounts). Only
+/// with persistence: in RAM mode everything is in RAM already.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct UserCacheSettings {
+    /// On unless `mados.usercache=off` or `enabled = false`.
+    pub enabled: bool,
+    /// The tmpfs size limit for each user (RAM is used only as it fills).
+    pub size: Size,
+    /// Names of subdirectories of `~/.cache` kept on the partition.
+    pub keep: Vec<String>,
+}
+
+impl Default for UserCacheSettings {
+    fn default() -> Self {
+        UserCacheSettings {
+            enabled: true,
+            size: Size::Percent(10),
+            keep: vec!["paru".into(), "mesa_shader_cache".into()],
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Settings {
     pub mode: Mode,
@@ -123,6 +146,7 @@ pub struct Settings {
     pub debug: bool,
     pub tier: TierSettings,
     pub cleanup: CleanupSettings,
+    pub user_cache: UserCacheSettings,
 }
 
 impl Default for Settings {
@@ -156,6 +180,7 @@ impl Default for Settings {
             debug: false,
             tier: TierSettings::default(),
             cleanup: CleanupSettings::default(),
+            user_cache: UserCacheSettings::default(),
         }
     }
 }
@@ -175,6 +200,7 @@ const KEYS: &[&str] = &[
     "iso_label",
     "tier",
     "cleanup",
+    "user_cache",
 ];
 
 fn check_dir(key: &str, d: &str, warnings: &mut Vec<String>) -> bool {
@@ -294,6 +320,10 @@ pub fn apply_toml(s: &mut Settings, text: &str, warnings: &mut Vec<String>) {
                 Some(t) => apply_cleanup(&mut s.cleanup, t, warnings),
                 None => bad(warnings, "a [cleanup] table"),
             },
+            "user_cache" => match val.as_table() {
+                Some(t) => apply_user_cache(&mut s.user_cache, t, warnings),
+                None => bad(warnings, "a [user_cache] table"),
+            },
             _ => warnings.push(format!(
                 "config: unknown key '{key}' (known: {}); ignored",
                 KEYS.join(", ")
@@ -378,22 +408,118 @@ fn apply_cleanup(c: &mut CleanupSettings, table: &toml::Table, warnings: &mut Ve
     }
 }
 
+fn apply_user_cache(c: &mut UserCacheSettings, table: &toml::Table, warnings: &mut Vec<String>) {
+    for (k, v) in table {
+        match k.as_str() {
+            "enabled" => match v.as_bool() {
+                Some(b) => c.enabled = b,
+                None => warnings.push(format!(
+                    "config user_cache.enabled = {v}: expected true or false; using the default"
+                )),
+            },
+            "size" => match v.as_str().and_then(|x| Size::parse(x).ok()) {
+                Some(b) => c.size = b,
+                None => warnings.push(format!(
+                    "config user_cache.size = {v}: expected a size such as \"512M\" or \"10%\"; using the default"
+                )),
+            },
+            "keep" => match v.as_array() {
+                Some(arr) => {
+                    c.keep = arr
+                        .iter()
+                        .filter_map(|n| {
+                            let ok = n.as_str().filter(|n| {
+                                !n.is_empty() && *n != "." && *n != ".." && !n.contains('/')
+                            });
+                            if ok.is_none() {
+                                warnings.push(format!(
+                                    "config user_cache.keep: {n} is not a name inside ~/.cache; skipped"
+                                ));
+                            }
+                            ok.map(String::from)
+                        })
+                        .collect()
+                }
+                None => warnings.push(format!(
+                    "config user_cache.keep = {v}: expected a list of names; using the default"
+                )),
+            },
+            _ => warnings.push(format!(
+                "config: unknown key 'user_cache.{k}' (known: enabled, size, keep); ignored"
+            )),
+        }
+    }
+}
+
 /// Settings for a boot: defaults, the live root's config file if there is
 /// one, then the kernel command line.
 pub fn resolve(root: &Path, params: &BootParams, warnings: &mut Vec<String>) -> Settings {
-    let mut s = Settings::default();
     let path = root.join(CONFIG_PATH);
-    match std::fs::read_to_string(&path) {
-        Ok(text) => apply_toml(&mut s, &text, warnings),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => warnings.push(format!(
-            "reading {}: {e}; using the defaults",
-            path.display()
-        )),
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => Some(text),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => {
+            warnings.push(format!(
+                "reading {}: {e}; using the defaults",
+                path.display()
+            ));
+            None
+        }
+    };
+    resolve_text(text.as_deref(), params, warnings)
+}
+
+/// Defaults, then `text` (a config file's content, if any), then the
+/// kernel command line.
+pub fn resolve_text(
+    text: Option<&str>,
+    params: &BootParams,
+    warnings: &mut Vec<String>,
+) -> Settings {
+    let mut s = Settings::default();
+    if let Some(text) = text {
+        apply_toml(&mut s, text, warnings);
     }
     merge_params(&mut s, params);
     warnings.extend(params.warnings.iter().cloned());
     s
+}
+
+/// The keys a config file saved on the partition (the user's own
+/// `/etc/mados/persistence.toml` in the persistent `/etc`) can change:
+/// those a boot uses only after the partition is mounted and that change
+/// what lives in RAM, not where the user's data is.
+pub const LATE_KEYS: &[&str] = &["tmpfs", "cache_binds", "tier", "cleanup", "user_cache"];
+
+/// `early` (the ISO's file and the command line, which found and mounted
+/// the partition) with the [`LATE_KEYS`] taken from `late` (the same with
+/// the user's saved file). A key the user changed that is not late is
+/// reported, not applied: it was decided before the file could be read, or
+/// it moves where data lives (`overlay_dirs`, `bind_dirs`).
+pub fn with_late_keys(early: &Settings, late: &Settings) -> (Settings, Vec<String>) {
+    let mut s = early.clone();
+    s.tmpfs = late.tmpfs.clone();
+    s.cache_binds = late.cache_binds.clone();
+    s.tier = late.tier.clone();
+    s.cleanup = late.cleanup.clone();
+    s.user_cache = late.user_cache.clone();
+    let (e, l) = (
+        serde_json::to_value(early).expect("settings serialise"),
+        serde_json::to_value(late).expect("settings serialise"),
+    );
+    let mut notes = Vec::new();
+    if let (Some(e), Some(l)) = (e.as_object(), l.as_object()) {
+        for (k, ev) in e {
+            if !LATE_KEYS.contains(&k.as_str()) && l.get(k) != Some(ev) {
+                notes.push(format!(
+                    "the saved /etc/mados/persistence.toml sets '{k}', which a boot takes only from the ISO's \
+                     file or the kernel command line (it is decided before the partition is mounted, or it \
+                     moves where data lives); not applied"
+                ));
+            }
+        }
+    }
+    (s, notes)
 }
 
 pub fn merge_params(s: &mut Settings, p: &BootParams) {
@@ -428,6 +554,9 @@ pub fn merge_params(s: &mut Settings, p: &BootParams) {
     s.debug |= p.debug;
     if p.tier_off {
         s.tier.enabled = false;
+    }
+    if p.usercache_off {
+        s.user_cache.enabled = false;
     }
 }
 
@@ -558,6 +687,43 @@ age = 3600
         assert_eq!(w.len(), 2, "{w:?}");
         merge_params(&mut s, &cmdline::parse("mados.tier=off"));
         assert!(!s.tier.enabled);
+    }
+
+    #[test]
+    fn a_saved_config_changes_only_what_lives_in_ram() {
+        let params = cmdline::parse("mados.tier=off");
+        let mut w = vec![];
+        let early = resolve_text(Some("label = \"stick\""), &params, &mut w);
+        let late = resolve_text(
+            Some(
+                r#"
+label = "other"
+bind_dirs = ["/srv"]
+[tier]
+dirs = ["/var/log", "/home/live/build"]
+[user_cache]
+size = "64M"
+keep = ["pip", "a/b"]
+"#,
+            ),
+            &params,
+            &mut w,
+        );
+        let (s, notes) = with_late_keys(&early, &late);
+        assert_eq!(s.tier.dirs, ["/var/log", "/home/live/build"]);
+        assert!(!s.tier.enabled, "the command line still wins");
+        assert_eq!(s.user_cache.size, Size::Bytes(64 * MIB));
+        assert_eq!(s.user_cache.keep, ["pip"]);
+        assert_eq!(s.label, "stick");
+        assert_eq!(s.bind_dirs, ["/home"]);
+        assert_eq!(notes.len(), 2, "{notes:?}");
+        assert!(
+            notes[0].contains("'bind_dirs'") && notes[1].contains("'label'"),
+            "{notes:?}"
+        );
+        assert!(w.iter().any(|m| m.contains("a/b")), "{w:?}");
+        // the same file: nothing to report
+        assert!(with_late_keys(&early, &early).1.is_empty());
     }
 
     #[test]

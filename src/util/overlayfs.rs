@@ -42,6 +42,45 @@ pub fn is_opaque(dir: &Path) -> bool {
         .any(|n| xattr::get(dir, n).ok().flatten().as_deref() == Some(b"y"))
 }
 
+/// What an overlay's merged view shows at `rel` (plain components below
+/// the mount point), judged from its upper layer alone.
+#[derive(Debug, PartialEq, Eq)]
+pub enum InUpper {
+    /// The upper has nothing there and hides nothing: the lower shows.
+    Lower,
+    /// The upper hides it (a whiteout, an opaque dir without it, or a
+    /// non-directory where a directory would be): the name does not exist.
+    Hidden,
+    /// The upper's own entry (not followed if it is a symlink).
+    Entry(std::path::PathBuf),
+}
+
+/// Read offline: no symlink in the upper is followed.
+pub fn in_upper(upper: &Path, rel: &Path) -> InUpper {
+    let parts: Vec<_> = rel.components().collect();
+    let mut cur = upper.to_path_buf();
+    let mut opaque = false;
+    for (i, c) in parts.iter().enumerate() {
+        cur.push(c);
+        let m = match fs::symlink_metadata(&cur) {
+            Ok(m) => m,
+            Err(_) if opaque => return InUpper::Hidden,
+            Err(_) => return InUpper::Lower,
+        };
+        if is_whiteout(&cur, &m) {
+            return InUpper::Hidden;
+        }
+        if i + 1 == parts.len() {
+            return InUpper::Entry(cur);
+        }
+        if !m.is_dir() {
+            return InUpper::Hidden;
+        }
+        opaque |= is_opaque(&cur);
+    }
+    InUpper::Lower
+}
+
 fn clear_opaque(dir: &Path) -> Result<()> {
     for n in OPAQUE_XATTRS {
         if xattr::get(dir, n).ok().flatten().is_some() {
@@ -318,6 +357,38 @@ mod tests {
         assert!(src.join("journal/x/j").exists());
         assert!(!dst.join("journal").exists());
         assert_eq!(fs::read_to_string(dst.join("syslog")).unwrap(), "s");
+        fs::remove_dir_all(&t).unwrap();
+    }
+
+    #[test]
+    fn what_the_upper_shows_at_a_path() {
+        let t = tmp("inupper");
+        let up = t.join("upper");
+        fs::create_dir_all(up.join("a/b")).unwrap();
+        fs::write(up.join("a/b/f"), "x").unwrap();
+        fs::create_dir_all(up.join("o")).unwrap();
+        std::os::unix::fs::symlink("/etc", up.join("l")).unwrap();
+        fs::write(up.join("file"), "").unwrap();
+        let rel = |s: &str| std::path::PathBuf::from(s);
+        assert_eq!(
+            in_upper(&up, &rel("a/b/f")),
+            InUpper::Entry(up.join("a/b/f"))
+        );
+        assert_eq!(in_upper(&up, &rel("a/b/g")), InUpper::Lower);
+        assert_eq!(in_upper(&up, &rel("a/c/g")), InUpper::Lower);
+        assert_eq!(
+            in_upper(&up, &rel("l/passwd")),
+            InUpper::Hidden,
+            "a symlink is not followed"
+        );
+        assert_eq!(in_upper(&up, &rel("file/x")), InUpper::Hidden);
+        if is_root() {
+            make_whiteout(&up.join("a/w")).unwrap();
+            assert_eq!(in_upper(&up, &rel("a/w/x")), InUpper::Hidden);
+            assert_eq!(in_upper(&up, &rel("a/w")), InUpper::Hidden);
+            xattr::set(up.join("o"), "trusted.overlay.opaque", b"y").unwrap();
+            assert_eq!(in_upper(&up, &rel("o/x")), InUpper::Hidden);
+        }
         fs::remove_dir_all(&t).unwrap();
     }
 
