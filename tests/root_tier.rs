@@ -337,3 +337,35 @@ fn a_sync_killed_anywhere_leaves_old_or_new_and_the_next_completes() {
     assert_eq!(listing(v), before);
     fs::remove_dir_all(&r.d).ok();
 }
+
+/// The daemon's idle trigger: a write through the tier is seen by its
+/// fanotify filesystem mark, also through another mount of the same
+/// overlay (another namespace's copy); reads and writes to the upper
+/// behind the overlay's back are not.
+#[test]
+fn writes_through_the_tier_are_seen_by_the_watch() {
+    if !require_root("writes_through_the_tier_are_seen_by_the_watch") {
+        return;
+    }
+    let r = rig("watch");
+    let w = mados_persistence::companion::watch::Watch::new(&[r.view.as_path()]).unwrap();
+    assert!(!w.wrote(), "nothing written yet");
+    let _ = fs::read(r.view.join("keep")).unwrap();
+    assert!(!w.wrote(), "a read is not a write");
+    // a rewrite in place of the same size: the tmpfs use does not change
+    fs::write(r.view.join("edit-me"), "image versioN").unwrap();
+    assert!(w.wrote(), "a write through the overlay");
+    assert!(!w.wrote(), "drained");
+    fs::write(Path::new(&r.tier.upper).join("behind"), "x").unwrap();
+    assert!(!w.wrote(), "the upper is another filesystem");
+    let other = r.d.join("other-mount");
+    fs::create_dir_all(&other).unwrap();
+    sh(&format!(
+        "mount --bind {} {}",
+        r.view.display(),
+        other.display()
+    ));
+    fs::write(other.join("edit-me"), "image VersioN").unwrap();
+    assert!(w.wrote(), "a write through another mount of the overlay");
+    sh(&format!("umount {}", other.display()));
+}

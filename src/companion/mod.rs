@@ -15,6 +15,7 @@ pub mod daemon;
 pub mod notify;
 pub mod stats;
 pub mod sync;
+pub mod watch;
 
 use crate::boot::state::{self, State};
 use crate::boot::tier::Tier;

@@ -1,0 +1,66 @@
+//! Tier writes seen as they happen, for the idle trigger: a fanotify
+//! filesystem mark (`FAN_MODIFY`) on each tier's overlay. A filesystem mark
+//! sees writes through every mount of the overlay, also those of processes
+//! in other mount namespaces (sandboxed services); `FAN_MODIFY` fires for
+//! `write`s and truncations, not for writes through a shared mapping, nor
+//! for creations, removals, renames or attribute changes (those need
+//! `FAN_REPORT_FID`, which overlayfs supports only from Linux 6.6). The
+//! daemon therefore also samples the tier tmpfs' use (bytes and inodes);
+//! what neither sees is left to the interval.
+//!
+//! The daemon drains the queue once a second; an overflowed queue counts as
+//! a write. Without fanotify (a kernel without it, no `CAP_SYS_ADMIN`)
+//! `new` fails and the daemon samples only.
+
+use anyhow::{Context, Result};
+use nix::sys::fanotify::{EventFFlags, Fanotify, InitFlags, MarkFlags, MaskFlags};
+use std::path::Path;
+
+pub struct Watch {
+    fan: Fanotify,
+}
+
+impl Watch {
+    /// Mark the filesystem mounted at each of `dirs`.
+    pub fn new(dirs: &[&Path]) -> Result<Watch> {
+        let fan = Fanotify::init(
+            InitFlags::FAN_CLASS_NOTIF | InitFlags::FAN_CLOEXEC | InitFlags::FAN_NONBLOCK,
+            EventFFlags::O_RDONLY | EventFFlags::O_LARGEFILE | EventFFlags::O_CLOEXEC,
+        )
+        .context("fanotify_init")?;
+        for d in dirs {
+            fan.mark(
+                MarkFlags::FAN_MARK_ADD | MarkFlags::FAN_MARK_FILESYSTEM,
+                MaskFlags::FAN_MODIFY,
+                nix::fcntl::AT_FDCWD,
+                Some(*d),
+            )
+            .with_context(|| format!("fanotify_mark on {}", d.display()))?;
+        }
+        Ok(Watch { fan })
+    }
+
+    /// Whether a write was seen since the last call; drains the queue (each
+    /// event's file descriptor is closed as it is dropped).
+    pub fn wrote(&self) -> bool {
+        let mut any = false;
+        loop {
+            match self.fan.read_events() {
+                Ok(ev) if ev.is_empty() => return any,
+                Ok(ev) => {
+                    any |= ev.iter().any(|e| {
+                        e.mask()
+                            .intersects(MaskFlags::FAN_MODIFY | MaskFlags::FAN_Q_OVERFLOW)
+                    })
+                }
+                // EAGAIN: drained; anything else leaves the sampling of
+                // the tmpfs use and the interval to see the writes
+                Err(nix::errno::Errno::EAGAIN) => return any,
+                Err(e) => {
+                    log::debug!("fanotify read: {e}");
+                    return any;
+                }
+            }
+        }
+    }
+}
