@@ -203,9 +203,16 @@ fn every_change_survives_sync_and_next_boot() {
             .unwrap()
             .contains("\"generation\": 1")
     );
-    // nothing changed: nothing written
+    // nothing changed: nothing written, not even the generation record
+    let gen_before = fs::symlink_metadata(&gen_file).unwrap().ino();
     let again = sync_tier(&r.tier, &mut m).unwrap();
     assert_eq!(again.changed, 0, "{again:?}");
+    assert_eq!(m.generation, 1);
+    assert_eq!(
+        fs::symlink_metadata(&gen_file).unwrap().ino(),
+        gen_before,
+        "the generation record was not rewritten"
+    );
     reboot(&r);
     assert_eq!(listing(v), before, "the next boot sees what was synced");
     assert!(!v.join("old-dir/sub").exists(), "opaque dir carried");

@@ -235,9 +235,19 @@ pub fn sync_tier(t: &Tier, manifest: &mut Manifest) -> Result<Report> {
         bail!("the tier's upper {} is not there", upper.display());
     }
     fs::create_dir_all(stage).with_context(|| format!("creating {}", stage.display()))?;
-    // leftovers of an interrupted sync
-    overlayfs::remove_all(tmp)?;
-    fs::create_dir_all(tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    // leftovers of an interrupted sync; an empty tmp dir stays (removing
+    // and making it again would cost a journal commit on every sync)
+    match fs::symlink_metadata(tmp) {
+        Ok(m) if m.is_dir() => {
+            for e in fs::read_dir(tmp).with_context(|| format!("listing {}", tmp.display()))? {
+                overlayfs::remove_all(&e?.path())?;
+            }
+        }
+        _ => {
+            overlayfs::remove_all(tmp)?;
+            fs::create_dir_all(tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        }
+    }
     let entries = walk(upper)?;
     let now: BTreeSet<&str> = entries.iter().map(|(r, _)| r.as_str()).collect();
     let mut c = Ctx {
@@ -410,6 +420,12 @@ pub fn sync_tier(t: &Tier, manifest: &mut Manifest) -> Result<Report> {
     fsync_dir(stage)?;
     let f = fs::File::open(stage).with_context(|| format!("opening {}", stage.display()))?;
     nix::unistd::syncfs(&f).context("syncfs on the persistence partition")?;
+    // nothing changed since the last sync: the stage and its generation
+    // record are as that sync left them; writing the record again would be
+    // the only write of an empty sync
+    if c.r.changed == 0 && c.r.bytes == 0 && next == manifest.entries && manifest.generation > 0 {
+        return Ok(c.r);
+    }
     manifest.generation += 1;
     manifest.entries = next;
     let g = Generation {
