@@ -290,8 +290,11 @@ fn names(dir: &Path) -> Vec<String> {
 pub fn look(root: &Path, pm: &Path, s: &Settings) -> anyhow::Result<Vec<Seen>> {
     use anyhow::Context;
     let passwd = root.join("etc/passwd");
-    let text = crate::util::fsutil::read_nofollow(&passwd, 16 << 20)
-        .with_context(|| format!("reading {}", passwd.display()))?;
+    let text = match crate::util::fsutil::read_nofollow(&passwd, 16 << 20) {
+        // no user database: no users
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(vec![]),
+        r => r.with_context(|| format!("reading {}", passwd.display()))?,
+    };
     let mut out = Vec::new();
     for user in parse_passwd(&String::from_utf8_lossy(&text)) {
         let Some(sh) = stick_home(&user.home, pm, s) else {

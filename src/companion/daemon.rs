@@ -43,6 +43,8 @@ fn tier_ram(tiers: &[Tier]) -> Option<&Path> {
 struct Live {
     stats: Stats,
     writer: Option<stats::Writer>,
+    /// The sync log's `seq` last read.
+    sync_seq: u64,
 }
 
 impl Live {
@@ -65,21 +67,24 @@ impl Live {
         }
     }
 
-    fn record_sync(&mut self, all: &super::SyncAll) {
-        let now = stats::now_ms();
-        for (dir, r) in &all.reports {
-            if let Some(ts) = self.stats.tiers.iter_mut().find(|t| &t.dir == dir) {
-                ts.last_sync_unix_ms = now;
-                match r {
-                    Ok(r) => {
-                        ts.syncs += 1;
-                        ts.last_sync_us = r.micros;
-                        ts.last_sync_bytes = r.bytes;
-                    }
-                    Err(_) => ts.sync_errors += 1,
-                }
+    /// Take the sync counts from the log every sync writes (the daemon's
+    /// and `mados-persistence sync`'s); whether it changed.
+    fn read_sync_log(&mut self, run: &Path) -> bool {
+        let log = super::SyncLog::load(run);
+        if log.seq == self.sync_seq {
+            return false;
+        }
+        self.sync_seq = log.seq;
+        for t in &log.tiers {
+            if let Some(ts) = self.stats.tiers.iter_mut().find(|s| s.dir == t.dir) {
+                ts.syncs = t.syncs;
+                ts.sync_errors = t.errors;
+                ts.last_sync_unix_ms = t.last_unix_ms;
+                ts.last_sync_us = t.last_us;
+                ts.last_sync_bytes = t.last_bytes;
             }
         }
+        true
     }
 }
 
@@ -180,7 +185,10 @@ pub fn run() -> Result<()> {
             ..Default::default()
         },
         writer: None,
+        sync_seq: 0,
     };
+    // what this boot's earlier syncs did (a restarted daemon)
+    live.read_sync_log(&run);
     live.refresh_dirty(&run, &tiers);
     if let Some(u) = ram.as_deref().and_then(usage) {
         (live.stats.tier_used, live.stats.tier_budget) = (u.0, u.2);
@@ -264,6 +272,11 @@ pub fn run() -> Result<()> {
             continue;
         }
         let now = ram.as_deref().and_then(usage);
+        // a sync by hand (`mados-persistence sync`) is counted too, and the
+        // dirty counts are then out of date
+        if live.read_sync_log(&run) {
+            stale = true;
+        }
         let wrote = watch.as_ref().is_some_and(|w| w.wrote());
         let changed = wrote || now.map(|u| (u.0, u.1)) != last_seen.map(|u| (u.0, u.1));
         if changed {
@@ -310,7 +323,7 @@ pub fn run() -> Result<()> {
 fn sync_once(run: &Path, tiers: &[Tier], live: &mut Live) -> bool {
     match sync_all(run, tiers) {
         Ok(all) => {
-            live.record_sync(&all);
+            live.read_sync_log(run);
             for (dir, r) in &all.reports {
                 match r {
                     Ok(r) if r.changed > 0 => log::info!(

@@ -8,7 +8,12 @@
 //! - `cleanup`: old files out of the temp dirs, never one in use; the
 //!   space deleted-but-open files hold.
 //! - `stats`: the live stats block in shared memory (seqlock).
+//! - `watch`: tier writes as they happen (fanotify), for the idle trigger.
 //! - `daemon`: the loop, the single-instance lock, signals.
+//!
+//! Here: reading state.json, the locks, `sync_all` (every tier under the
+//! sync lock, counted in the sync log the stats are taken from), and the
+//! `sync` command.
 
 pub mod cleanup;
 pub mod daemon;
@@ -63,6 +68,62 @@ impl SyncAll {
     }
 }
 
+/// Every sync of this boot, the daemon's and `mados-persistence sync`'s,
+/// counted per tier in `/run/mados-persistence/syncs.json` (updated under
+/// the sync lock); the daemon publishes it in the live stats.
+#[derive(Debug, Default, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct SyncLog {
+    pub seq: u64,
+    pub tiers: Vec<TierLog>,
+}
+
+#[derive(Debug, Default, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct TierLog {
+    pub dir: String,
+    pub syncs: u64,
+    pub errors: u64,
+    pub last_unix_ms: u64,
+    pub last_us: u64,
+    pub last_bytes: u64,
+}
+
+pub const SYNC_LOG: &str = "syncs.json";
+
+impl SyncLog {
+    pub fn load(run: &Path) -> SyncLog {
+        std::fs::read(run.join(SYNC_LOG))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default()
+    }
+
+    /// Count one `sync_all` (pure).
+    pub fn record(&mut self, all: &SyncAll, now_ms: u64) {
+        self.seq += 1;
+        for (dir, r) in &all.reports {
+            let t = match self.tiers.iter().position(|t| &t.dir == dir) {
+                Some(i) => &mut self.tiers[i],
+                None => {
+                    self.tiers.push(TierLog {
+                        dir: dir.clone(),
+                        ..Default::default()
+                    });
+                    self.tiers.last_mut().unwrap()
+                }
+            };
+            t.last_unix_ms = now_ms;
+            match r {
+                Ok(r) => {
+                    t.syncs += 1;
+                    t.last_us = r.micros;
+                    t.last_bytes = r.bytes;
+                }
+                Err(_) => t.errors += 1,
+            }
+        }
+    }
+}
+
 /// Sync every tier under the sync lock (the daemon and `sync` never run
 /// one at the same time). Each tier's manifest lives in `run`.
 pub fn sync_all(run: &Path, tiers: &[Tier]) -> Result<SyncAll> {
@@ -81,6 +142,14 @@ pub fn sync_all(run: &Path, tiers: &[Tier]) -> Result<SyncAll> {
         out.reports.push((t.dir.clone(), r));
     }
     out.seconds = t0.elapsed().as_secs_f64();
+    let mut log = SyncLog::load(run);
+    log.record(&out, stats::now_ms());
+    if let Err(e) = serde_json::to_vec(&log)
+        .map_err(anyhow::Error::from)
+        .and_then(|b| crate::util::fsutil::write_atomic(&run.join(SYNC_LOG), &b))
+    {
+        log::warn!("counting the sync in {SYNC_LOG}: {e:#}");
+    }
     Ok(out)
 }
 
@@ -174,4 +243,55 @@ pub fn sync_command(json: bool) -> Result<bool> {
         );
     }
     Ok(ok)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_sync_log_counts_every_sync_per_tier() {
+        let report = |bytes| {
+            Ok(sync::Report {
+                bytes,
+                micros: 7,
+                ..Default::default()
+            })
+        };
+        let mut log = SyncLog::default();
+        log.record(
+            &SyncAll {
+                reports: vec![("/var/log".into(), report(10)), ("/a".into(), report(1))],
+                seconds: 0.0,
+            },
+            1000,
+        );
+        log.record(
+            &SyncAll {
+                reports: vec![
+                    ("/var/log".into(), report(20)),
+                    ("/a".into(), Err(anyhow::anyhow!("EIO"))),
+                ],
+                seconds: 0.0,
+            },
+            2000,
+        );
+        assert_eq!(log.seq, 2);
+        assert_eq!(
+            log.tiers[0],
+            TierLog {
+                dir: "/var/log".into(),
+                syncs: 2,
+                errors: 0,
+                last_unix_ms: 2000,
+                last_us: 7,
+                last_bytes: 20
+            }
+        );
+        assert_eq!((log.tiers[1].syncs, log.tiers[1].errors), (1, 1));
+        assert_eq!(
+            log.tiers[1].last_bytes, 1,
+            "a failed sync keeps the last good one's bytes"
+        );
+    }
 }

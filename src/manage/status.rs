@@ -254,7 +254,7 @@ pub fn render_companion(c: &Companion) -> String {
         }
         for t in &s.tiers {
             let last = if t.last_sync_unix_ms == 0 {
-                "not synced yet by the daemon".to_string()
+                "not synced yet this boot".to_string()
             } else {
                 format!(
                     "last sync {} ({} written in {:.1} ms)",
