@@ -8,6 +8,7 @@ pub mod detect;
 pub mod flags;
 pub mod iso_build;
 pub mod mounts;
+pub mod session;
 pub mod state;
 pub mod tier;
 pub mod usercache;
@@ -495,6 +496,30 @@ fn mount_persistence(
                     ),
                 ));
             }
+        }
+    }
+    // a RAM session `enable` saved: in place all or nothing
+    match session::finish(&pm) {
+        Ok(session::Finished::Nothing) => {}
+        Ok(session::Finished::Placed) => {
+            log::info!(
+                "the session saved by `enable` was put in place (its placement had been cut)"
+            )
+        }
+        Ok(session::Finished::Discarded) => {
+            let w =
+                "`enable` was cut while it copied the RAM session: the partial copy was dropped; \
+                     the partition is in use, empty of that session"
+                    .to_string();
+            log::warn!("{w}");
+            st.warnings.push(w);
+        }
+        Err(e) => {
+            let _ = mounts::umount(&pm);
+            return Err(Reason::new(
+                "mount_failed",
+                format!("putting the session saved by `enable` in place: {e:#}"),
+            ));
         }
     }
     // From here on, the user's own saved config (in the persistent /etc)

@@ -5,7 +5,7 @@ use super::{
     RUN_DIR, TempMount, active_on, confirm, in_use, pending_path, read_state, refuse,
     running_settings, step, target_device,
 };
-use crate::boot::{flags, mounts};
+use crate::boot::{flags, mounts, session};
 use crate::disk::blockdev;
 use crate::disk::mountinfo;
 use crate::disk::stick::{self, Existing, Origin, Prepared, find_persistence, open_device};
@@ -155,7 +155,12 @@ pub fn enable(
     flags::write_backup(&m.dir, &backup)?;
     if is_boot {
         step(3, total, "copying this session's changes into it");
-        let saved = save_session(&m.dir, &settings)?;
+        // all or nothing: copied into a staging dir, made durable and
+        // marked complete, then put in place (a cut before the mark drops
+        // the copy at the next boot; after it, the next boot finishes)
+        let saved = save_session(&session::staging(&m.dir), &settings)?;
+        session::mark_complete(&m.dir)?;
+        session::finish(&m.dir)?;
         crate::util::fsutil::write_atomic(&pending_path(), b"enabled\n")?;
         nix::unistd::syncfs(std::fs::File::open(&m.dir)?).context("syncing the partition")?;
         println!(
@@ -198,8 +203,9 @@ pub fn enable(
 /// upper is `/run/archiso/cowspace/<cow_directory>/upperdir`; dracut's; our
 /// own RAM-mode overlays on /etc /usr /var /opt), copied faithfully
 /// (whiteouts, opaque dirs, xattrs, owners, modes, times, links, nodes);
-/// the bind dirs (`/home`) as they are now. Returns what was saved and what
-/// could not be.
+/// the bind dirs (`/home`) as they are now, into `pm` laid out like the
+/// partition (the staging dir of `boot::session`). Returns what was saved
+/// and what could not be.
 fn save_session(pm: &Path, s: &Settings) -> Result<treecopy::Report> {
     let mi = mountinfo::read();
     let upper_of = |mountpoint: &str| {
