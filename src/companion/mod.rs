@@ -9,6 +9,8 @@
 //!   space deleted-but-open files hold.
 //! - `stats`: the live stats block in shared memory (seqlock).
 //! - `watch`: tier writes as they happen (fanotify), for the idle trigger.
+//! - `heat`, `pin`: file heat and pinning under a budget (groundwork for
+//!   issue 10; not yet run by the daemon).
 //! - `daemon`: the loop, the single-instance lock, signals.
 //!
 //! Here: reading state.json, the locks, `sync_all` (every tier under the
@@ -17,7 +19,9 @@
 
 pub mod cleanup;
 pub mod daemon;
+pub mod heat;
 pub mod notify;
+pub mod pin;
 pub mod stats;
 pub mod sync;
 pub mod watch;
