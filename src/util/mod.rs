@@ -4,4 +4,6 @@
 pub mod fsutil;
 pub mod logging;
 pub mod overlayfs;
+#[cfg(test)]
+pub mod testutil;
 pub mod treecopy;

@@ -283,21 +283,10 @@ pub fn set_times(p: &Path, m: &fs::Metadata) -> Result<()> {
 mod tests {
     use super::*;
 
-    fn tmp(name: &str) -> std::path::PathBuf {
-        let d = std::env::temp_dir().join(format!("mados-ovl-{name}-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&d);
-        fs::create_dir_all(&d).unwrap();
-        d
-    }
+    use crate::util::testutil::is_root;
 
-    /// Root tests skip only outside CI, with a printed reason.
-    fn is_root() -> bool {
-        let root = nix::unistd::geteuid().is_root();
-        assert!(
-            root || std::env::var("CI").as_deref() != Ok("true"),
-            "needs root, and CI must not skip it"
-        );
-        root
+    fn tmp(name: &str) -> std::path::PathBuf {
+        crate::util::testutil::tmp(&format!("ovl-{name}"))
     }
 
     #[test]
