@@ -23,10 +23,15 @@ pub fn staging(pm: &Path) -> PathBuf {
     pm.join(STAGING)
 }
 
-/// The copy in the staging dir is whole and durable: mark it so.
+/// Make the copy in the staging dir durable, then mark it complete (the
+/// mark is written only after everything it vouches for is on the stick,
+/// whatever the data mode: `data=writeback` does not order file data
+/// before a later fsync's commit).
 pub fn mark_complete(pm: &Path) -> Result<()> {
-    fsutil::write_atomic(&staging(pm).join(COMPLETE), b"complete\n")?;
     let f = std::fs::File::open(pm).with_context(|| format!("opening {}", pm.display()))?;
+    nix::unistd::syncfs(&f).context("syncing the partition")?;
+    crate::disk::stick::cut_point("session-copied");
+    fsutil::write_atomic(&staging(pm).join(COMPLETE), b"complete\n")?;
     nix::unistd::syncfs(&f).context("syncing the partition")
 }
 

@@ -433,7 +433,7 @@ pub fn prepare(o: &mut Opened, s: &Settings) -> Result<Prepared> {
 /// aborts at that point of a creation, leaving the stick as a power cut
 /// there would (the QEMU scenarios cut real power; this makes every point
 /// reachable in a root test).
-fn cut_point(point: &str) {
+pub fn cut_point(point: &str) {
     if std::env::var("MADOS_PERSISTENCE_CUT").is_ok_and(|v| v == point) {
         log::error!("MADOS_PERSISTENCE_CUT={point}: stopping here");
         std::process::abort();
