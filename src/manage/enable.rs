@@ -197,6 +197,21 @@ pub fn enable(
     Ok(())
 }
 
+/// A writable live root that is not an overlay (dracut's device-mapper
+/// snapshot, a root copied to RAM) holds this session's changes mixed
+/// with the image: they cannot be told apart, so they are not saved, and
+/// `enable` must say so rather than claim the session was saved.
+fn unsaved_root(root: Option<(&str, &str)>, writable: bool) -> Option<String> {
+    match root {
+        Some((fstype, source)) if writable && fstype != "overlay" => Some(format!(
+            "this session's changes to the live root: / is {fstype} on {source} (a device-mapper \
+             snapshot or a copy of the image), not an overlay, so they cannot be told from the image \
+             (the bind dirs, /home, were saved)"
+        )),
+        _ => None,
+    }
+}
+
 /// Save the RAM session on the new partition, from wherever it really is:
 /// the upper layer of every overlay that holds this session's changes,
 /// found in the overlays' own mount options (archiso's root overlay, whose
@@ -216,6 +231,15 @@ fn save_session(pm: &Path, s: &Settings) -> Result<treecopy::Report> {
     };
     let root_upper = upper_of("/");
     let mut total = treecopy::Report::default();
+    if root_upper.is_none() {
+        let root = mountinfo::at(&mi, "/");
+        let writable = nix::sys::statvfs::statvfs("/")
+            .is_ok_and(|v| !v.flags().contains(nix::sys::statvfs::FsFlags::ST_RDONLY));
+        total.not_carried.extend(unsaved_root(
+            root.map(|m| (m.fstype.as_str(), m.source.as_str())),
+            writable,
+        ));
+    }
     let mut add = |r: treecopy::Report| {
         total.entries += r.entries;
         total.bytes += r.bytes;
@@ -247,4 +271,21 @@ fn save_session(pm: &Path, s: &Settings) -> Result<treecopy::Report> {
         }
     }
     Ok(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::unsaved_root;
+
+    #[test]
+    fn a_writable_root_that_is_not_an_overlay_is_not_claimed_saved() {
+        assert_eq!(unsaved_root(Some(("overlay", "airootfs")), true), None);
+        assert_eq!(unsaved_root(Some(("squashfs", "/dev/loop0")), false), None);
+        assert_eq!(unsaved_root(None, true), None);
+        let n = unsaved_root(Some(("ext4", "/dev/mapper/live-rw")), true).unwrap();
+        assert!(
+            n.contains("/dev/mapper/live-rw") && n.contains("not an overlay"),
+            "{n}"
+        );
+    }
 }
