@@ -512,7 +512,7 @@ pub fn with_late_keys(early: &Settings, late: &Settings) -> (Settings, Vec<Strin
         for (k, ev) in e {
             if !LATE_KEYS.contains(&k.as_str()) && l.get(k) != Some(ev) {
                 notes.push(format!(
-                    "the saved /etc/mados/persistence.toml sets '{k}', which a boot takes only from the ISO's \
+                    "the saved /etc/mados/persistence.toml changes '{k}', which a boot takes only from the ISO's \
                      file or the kernel command line (it is decided before the partition is mounted, or it \
                      moves where data lives); not applied"
                 ));
