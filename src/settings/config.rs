@@ -727,6 +727,44 @@ keep = ["pip", "a/b"]
     }
 
     #[test]
+    fn every_late_key_is_taken_from_the_saved_file() {
+        // the keys listed and the fields copied cannot drift apart
+        let mut w = vec![];
+        let p = cmdline::parse("");
+        let early = resolve_text(None, &p, &mut w);
+        let late = resolve_text(
+            Some(
+                r#"
+cache_binds = ["/var/cache/x"]
+[[tmpfs]]
+path = "/scratch"
+size = "1G"
+[tier]
+idle = 7
+[cleanup]
+age = 9
+[user_cache]
+enabled = false
+"#,
+            ),
+            &p,
+            &mut w,
+        );
+        assert!(w.is_empty(), "{w:?}");
+        let (s, notes) = with_late_keys(&early, &late);
+        assert!(notes.is_empty(), "{notes:?}");
+        let (s, late, early) = (
+            serde_json::to_value(&s).unwrap(),
+            serde_json::to_value(&late).unwrap(),
+            serde_json::to_value(&early).unwrap(),
+        );
+        for k in LATE_KEYS {
+            assert_ne!(late[k], early[k], "the test changes {k}");
+            assert_eq!(s[k], late[k], "{k} is taken from the saved file");
+        }
+    }
+
+    #[test]
     fn broken_toml_keeps_defaults() {
         let mut w = vec![];
         let mut s = Settings::default();
