@@ -1,8 +1,9 @@
 //! `mados-persistence daemon`: the long-running companion. One per boot
 //! (an `flock` in /run; a second one exits). Reads state.json; with RAM
 //! tiers it syncs them on the interval, after `idle` seconds without tier
-//! writes (seen by `watch` and by the tmpfs use), when the tier tmpfs passes 90% of its budget, on SIGUSR1, and a
-//! final time on SIGTERM/SIGINT/SIGHUP before it exits 0. The tier's data
+//! writes (seen by `watch` and by the tmpfs use), when the tier tmpfs
+//! passes 90% of its budget, on SIGUSR1, and a final time on
+//! SIGTERM/SIGINT/SIGHUP before it exits 0. The tier's data
 //! lives in its tmpfs, not in this process: a `kill -9` loses nothing, and
 //! a restarted daemon goes on from the manifests in /run.
 //!
@@ -199,16 +200,16 @@ pub fn run() -> Result<()> {
         Err(e) => log::warn!("no live stats: {e:#}"),
     }
     let dirs: Vec<&Path> = tiers.iter().map(|t| Path::new(t.dir.as_str())).collect();
-    let watch = match dirs.is_empty() {
-        true => None,
-        false => super::watch::Watch::new(&dirs)
-            .map_err(|e| {
+    let watch = (!dirs.is_empty())
+        .then(|| super::watch::Watch::new(&dirs))
+        .and_then(|w| {
+            w.map_err(|e| {
                 log::info!(
                     "no fanotify ({e:#}): tier writes are seen by sampling the tier's RAM use"
                 )
             })
-            .ok(),
-    };
+            .ok()
+        });
     let cleanup_every = (s.cleanup.every > 0).then(|| Duration::from_secs(s.cleanup.every));
     if cleanup_every.is_none() {
         log::info!("temp cleanup is off (cleanup.every = 0)");
