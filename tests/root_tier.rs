@@ -30,7 +30,8 @@ fn sh(cmd: &str) {
     assert!(st.success(), "{cmd}");
 }
 
-/// A private mount namespace for this thread, an ext4 "partition" and a
+/// A private mount namespace for this thread, an ext4 "partition" (mounted
+/// with the options `boot` uses) and a
 /// tmpfs "RAM", and the tier overlay mounted on `view`.
 fn rig(tag: &str) -> Rig {
     nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).unwrap();
@@ -43,7 +44,7 @@ fn rig(tag: &str) -> Rig {
         fs::create_dir_all(p).unwrap();
     }
     sh(&format!(
-        "truncate -s 256M {0}/part.img && mkfs.ext4 -q -F {0}/part.img && mount -o loop {0}/part.img {1} && mount -t tmpfs -o size=128M ram {2}",
+        "truncate -s 256M {0}/part.img && mkfs.ext4 -q -F -b 4096 {0}/part.img && mount -o loop,noatime,commit=60 {0}/part.img {1} && mount -t tmpfs -o size=128M ram {2}",
         d.display(),
         pm.display(),
         ram.display()
@@ -375,4 +376,87 @@ fn writes_through_the_tier_are_seen_by_the_watch() {
     fs::write(other.join("edit-me"), "image VersioN").unwrap();
     assert!(w.wrote(), "a write through another mount of the overlay");
     sh(&format!("umount {}", other.display()));
+}
+
+/// The loop device under the rig's partition: its `maj:min` and name.
+fn partition_dev(r: &Rig) -> (String, String) {
+    let pm = r.d.join("pm");
+    // the test thread's own namespace (it unshared alone)
+    let mi = fs::read_to_string("/proc/thread-self/mountinfo").unwrap();
+    let line = mi
+        .lines()
+        .find(|l| l.split(' ').nth(4) == Some(pm.to_str().unwrap()))
+        .unwrap();
+    let mm = line.split(' ').nth(2).unwrap().to_string();
+    let src = line.split(" - ").nth(1).unwrap().split(' ').nth(1).unwrap();
+    (mm, src.trim_start_matches("/dev/").to_string())
+}
+
+/// Bytes written to the partition's device so far, and the journal
+/// commits of its filesystem (`/proc/fs/jbd2/<dev>-8/info`).
+fn device_writes(r: &Rig) -> (u64, u64) {
+    let (mm, name) = partition_dev(r);
+    let stat = fs::read_to_string(format!("/sys/dev/block/{mm}/stat")).unwrap();
+    let sectors: u64 = stat.split_whitespace().nth(6).unwrap().parse().unwrap();
+    let info = fs::read_to_string(format!("/proc/fs/jbd2/{name}-8/info")).unwrap();
+    let commits: u64 = info.split_whitespace().next().unwrap().parse().unwrap();
+    (sectors * 512, commits)
+}
+
+#[test]
+fn a_sync_of_small_files_costs_two_commits() {
+    if !require_root("a_sync_of_small_files_costs_two_commits") {
+        return;
+    }
+    let r = rig("tier-commits");
+    let v = &r.view;
+    for i in 0..500 {
+        fs::write(v.join(format!("f{i}")), vec![b'a'; 4096]).unwrap();
+    }
+    let chunk = vec![b'x'; 1 << 20];
+    fs::write(v.join("big.log"), chunk.repeat(16)).unwrap();
+    let mut m = Manifest::default();
+    sync_tier(&r.tier, &mut m).unwrap();
+    sh("sync");
+    for round in 0..4u8 {
+        // 20 files rewritten in place, 1 MiB appended to the log
+        for i in 0..20 {
+            fs::write(v.join(format!("f{i}")), vec![b'b' + round; 4096]).unwrap();
+        }
+        let mut log = fs::OpenOptions::new()
+            .append(true)
+            .open(v.join("big.log"))
+            .unwrap();
+        log.write_all(&chunk).unwrap();
+        drop(log);
+        let (w0, c0) = device_writes(&r);
+        let rep = sync_tier(&r.tier, &mut m).unwrap();
+        let (w1, c1) = device_writes(&r);
+        let changed = 20 * 4096 + (1u64 << 20);
+        assert_eq!(rep.bytes, changed, "{rep:?}");
+        eprintln!(
+            "round {round}: {} bytes written for {changed} changed ({:.3}x), {} journal commits",
+            w1 - w0,
+            (w1 - w0) as f64 / changed as f64,
+            c1 - c0
+        );
+        // the data with the next generation record, then the renames with
+        // its switch: every fsync or write_atomic of its own was a commit
+        // more (five before the batching)
+        assert!(c1 - c0 <= 2, "{} journal commits for one sync", c1 - c0);
+        assert!(w1 - w0 >= changed, "less written than changed?");
+        assert!(
+            (w1 - w0) * 2 <= changed * 3,
+            "{} bytes written for {changed} changed",
+            w1 - w0
+        );
+    }
+    // an empty sync commits nothing and writes nothing
+    let (w0, c0) = device_writes(&r);
+    sync_tier(&r.tier, &mut m).unwrap();
+    assert_eq!(device_writes(&r), (w0, c0));
+    let before = listing(v);
+    reboot(&r);
+    assert_eq!(listing(v), before);
+    fs::remove_dir_all(&r.d).ok();
 }

@@ -14,9 +14,13 @@
 //! so after a cut at any instant every entry of the stage is its last
 //! synced version or a newer one, never torn. An append (the upper's file
 //! still holds the synced bytes, checked by CRC) writes only the new tail
-//! in place; a cut leaves the synced prefix whole. Directories that changed
-//! are fsynced, a final `syncfs` is checked, and only then is the
-//! generation record switched (`generation.json`, written atomically).
+//! in place; a cut leaves the synced prefix whole. The next generation
+//! record is written beside `generation.json` with the data and renamed
+//! over it after every other change; directories that changed are fsynced
+//! and a final `syncfs` is checked. So a sync costs two journal commits
+//! whatever it carries (the data, then the names), and writeback of each
+//! copied file is started as it is written (`fsutil::start_writeback`) so
+//! that ext4 allocates its blocks before the first commit, not in a third.
 //!
 //! What it costs follows what changed: the upper (RAM) is walked, the
 //! stage is compared against the manifest of the last sync (kept in /run,
@@ -378,9 +382,40 @@ pub fn sync_tier(t: &Tier, manifest: &mut Manifest) -> Result<Report> {
         }
         next.insert(rel.clone(), rec);
     }
-    // the new file contents, all durable at once (one syncfs rather than
-    // an fsync each: one journal commit), then renamed into the stage
-    if !c.deferred.is_empty() {
+    // what the stage has and the upper no longer does
+    let gone: Vec<&String> = manifest
+        .entries
+        .keys()
+        .filter(|r| !now.contains(r.as_str()))
+        .collect();
+    // nothing changed since the last sync: the stage and its generation
+    // record stay as that sync left them (an empty sync writes nothing)
+    let unchanged = c.r.changed == 0
+        && c.r.bytes == 0
+        && gone.is_empty()
+        && next == manifest.entries
+        && manifest.generation > 0;
+    // the next generation record, written beside its place now so that it
+    // is durable with the file contents and switched in the same commit as
+    // the renames (ext4's journal commits transactions in order, so it can
+    // never be durable before them)
+    let base = Path::new(&t.base);
+    let gen_tmp = base.join("generation.json.tmp");
+    let g = Generation {
+        generation: manifest.generation + 1,
+        finished: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+        entries: c.r.entries,
+    };
+    if !unchanged {
+        write_new(&gen_tmp, &serde_json::to_vec_pretty(&g)?)?;
+    }
+    // the new file contents (and appended tails, and the record), all
+    // durable at once: one syncfs rather than an fsync each, one journal
+    // commit; only then renamed into the stage
+    if !unchanged {
         let f = fs::File::open(tmp).with_context(|| format!("opening {}", tmp.display()))?;
         nix::unistd::syncfs(&f).context("syncfs on the persistence partition")?;
         for (tp, dst) in std::mem::take(&mut c.deferred) {
@@ -397,12 +432,7 @@ pub fn sync_tier(t: &Tier, manifest: &mut Manifest) -> Result<Report> {
             c.dirty_parent(&dst);
         }
     }
-    // what the stage has and the upper no longer does, deepest first
-    let gone: Vec<&String> = manifest
-        .entries
-        .keys()
-        .filter(|r| !now.contains(r.as_str()))
-        .collect();
+    // removals, deepest first
     for rel in gone.iter().rev() {
         let dst = stage.join(rel);
         if fs::symlink_metadata(&dst).is_ok() {
@@ -412,7 +442,18 @@ pub fn sync_tier(t: &Tier, manifest: &mut Manifest) -> Result<Report> {
             c.r.changed += 1;
         }
     }
-    // durable: every changed directory, then the whole filesystem
+    if unchanged {
+        // still checked: syncfs reports a writeback error of the filesystem
+        let f = fs::File::open(stage).with_context(|| format!("opening {}", stage.display()))?;
+        nix::unistd::syncfs(&f).context("syncfs on the persistence partition")?;
+        return Ok(c.r);
+    }
+    // the generation switched last
+    fs::rename(&gen_tmp, base.join("generation.json"))
+        .with_context(|| format!("switching the generation record in {}", base.display()))?;
+    c.dirty.insert(base.to_path_buf());
+    // durable: every changed directory (the first fsync commits them all),
+    // then the whole filesystem, checked
     let dirty = std::mem::take(&mut c.dirty);
     for d in dirty.iter().filter(|d| d.exists()) {
         fsync_dir(d)?;
@@ -420,26 +461,8 @@ pub fn sync_tier(t: &Tier, manifest: &mut Manifest) -> Result<Report> {
     fsync_dir(stage)?;
     let f = fs::File::open(stage).with_context(|| format!("opening {}", stage.display()))?;
     nix::unistd::syncfs(&f).context("syncfs on the persistence partition")?;
-    // nothing changed since the last sync: the stage and its generation
-    // record are as that sync left them; writing the record again would be
-    // the only write of an empty sync
-    if c.r.changed == 0 && c.r.bytes == 0 && next == manifest.entries && manifest.generation > 0 {
-        return Ok(c.r);
-    }
-    manifest.generation += 1;
+    manifest.generation = g.generation;
     manifest.entries = next;
-    let g = Generation {
-        generation: manifest.generation,
-        finished: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0),
-        entries: c.r.entries,
-    };
-    crate::util::fsutil::write_atomic(
-        &Path::new(&t.base).join("generation.json"),
-        &serde_json::to_vec_pretty(&g)?,
-    )?;
     Ok(c.r)
 }
 
@@ -553,6 +576,7 @@ fn copy_file(
         // durable with the rest at the syncfs below, before the
         // generation switches (an fdatasync each would cost a commit each)
         let n = pump(&mut from, &mut to, m.len() - o.synced_len, &mut h)?;
+        crate::util::fsutil::start_writeback(&to);
         set_attrs(src, dst, m, &mut c.r.not_carried)?;
         if n > 0 || m.len() != o.size {
             c.r.appended += 1;
@@ -570,12 +594,26 @@ fn copy_file(
         .with_context(|| format!("creating {}", tp.display()))?;
     let mut h = crc32fast::Hasher::new();
     let (len, written) = copy_sparse(&mut from, &mut to, m.len(), &mut h)?;
+    crate::util::fsutil::start_writeback(&to);
     drop(to);
     set_attrs(src, &tp, m, &mut c.r.not_carried)?;
     c.defer(tp, dst.to_path_buf());
     c.r.bytes += written;
     c.r.changed += 1;
     Ok((len, h.finalize()))
+}
+
+/// Write `data` to a new file at `p` (a leftover of a cut sync replaced),
+/// without following a symlink; durable at the caller's syncfs.
+fn write_new(p: &Path, data: &[u8]) -> Result<()> {
+    let _ = fs::remove_file(p);
+    fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .custom_flags(nix::libc::O_NOFOLLOW)
+        .open(p)
+        .and_then(|mut f| f.write_all(data))
+        .with_context(|| format!("writing {}", p.display()))
 }
 
 fn crc_of(f: &mut fs::File, len: u64) -> Result<u32> {
