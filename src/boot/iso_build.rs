@@ -105,6 +105,24 @@ pub fn reconcile(pm: &Path, current: &IsoBuild, policy: OnIsoChange) -> Result<O
     Ok(Some(change))
 }
 
+/// What happened, in one sentence for the log, `status` and `enable`.
+pub fn describe(ch: &IsoChange) -> String {
+    format!(
+        "the stick now carries ISO build {} ({}); the overlays were made on {} ({}): {}",
+        ch.current.label,
+        ch.current.uuid,
+        ch.previous.label,
+        ch.previous.uuid,
+        match &ch.set_aside {
+            Some(p) => format!(
+                "they were set aside in {p} (nothing deleted; /home kept) and fresh overlays started"
+            ),
+            None if ch.policy == "keep" => "they are kept in use (on_iso_change = \"keep\")".into(),
+            None => "there were none to set aside".into(),
+        }
+    )
+}
+
 /// `p`, or `p-2`, `p-3`, … whichever does not exist yet.
 fn free_name(p: &Path) -> PathBuf {
     if std::fs::symlink_metadata(p).is_err() {

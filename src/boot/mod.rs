@@ -466,22 +466,7 @@ fn mount_persistence(
         match iso_build::reconcile(&pm, &cur, s.on_iso_change) {
             Ok(None) => {}
             Ok(Some(ch)) => {
-                let msg = format!(
-                    "the stick now carries ISO build {} ({}); the overlays were made on {} ({}): {}",
-                    ch.current.label,
-                    ch.current.uuid,
-                    ch.previous.label,
-                    ch.previous.uuid,
-                    match &ch.set_aside {
-                        Some(p) => format!(
-                            "they were set aside in {p} (nothing deleted; /home kept) and fresh overlays started"
-                        ),
-                        None if ch.policy == "keep" => {
-                            "they are kept in use (on_iso_change = \"keep\")".into()
-                        }
-                        None => "there were none to set aside".into(),
-                    }
-                );
+                let msg = iso_build::describe(&ch);
                 log::warn!("{msg}");
                 st.warnings.push(msg);
                 st.iso_change = Some(ch);

@@ -5,7 +5,7 @@ use super::{
     RUN_DIR, TempMount, active_on, confirm, in_use, pending_path, read_state, refuse,
     running_settings, step, target_device,
 };
-use crate::boot::{flags, mounts, session};
+use crate::boot::{flags, iso_build, mounts, session};
 use crate::disk::blockdev;
 use crate::disk::mountinfo;
 use crate::disk::stick::{self, Existing, Origin, Prepared, find_persistence, open_device};
@@ -158,6 +158,29 @@ pub fn enable(
         // all or nothing: copied into a staging dir, made durable and
         // marked complete, then put in place (a cut before the mark drops
         // the copy at the next boot; after it, the next boot finishes)
+        // a filesystem adopted from an earlier release holds that build's
+        // overlays: set them aside first (as the next boot would), so the
+        // session goes into fresh overlays and is not set aside with them
+        if let Some(cur) = st.as_ref().and_then(|s| s.iso.as_ref())
+            && let Some(ch) = iso_build::reconcile(&m.dir, cur, settings.on_iso_change)
+                .context("checking which ISO build the partition's overlays belong to")?
+        {
+            // the path as it is on the partition (this mount is temporary)
+            let on_part = ch.set_aside.as_ref().map(|p| {
+                let p = Path::new(p);
+                format!(
+                    "the partition's {}",
+                    p.strip_prefix(&m.dir).unwrap_or(p).display()
+                )
+            });
+            println!(
+                "      {}",
+                iso_build::describe(&iso_build::IsoChange {
+                    set_aside: on_part,
+                    ..ch
+                })
+            );
+        }
         let saved = save_session(&session::staging(&m.dir), &settings)?;
         session::mark_complete(&m.dir)?;
         session::finish(&m.dir)?;
