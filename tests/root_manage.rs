@@ -222,3 +222,127 @@ fn refusals_exit_3_and_change_nothing() {
     assert_eq!(mp(&["enable", "--size", "50%"]).status.code(), Some(2));
     std::fs::remove_dir_all(&d).unwrap();
 }
+
+/// The claim's magic, at the offsets where its end copy may lie.
+fn end_copies(img: &Path) -> Vec<u64> {
+    let size = std::fs::metadata(img).unwrap().len();
+    mados_persistence::disk::claim::Claim::end_candidates(size)
+        .into_iter()
+        .filter(|&at| bytes(img, at, at + 16) == b"MADOS-PERSIST-CL")
+        .collect()
+}
+
+/// Every partition's start and size in bytes, from `sfdisk --json`.
+fn partitions(img: &str) -> Vec<(u64, u64)> {
+    let v: serde_json::Value = serde_json::from_str(&run("sfdisk", &["--json", img])).unwrap();
+    let ss = v["partitiontable"]["sectorsize"].as_u64().unwrap_or(512);
+    v["partitiontable"]["partitions"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|p| {
+                    (
+                        p["start"].as_u64().unwrap() * ss,
+                        p["size"].as_u64().unwrap() * ss,
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn a_reflash_much_smaller_finds_the_old_filesystem_by_its_end_copy() {
+    if !require_root("a_reflash_much_smaller_finds_the_old_filesystem_by_its_end_copy") {
+        return;
+    }
+    for layout in ["archiso", "archiso-uefi"] {
+        let d = tmpdir(&format!("manage-far-{layout}"));
+        // release 1: an image of 1.1 GiB; release 2: a few MiB
+        let tree = d.join("tree1");
+        std::fs::create_dir_all(tree.join("arch/x86_64")).unwrap();
+        std::fs::File::create(tree.join("arch/x86_64/airootfs.sfs"))
+            .unwrap()
+            .set_len(1100 << 20)
+            .unwrap();
+        let img = d.join("stick.img");
+        let st = Command::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/mkimage"
+        ))
+        .args([layout, img.to_str().unwrap(), tree.to_str().unwrap()])
+        .env("MKIMAGE_LABEL", "MADOS_R1")
+        .status()
+        .unwrap();
+        assert!(st.success());
+        std::fs::remove_dir_all(&tree).unwrap();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&img)
+            .unwrap()
+            .set_len(4 * GIB)
+            .unwrap();
+        let p = img.to_str().unwrap();
+        let out = ok(&["enable", "--device", p, "--yes"]);
+        assert!(out.contains("Persistence created"), "{out}");
+        // ours: the last partition
+        let (start, size) = partitions(p).into_iter().max().unwrap();
+        assert_eq!(
+            end_copies(&img),
+            vec![start + size - (1 << 20)],
+            "{layout}: the end copy"
+        );
+        // the filesystem's UUID: a new mkfs would change it
+        let sb_uuid = start + 1024 + 0x68;
+        let uuid = bytes(&img, sb_uuid, sb_uuid + 16);
+        // release 2, written over it with dd
+        let r2 = d.join("r2.img");
+        let st = Command::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/mkimage"
+        ))
+        .args([layout, r2.to_str().unwrap()])
+        .env("MKIMAGE_LABEL", "MADOS_R2")
+        .status()
+        .unwrap();
+        assert!(st.success());
+        let r2_len = std::fs::metadata(&r2).unwrap().len();
+        assert!(
+            start > r2_len + GIB + (4 << 20),
+            "{layout}: the old filesystem must lie past the 1 GiB scan"
+        );
+        run(
+            "dd",
+            &[
+                &format!("if={}", r2.display()),
+                &format!("of={p}"),
+                "conv=notrunc",
+                "status=none",
+            ],
+        );
+        assert!(
+            partitions(p).iter().all(|&(s, _)| s != start),
+            "{layout}: the dd left the entry"
+        );
+        let out = ok(&["enable", "--device", p, "--yes"]);
+        assert!(out.contains("restored (its data kept)"), "{layout}: {out}");
+        assert!(
+            partitions(p).contains(&(start, size)),
+            "{layout}: entry not put back"
+        );
+        assert_eq!(
+            bytes(&img, sb_uuid, sb_uuid + 16),
+            uuid,
+            "{layout}: reformatted"
+        );
+        assert_eq!(plan_action(p), "use");
+        // remove wipes both copies of the claim
+        ok(&["remove", "--device", p, "--yes"]);
+        assert_eq!(
+            end_copies(&img),
+            Vec::<u64>::new(),
+            "{layout}: end copy left by remove"
+        );
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+}

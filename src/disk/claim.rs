@@ -10,6 +10,12 @@
 //! the entry of a re-flashed stick back exactly, and (`remove`) to restore
 //! the table even when the filesystem no longer mounts.
 //!
+//! A second copy goes in the partition's last MiB, which the filesystem
+//! leaves out, once mkfs has run: a re-flash with a release much smaller
+//! than the one before leaves the old filesystem far after the new image's
+//! end, past where a scan looks, but the device's end is found in one read
+//! (`end_candidates`).
+//!
 //! The format is ours and small, so it is written by hand: a magic, a
 //! version, a CRC32 over everything after it, then fixed-width fields. Every
 //! length is checked against the buffer before use; anything malformed
@@ -21,6 +27,9 @@ use crate::disk::table::{Backup, Region};
 /// entry arrays up to about 3,500 entries (xorriso writes 248, most tools
 /// 128). A table whose sectors do not fit is not changed.
 pub const CLAIM_LEN: u64 = 1 << 20;
+/// What the filesystem leaves out at the partition's end: room for the
+/// claim's second copy (`Claim::end_offset`).
+pub const FS_RESERVE: u64 = CLAIM_LEN;
 const MAGIC: &[u8; 16] = b"MADOS-PERSIST-CL";
 const VERSION: u32 = 1;
 
@@ -39,6 +48,37 @@ impl Claim {
     /// Where the claim for a partition starting at `start` lies.
     pub fn offset_for(start: u64) -> Option<u64> {
         start.checked_sub(CLAIM_LEN)
+    }
+
+    /// Where its second copy lies: the partition's last MiB, which the
+    /// filesystem leaves out (`FS_RESERVE`). A `dd` of a release writes
+    /// from byte 0 and ends long before the device does, so this copy
+    /// outlives any re-flash that leaves the filesystem itself intact.
+    pub fn end_offset(&self) -> Option<u64> {
+        self.start.checked_add(self.size)?.checked_sub(CLAIM_LEN)
+    }
+
+    /// Where a partition we made may end on a device of `device_size`
+    /// bytes, so where its end copy may lie: the partition ends at the
+    /// device's end rounded down to a MiB (MBR), a MiB earlier when a GPT's
+    /// backup (at most 64 KiB) needs the room, or at 2 TiB (the MBR's
+    /// reach). A partition capped by `max_size` ends elsewhere and is found
+    /// by the front claim only.
+    pub fn end_candidates(device_size: u64) -> Vec<u64> {
+        const MIB: u64 = 1 << 20;
+        let mbr_max = u64::from(u32::MAX) * 512 / MIB * MIB;
+        let mut v: Vec<u64> = [
+            device_size / MIB * MIB,
+            device_size.saturating_sub(64 << 10) / MIB * MIB,
+            mbr_max.min(device_size / MIB * MIB),
+        ]
+        .into_iter()
+        .filter_map(|end| end.checked_sub(CLAIM_LEN))
+        .filter(|&at| at > 0)
+        .collect();
+        v.sort_unstable();
+        v.dedup();
+        v
     }
 
     pub fn encode(&self) -> Result<Vec<u8>, String> {

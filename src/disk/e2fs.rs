@@ -77,6 +77,8 @@ fn run(cmd: &mut Command) -> Result<(i32, String)> {
     Ok((out.status.code().unwrap_or(-1), text.trim().to_string()))
 }
 
+/// Make the filesystem on `dev`, `size` bytes of it (the rest of the
+/// device is left alone).
 pub fn mkfs(dev: &Path, label: &str, size: u64) -> Result<()> {
     let mut cmd = Command::new(find("mke2fs")?);
     cmd.args(mkfs_args(label, size));
@@ -84,6 +86,7 @@ pub fn mkfs(dev: &Path, label: &str, size: u64) -> Result<()> {
         cmd.arg("-F");
     }
     cmd.arg(dev);
+    cmd.arg(format!("{}k", size / 1024));
     let (code, out) = run(&mut cmd)?;
     if code != 0 {
         bail!("mke2fs on {} failed (exit {code}): {out}", dev.display());

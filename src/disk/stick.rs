@@ -5,7 +5,7 @@
 //! remove one (restore the backup or delete the entry).
 
 use crate::disk::blockdev::{self, Loop};
-use crate::disk::claim::{CLAIM_LEN, Claim};
+use crate::disk::claim::{CLAIM_LEN, Claim, FS_RESERVE};
 use crate::disk::e2fs;
 use crate::disk::layout::{self, Layout};
 use crate::disk::partplan::{self, PlanOptions};
@@ -148,6 +148,15 @@ pub fn remove_partition(
         std::io::Write::write_all(&mut o.file, &vec![0u8; CLAIM_LEN as usize])
             .context("wiping the claim")?;
     }
+    // its end copy, in the partition's last MiB
+    if let Some(c) = read_end_claim(&mut o.file, o.layout.size, &dev_name)
+        .filter(|c| (c.number, c.start, c.size) == (number, start, size))
+        && let Some(at) = c.end_offset()
+    {
+        std::io::Seek::seek(&mut o.file, std::io::SeekFrom::Start(at))?;
+        std::io::Write::write_all(&mut o.file, &vec![0u8; CLAIM_LEN as usize])
+            .context("wiping the claim's end copy")?;
+    }
     blockdev::flush_buffers(&o.file)?;
     if o.block
         && let Err(e) = blockdev::del_partition(&o.file, number)
@@ -241,10 +250,10 @@ fn disk_name(disk: &Path) -> String {
 }
 
 /// How far past the planned start `create_partition` looks for a
-/// `persistence` filesystem left by an earlier release: one 1 KiB read a
-/// MiB, so 1024 reads, about 2.6 s on a stick doing 400 IOPS (measured in
-/// bench/README.md). A release more than this much smaller than the one
-/// before it would not find the old filesystem.
+/// `persistence` filesystem left by an earlier release that has no claim
+/// copy at its end: one 1 KiB read a MiB, so 1024 reads, about 2.6 s on a
+/// stick doing 400 IOPS (measured in bench/README.md). Filesystems we made
+/// are found from the device's end first, however far away.
 pub const ADOPT_WINDOW: u64 = 1 << 30;
 
 /// The plan options `boot`, `enable` and `plan` share.
@@ -266,7 +275,45 @@ fn sync_dev(f: &mut File) -> Result<()> {
 /// The claim in front of a partition starting at `start`, if intact and
 /// its regions lie in the table areas of a device of `size` bytes.
 fn read_claim(f: &mut File, start: u64, size: u64, device: &str) -> Option<Claim> {
-    let at = Claim::offset_for(start)?;
+    read_claim_at(f, Claim::offset_for(start)?, size, device)
+}
+
+/// The claim's copy at the end of the partition it names, found from the
+/// device's end (`Claim::end_candidates`): it must name a partition that
+/// ends right after it.
+fn read_end_claim(f: &mut File, size: u64, device: &str) -> Option<Claim> {
+    Claim::end_candidates(size)
+        .into_iter()
+        .find_map(|at| read_claim_at(f, at, size, device).filter(|c| c.end_offset() == Some(at)))
+}
+
+/// Write the claim's second copy in the partition's last MiB, only where
+/// the filesystem leaves that MiB out (one made before the copy existed,
+/// or sized by its superblock, may not).
+fn write_end_claim(f: &mut File, c: &Claim, label: &str) -> Result<()> {
+    let Some(at) = c.end_offset() else {
+        return Ok(());
+    };
+    let Some(fs) = persistence_at(f, c.start, c.size, label) else {
+        return Ok(());
+    };
+    let fs_end = fs
+        .blocks
+        .checked_mul(fs.block_size)
+        .and_then(|b| b.checked_add(c.start));
+    if fs_end.is_none_or(|e| e > at) {
+        log::info!("the filesystem fills its partition: no room for the claim's end copy");
+        return Ok(());
+    }
+    let bytes = c.encode().map_err(|e| anyhow!("encoding the claim: {e}"))?;
+    use std::io::{Seek, SeekFrom, Write};
+    f.seek(SeekFrom::Start(at))?;
+    f.write_all(&bytes)
+        .context("writing the claim's end copy")?;
+    sync_dev(f)
+}
+
+fn read_claim_at(f: &mut File, at: u64, size: u64, device: &str) -> Option<Claim> {
     let head = layout::read_exact_at(f, at, 16).ok()?;
     if !Claim::looks_like(&head) {
         return None;
@@ -401,6 +448,29 @@ pub fn prepare(o: &mut Opened, s: &Settings) -> Result<Prepared> {
     }
     let opts = plan_options(s, random_guid());
     let planned = partplan::plan(&o.layout, &opts).map_err(|r| anyhow!(r))?;
+    // our filesystem from before a re-flash, found by the claim's copy at
+    // the device's end however far after the new image it starts
+    if let Some(c) = read_end_claim(&mut o.file, o.layout.size, &dev_name) {
+        if persistence_at(&mut o.file, c.start, c.size, &s.label).is_some() {
+            let p = partplan::plan_at(&o.layout, &opts, c.start, c.size).with_context(|| {
+                format!(
+                    "a '{}' filesystem lies at byte {} ({}) but does not fit where a partition may go; \
+                     refusing to create a partition over it",
+                    s.label,
+                    c.start,
+                    crate::settings::size::human(c.size)
+                )
+            })?;
+            return Ok(Prepared::Adopt(p));
+        }
+        log::warn!(
+            "the record at the device's end names a '{}' partition at byte {} ({}) whose filesystem is no \
+             longer intact (overwritten by a larger image?); it is not adopted",
+            s.label,
+            c.start,
+            crate::settings::size::human(c.size)
+        );
+    }
     let window_end = planned
         .start
         .saturating_add(ADOPT_WINDOW)
@@ -623,7 +693,9 @@ fn finish(
             target.display(),
             crate::settings::size::human(size)
         );
-        if let Err(e) = e2fs::mkfs(&target, &s.label, size) {
+        // the partition's last MiB stays out of the filesystem: the
+        // claim's end copy goes there
+        if let Err(e) = e2fs::mkfs(&target, &s.label, size.saturating_sub(FS_RESERVE)) {
             undo(f, &e);
             if let Some(lp) = lp {
                 let _ = lp.detach();
@@ -633,6 +705,18 @@ fn finish(
         // the disk's pages read before mkfs (the claim, the scan for a
         // left-behind filesystem) are stale now
         blockdev::flush_buffers(f)?;
+    }
+    // the claim's end copy (a cut before it leaves the front claim, and the
+    // scan after the image, to find this filesystem after a re-flash)
+    cut_point("end-claim");
+    let c = Claim {
+        number,
+        start,
+        size,
+        backup: backup.clone(),
+    };
+    if let Err(e) = write_end_claim(f, &c, &s.label) {
+        log::warn!("{e:#}");
     }
     Ok(Created {
         node,
