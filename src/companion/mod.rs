@@ -22,6 +22,7 @@ pub mod daemon;
 pub mod heat;
 pub mod notify;
 pub mod pin;
+pub mod pinset;
 pub mod stats;
 pub mod sync;
 pub mod watch;
