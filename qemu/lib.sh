@@ -43,7 +43,7 @@ kernel_version() {
 build_binary() {
 	log "building mados-persistence (static, release)"
 	(cd "$REPO" && cargo build --release --quiet)
-	if [[ -n ${BENCH:-} ]]; then (cd "$REPO" && cargo build --release --quiet --example tierbench); fi
+	if [[ -n ${BENCH:-} ]]; then (cd "$REPO" && cargo build --release --quiet --example tierbench --example fanprobe); fi
 	BIN=$REPO/target/x86_64-unknown-linux-gnu/release/mados-persistence
 	file "$BIN" | grep -Eq 'static(-pie)? linked|statically linked' || { echo "qemu: $BIN is not static" >&2; return 1; }
 }
@@ -114,9 +114,11 @@ build_liveroot() {
 	# a real live system has e2fsprogs (iso-profile/packages.x86_64): enable needs it
 	add_program "$root" /usr/sbin/mke2fs
 	add_program "$root" /usr/sbin/e2fsck
-	# bench/run (BENCH=1): the write-pattern tool and rsync, the peers' copier
+	# bench/run (BENCH=1): the write-pattern tool, the fanotify probe and
+	# rsync, the peers' copier
 	if [[ -n ${BENCH:-} ]]; then
 		cp "$REPO/target/x86_64-unknown-linux-gnu/release/examples/tierbench" "$root/usr/bin/tierbench"
+		cp "$REPO/target/x86_64-unknown-linux-gnu/release/examples/fanprobe" "$root/usr/bin/fanprobe"
 		add_program "$root" "$(command -v rsync)"
 	fi
 	cp "$QEMU_DIR/live-init" "$root/sbin/init"
