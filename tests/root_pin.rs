@@ -149,3 +149,64 @@ fn pins_survive_dropped_caches_follow_replacement_and_keep_the_budget() {
     assert!(vm_lck_kb() <= lck0 + 4, "pins released on drop");
     std::fs::remove_dir_all(&d).unwrap();
 }
+
+#[test]
+fn a_pin_through_an_overlay_keeps_the_real_files_pages() {
+    if !require_root("a_pin_through_an_overlay_keeps_the_real_files_pages") {
+        return;
+    }
+    // the overlay as the live root has it: a read-only lower, an upper
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).unwrap();
+    run("mount", &["--make-rprivate", "/"]);
+    let d =
+        PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("pin-ovl-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    for s in ["lower", "upper", "work", "view"] {
+        std::fs::create_dir_all(d.join(s)).unwrap();
+    }
+    std::fs::write(d.join("lower/lib.so"), vec![3u8; MIB as usize]).unwrap();
+    std::fs::write(d.join("upper/conf"), vec![4u8; MIB as usize]).unwrap();
+    let opts = format!(
+        "lowerdir={},upperdir={},workdir={}",
+        d.join("lower").display(),
+        d.join("upper").display(),
+        d.join("work").display()
+    );
+    run(
+        "mount",
+        &[
+            "-t",
+            "overlay",
+            "-o",
+            &opts,
+            "ovl",
+            d.join("view").to_str().unwrap(),
+        ],
+    );
+    let mut set = PinSet::default();
+    let view: Vec<PathBuf> = ["lib.so", "conf"]
+        .iter()
+        .map(|n| d.join("view").join(n))
+        .collect();
+    let plan = PinPlan {
+        pin: view.iter().map(|p| id_of(p)).collect(),
+        unpin: vec![],
+        bytes: 2 * MIB,
+    };
+    let paths: HashMap<FileId, PathBuf> = view.iter().map(|p| (id_of(p), p.clone())).collect();
+    let a = set.apply(&plan, |id| paths.get(&id).cloned(), 4 * MIB);
+    assert_eq!((a.pinned, a.failed), (2, 0), "{a:?}");
+    drop_caches();
+    // the pages kept are the real files' (overlayfs maps the real file)
+    assert_eq!(resident(&d.join("lower/lib.so")), 256);
+    assert_eq!(resident(&d.join("upper/conf")), 256);
+    drop(set);
+    drop_caches();
+    assert_eq!(
+        resident(&d.join("lower/lib.so")),
+        0,
+        "released with the pin"
+    );
+    run("umount", &[d.join("view").to_str().unwrap()]);
+    std::fs::remove_dir_all(&d).unwrap();
+}
