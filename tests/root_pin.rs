@@ -210,3 +210,54 @@ fn a_pin_through_an_overlay_keeps_the_real_files_pages() {
     run("umount", &[d.join("view").to_str().unwrap()]);
     std::fs::remove_dir_all(&d).unwrap();
 }
+
+#[test]
+fn opens_by_other_processes_heat_a_file_and_our_own_do_not() {
+    if !require_root("opens_by_other_processes_heat_a_file_and_our_own_do_not") {
+        return;
+    }
+    use mados_persistence::companion::heat::Heat;
+    use mados_persistence::companion::hot::Hot;
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).unwrap();
+    run("mount", &["--make-rprivate", "/"]);
+    let d = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("hot-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    run(
+        "mount",
+        &["-t", "tmpfs", "-o", "size=16M", "hot", d.to_str().unwrap()],
+    );
+    let (f, g) = (d.join("often"), d.join("once"));
+    std::fs::write(&f, b"0123456789").unwrap();
+    std::fs::write(&g, b"x").unwrap();
+    std::fs::write(d.join("empty"), b"").unwrap();
+    let (mut hot, failed) = Hot::new(&[d.as_path()]).unwrap();
+    assert!(failed.is_empty(), "{failed:?}");
+    for _ in 0..3 {
+        run("cat", &[f.to_str().unwrap()]);
+    }
+    run(
+        "cat",
+        &[g.to_str().unwrap(), d.join("empty").to_str().unwrap()],
+    );
+    // this process's own opens (the daemon's pins) are not counted
+    for _ in 0..5 {
+        std::fs::read(&g).unwrap();
+    }
+    let mut heat = Heat::new(600.0, 100);
+    assert_eq!(hot.drain(&mut heat, 0.0), 4);
+    assert!((heat.heat(id_of(&f), 0.0) - 3.0).abs() < 1e-9);
+    assert!((heat.heat(id_of(&g), 0.0) - 1.0).abs() < 1e-9);
+    assert_eq!(
+        heat.heat(id_of(&d.join("empty")), 0.0),
+        0.0,
+        "empty files are skipped"
+    );
+    let top = heat.hottest(1, 0.0);
+    assert_eq!(top[0].1.path, f.to_str().unwrap());
+    assert_eq!(top[0].1.size, 10);
+    assert_eq!(hot.drain(&mut heat, 1.0), 0, "drained");
+    assert_eq!((hot.events, hot.overflows), (4, 0));
+    run("umount", &[d.to_str().unwrap()]);
+    std::fs::remove_dir_all(&d).unwrap();
+}

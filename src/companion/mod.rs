@@ -20,6 +20,7 @@
 pub mod cleanup;
 pub mod daemon;
 pub mod heat;
+pub mod hot;
 pub mod notify;
 pub mod pin;
 pub mod pinset;

@@ -92,6 +92,8 @@ pub struct BootParams {
     /// `mados.usercache=off`: each user's `~/.cache` stays on the
     /// partition this boot.
     pub usercache_off: bool,
+    /// `mados.pin=off`: the daemon pins nothing this boot.
+    pub pin_off: bool,
     pub warnings: Vec<String>,
 }
 
@@ -214,7 +216,7 @@ pub fn parse(cmdline: &str) -> BootParams {
                     }
                 }
             }
-            "mados.tier" | "mados.usercache" => {
+            "mados.tier" | "mados.usercache" | "mados.pin" => {
                 let off = match val {
                     Some("off" | "0" | "no") => true,
                     Some("on" | "1" | "yes") => false,
@@ -224,10 +226,10 @@ pub fn parse(cmdline: &str) -> BootParams {
                         continue;
                     }
                 };
-                if key == "mados.tier" {
-                    p.tier_off = off
-                } else {
-                    p.usercache_off = off
+                match key {
+                    "mados.tier" => p.tier_off = off,
+                    "mados.pin" => p.pin_off = off,
+                    _ => p.usercache_off = off,
                 }
             }
             "mados.debug" => p.debug = !matches!(val, Some("0" | "off" | "no")),
@@ -249,6 +251,9 @@ mod tests {
         assert!(parse("mados.tier=off").tier_off);
         assert!(!parse("mados.tier=on").tier_off);
         assert!(parse("mados.usercache=off").usercache_off);
+        assert!(parse("mados.pin=off").pin_off);
+        assert!(!parse("mados.pin=on").pin_off);
+        assert!(!parse("mados.pin=off").usercache_off);
         assert!(!parse("mados.usercache=off").tier_off);
         assert!(parse("mados.usercache=bad").warnings[0].contains("mados.usercache=off or on"));
         let p = parse("mados.tier=sometimes");

@@ -119,6 +119,54 @@ impl Default for UserCacheSettings {
     }
 }
 
+/// `[pin]`: files the daemon sees opened often kept in RAM
+/// (`companion::heat`, `companion::pinset`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PinSettings {
+    /// On unless `mados.pin=off` or `enabled = false`.
+    pub enabled: bool,
+    /// The most it locks; by default min(512 MiB, 10% of RAM). It gives
+    /// way first: at most a quarter of available memory, halved under
+    /// memory pressure.
+    pub budget: Size,
+    /// Seconds in which a file's heat halves.
+    pub half_life: u64,
+    /// Heat (about: opens within a half-life) at which a file is pinned,
+    /// and below which a pinned one is let go.
+    pub pin_high: f64,
+    pub pin_low: f64,
+    /// Files tracked at most (the coldest are forgotten first).
+    pub tracked: usize,
+    /// Seconds between two pin decisions.
+    pub every: u64,
+}
+
+impl Default for PinSettings {
+    fn default() -> Self {
+        PinSettings {
+            enabled: true,
+            budget: Size::Bytes(512 * MIB),
+            half_life: 600,
+            pin_high: 4.0,
+            pin_low: 1.0,
+            tracked: 20_000,
+            every: 10,
+        }
+    }
+}
+
+impl PinSettings {
+    /// The budget in bytes: as configured, and by default min(512 MiB,
+    /// 10% of RAM).
+    pub fn budget_bytes(&self, ram: u64) -> u64 {
+        if self.budget == PinSettings::default().budget {
+            (512 * MIB).min(ram / 10)
+        } else {
+            self.budget.resolve(ram)
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Settings {
     pub mode: Mode,
@@ -147,6 +195,7 @@ pub struct Settings {
     pub tier: TierSettings,
     pub cleanup: CleanupSettings,
     pub user_cache: UserCacheSettings,
+    pub pin: PinSettings,
 }
 
 impl Default for Settings {
@@ -181,6 +230,7 @@ impl Default for Settings {
             tier: TierSettings::default(),
             cleanup: CleanupSettings::default(),
             user_cache: UserCacheSettings::default(),
+            pin: PinSettings::default(),
         }
     }
 }
@@ -201,6 +251,7 @@ const KEYS: &[&str] = &[
     "tier",
     "cleanup",
     "user_cache",
+    "pin",
 ];
 
 fn check_dir(key: &str, d: &str, warnings: &mut Vec<String>) -> bool {
@@ -323,6 +374,10 @@ pub fn apply_toml(s: &mut Settings, text: &str, warnings: &mut Vec<String>) {
             "user_cache" => match val.as_table() {
                 Some(t) => apply_user_cache(&mut s.user_cache, t, warnings),
                 None => bad(warnings, "a [user_cache] table"),
+            },
+            "pin" => match val.as_table() {
+                Some(t) => apply_pin(&mut s.pin, t, warnings),
+                None => bad(warnings, "a [pin] table"),
             },
             _ => warnings.push(format!(
                 "config: unknown key '{key}' (known: {}); ignored",
@@ -451,6 +506,54 @@ fn apply_user_cache(c: &mut UserCacheSettings, table: &toml::Table, warnings: &m
     }
 }
 
+fn apply_pin(c: &mut PinSettings, table: &toml::Table, warnings: &mut Vec<String>) {
+    let want = |warnings: &mut Vec<String>, k: &str, what: &str, v: &toml::Value| {
+        warnings.push(format!(
+            "config pin.{k} = {v}: expected {what}; using the default"
+        ))
+    };
+    for (k, v) in table {
+        match k.as_str() {
+            "enabled" => match v.as_bool() {
+                Some(b) => c.enabled = b,
+                None => want(warnings, k, "true or false", v),
+            },
+            "budget" => match v.as_str().and_then(|x| Size::parse(x).ok()) {
+                Some(b) => c.budget = b,
+                None => want(warnings, k, "a size such as \"256M\" or \"5%\"", v),
+            },
+            "half_life" | "every" => match v.as_integer().filter(|n| *n > 0) {
+                Some(n) if k == "half_life" => c.half_life = n as u64,
+                Some(n) => c.every = n as u64,
+                None => want(warnings, k, "a number of seconds above 0", v),
+            },
+            "pin_high" | "pin_low" => match v
+                .as_float()
+                .or(v.as_integer().map(|n| n as f64))
+                .filter(|x| x.is_finite() && *x > 0.0)
+            {
+                Some(x) if k == "pin_high" => c.pin_high = x,
+                Some(x) => c.pin_low = x,
+                None => want(warnings, k, "a number above 0", v),
+            },
+            "tracked" => match v.as_integer().filter(|n| (1..=10_000_000).contains(n)) {
+                Some(n) => c.tracked = n as usize,
+                None => want(warnings, k, "a number of files (1 to 10000000)", v),
+            },
+            _ => warnings.push(format!(
+                "config: unknown key 'pin.{k}' (known: enabled, budget, half_life, pin_high, pin_low, tracked, every); ignored"
+            )),
+        }
+    }
+    if c.pin_low > c.pin_high {
+        warnings.push(format!(
+            "config pin.pin_low ({}) is above pin.pin_high ({}): using pin_low = pin_high",
+            c.pin_low, c.pin_high
+        ));
+        c.pin_low = c.pin_high;
+    }
+}
+
 /// Settings for a boot: defaults, the live root's config file if there is
 /// one, then the kernel command line.
 pub fn resolve(root: &Path, params: &BootParams, warnings: &mut Vec<String>) -> Settings {
@@ -557,6 +660,9 @@ pub fn merge_params(s: &mut Settings, p: &BootParams) {
     }
     if p.usercache_off {
         s.user_cache.enabled = false;
+    }
+    if p.pin_off {
+        s.pin.enabled = false;
     }
 }
 
@@ -687,6 +793,41 @@ age = 3600
         assert_eq!(w.len(), 2, "{w:?}");
         merge_params(&mut s, &cmdline::parse("mados.tier=off"));
         assert!(!s.tier.enabled);
+    }
+
+    #[test]
+    fn pin_table() {
+        let mut w = vec![];
+        let mut s = Settings::default();
+        assert!(s.pin.enabled);
+        assert_eq!(s.pin.budget_bytes(2 << 30), (2u64 << 30) / 10);
+        assert_eq!(s.pin.budget_bytes(64 << 30), 512 << 20);
+        apply_toml(
+            &mut s,
+            r#"
+[pin]
+budget = "64M"
+half_life = 60
+pin_high = 3
+pin_low = 0.5
+tracked = 0
+every = "often"
+speed = 1
+"#,
+            &mut w,
+        );
+        assert_eq!(s.pin.budget_bytes(64 << 30), 64 << 20);
+        assert_eq!(s.pin.half_life, 60);
+        assert_eq!((s.pin.pin_high, s.pin.pin_low), (3.0, 0.5));
+        assert_eq!(s.pin.tracked, 20_000, "0 files refused");
+        assert_eq!(s.pin.every, 10, "not a number: the default");
+        assert_eq!(w.len(), 3, "{w:?}");
+        // a low bar above the high one is brought down to it
+        apply_toml(&mut s, "[pin]\npin_low = 9\n", &mut w);
+        assert_eq!(s.pin.pin_low, 3.0);
+        assert!(w.last().unwrap().contains("above pin.pin_high"), "{w:?}");
+        merge_params(&mut s, &cmdline::parse("mados.pin=off"));
+        assert!(!s.pin.enabled);
     }
 
     #[test]

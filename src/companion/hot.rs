@@ -1,0 +1,115 @@
+//! File opens seen as they happen, to feed `heat`: a fanotify filesystem
+//! mark (`FAN_OPEN | FAN_OPEN_EXEC`) on each filesystem the live system
+//! reads from.
+//!
+//! Which filesystem reports an open depends on the kernel
+//! (`bench/fanotify-layers`): on Debian's 6.1 only the overlays do (the
+//! root, `/etc /usr /var /opt`), not their ext4 upper nor the squashfs
+//! below; newer kernels report on both. So the daemon marks the mount
+//! points of the live root as `state.json` lists them, and an event names
+//! the file as the system sees it (its path and identity through the
+//! overlay), which is also what `pin` maps.
+//!
+//! Reads through a mapping fire nothing and every `read` would fire
+//! `FAN_ACCESS`, so opens are the measure: a program started, a library
+//! loaded, a file opened. The daemon's own opens (its pins) are skipped.
+//! A queue overflow loses events, counted; heat is a sample anyway.
+
+use crate::companion::heat::Heat;
+use anyhow::{Context, Result, bail};
+use nix::sys::fanotify::{EventFFlags, Fanotify, InitFlags, MarkFlags, MaskFlags};
+use std::os::fd::AsFd;
+use std::path::Path;
+
+pub struct Hot {
+    fan: Fanotify,
+    me: i32,
+    /// Opens counted into heat, and queue overflows, since the start.
+    pub events: u64,
+    pub overflows: u64,
+}
+
+/// At most this many events a drain (the rest wait for the next one).
+const DRAIN_MAX: usize = 100_000;
+
+impl Hot {
+    /// Mark the filesystem mounted at each of `mounts`. Those that cannot
+    /// be marked are returned with the reason; none marked is an error.
+    pub fn new(mounts: &[&Path]) -> Result<(Hot, Vec<String>)> {
+        let fan = Fanotify::init(
+            InitFlags::FAN_CLASS_NOTIF | InitFlags::FAN_CLOEXEC | InitFlags::FAN_NONBLOCK,
+            EventFFlags::O_RDONLY | EventFFlags::O_LARGEFILE | EventFFlags::O_CLOEXEC,
+        )
+        .context("fanotify_init")?;
+        let mut failed = vec![];
+        let mut marked = 0;
+        for m in mounts {
+            match fan.mark(
+                MarkFlags::FAN_MARK_ADD | MarkFlags::FAN_MARK_FILESYSTEM,
+                MaskFlags::FAN_OPEN | MaskFlags::FAN_OPEN_EXEC,
+                nix::fcntl::AT_FDCWD,
+                Some(*m),
+            ) {
+                Ok(()) => marked += 1,
+                Err(e) => failed.push(format!("{}: {e}", m.display())),
+            }
+        }
+        if marked == 0 {
+            bail!("no filesystem could be marked ({})", failed.join("; "));
+        }
+        Ok((
+            Hot {
+                fan,
+                me: std::process::id() as i32,
+                events: 0,
+                overflows: 0,
+            },
+            failed,
+        ))
+    }
+
+    /// Count the opens queued since the last call into `heat` at `now`;
+    /// returns how many were counted.
+    pub fn drain(&mut self, heat: &mut Heat, now: f64) -> usize {
+        let mut n = 0;
+        let mut seen = 0;
+        while seen < DRAIN_MAX {
+            let evs = match self.fan.read_events() {
+                Ok(evs) if !evs.is_empty() => evs,
+                _ => break, // EAGAIN: drained (anything else: next time)
+            };
+            seen += evs.len();
+            for e in evs {
+                if e.mask().contains(MaskFlags::FAN_Q_OVERFLOW) {
+                    self.overflows += 1;
+                    continue;
+                }
+                if e.pid() == self.me {
+                    continue;
+                }
+                let Some(fd) = e.fd() else { continue };
+                let Ok(st) = nix::sys::stat::fstat(fd.as_fd()) else {
+                    continue;
+                };
+                if st.st_mode & nix::libc::S_IFMT != nix::libc::S_IFREG || st.st_size <= 0 {
+                    continue;
+                }
+                let Ok(path) = std::fs::read_link(format!(
+                    "/proc/self/fd/{}",
+                    std::os::fd::AsRawFd::as_raw_fd(&fd)
+                )) else {
+                    continue;
+                };
+                let Some(path) = path.to_str() else { continue };
+                // a file deleted since it was opened has nothing to pin
+                if path.ends_with(" (deleted)") {
+                    continue;
+                }
+                heat.touch((st.st_dev, st.st_ino), path, st.st_size as u64, now);
+                n += 1;
+            }
+        }
+        self.events += n as u64;
+        n
+    }
+}
