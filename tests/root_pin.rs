@@ -231,7 +231,7 @@ fn opens_by_other_processes_heat_a_file_and_our_own_do_not() {
     std::fs::write(&f, b"0123456789").unwrap();
     std::fs::write(&g, b"x").unwrap();
     std::fs::write(d.join("empty"), b"").unwrap();
-    let (mut hot, failed) = Hot::new(&[d.as_path()]).unwrap();
+    let (mut hot, failed) = Hot::new(&[(d.as_path(), true)]).unwrap();
     assert!(failed.is_empty(), "{failed:?}");
     for _ in 0..3 {
         run("cat", &[f.to_str().unwrap()]);

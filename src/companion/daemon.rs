@@ -8,7 +8,8 @@
 //! a restarted daemon goes on from the manifests in /run.
 //!
 //! In every mode (RAM mode too) it runs the temp cleanup every
-//! `[cleanup] every` seconds and publishes live stats
+//! `[cleanup] every` seconds, pins the files opened most often within a
+//! budget (`companion::pinning`, `[pin]`), and publishes live stats
 //! (`/run/mados-persistence/stats`, `companion::stats`) once a second.
 
 use super::stats::{self, Stats};
@@ -210,6 +211,14 @@ pub fn run() -> Result<()> {
             })
             .ok()
         });
+    let mut pinning = if s.pin.enabled {
+        super::pinning::Pinning::start(&st, &s.pin, &run)
+            .map_err(|e| log::info!("no pinning ({e:#})"))
+            .ok()
+    } else {
+        log::info!("pinning is off (mados.pin=off or [pin] enabled = false)");
+        None
+    };
     let cleanup_every = (s.cleanup.every > 0).then(|| Duration::from_secs(s.cleanup.every));
     if cleanup_every.is_none() {
         log::info!("temp cleanup is off (cleanup.every = 0)");
@@ -267,6 +276,9 @@ pub fn run() -> Result<()> {
         {
             cleanup_pass(&s, &mut live);
             next_cleanup = Some(Instant::now() + every);
+        }
+        if let Some(p) = pinning.as_mut() {
+            p.tick(&mut live.stats.pin);
         }
         if tiers.is_empty() {
             live.publish();

@@ -12,7 +12,7 @@
 //! above `pin_low`, and the pinned bytes stay within the budget, the
 //! hottest first (a pinned file loses its place only to a hotter one).
 //!
-//! Groundwork for issue 10: not yet fed by the daemon.
+//! Fed by the daemon (`companion::pinning`) with the opens `hot` sees.
 
 use std::collections::{HashMap, HashSet};
 
@@ -100,6 +100,11 @@ impl Heat {
         for (_, id) in by_heat.into_iter().skip(keep) {
             self.files.remove(&id);
         }
+    }
+
+    /// What is known of a tracked file (its path and size as last seen).
+    pub fn entry(&self, id: FileId) -> Option<&Entry> {
+        self.files.get(&id)
     }
 
     /// The `n` hottest files at `now`, hottest first.

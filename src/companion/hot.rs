@@ -33,9 +33,12 @@ pub struct Hot {
 const DRAIN_MAX: usize = 100_000;
 
 impl Hot {
-    /// Mark the filesystem mounted at each of `mounts`. Those that cannot
-    /// be marked are returned with the reason; none marked is an error.
-    pub fn new(mounts: &[&Path]) -> Result<(Hot, Vec<String>)> {
+    /// Mark each of `marks`: the whole filesystem mounted there (`true`:
+    /// an overlay), or that mount alone (`false`: a bind of a directory of
+    /// the partition, whose filesystem also holds the overlays' uppers,
+    /// which newer kernels report on as well). Those that cannot be marked
+    /// are returned with the reason; none marked is an error.
+    pub fn new(marks: &[(&Path, bool)]) -> Result<(Hot, Vec<String>)> {
         let fan = Fanotify::init(
             InitFlags::FAN_CLASS_NOTIF | InitFlags::FAN_CLOEXEC | InitFlags::FAN_NONBLOCK,
             EventFFlags::O_RDONLY | EventFFlags::O_LARGEFILE | EventFFlags::O_CLOEXEC,
@@ -43,9 +46,14 @@ impl Hot {
         .context("fanotify_init")?;
         let mut failed = vec![];
         let mut marked = 0;
-        for m in mounts {
+        for (m, whole) in marks {
+            let kind = if *whole {
+                MarkFlags::FAN_MARK_FILESYSTEM
+            } else {
+                MarkFlags::FAN_MARK_MOUNT
+            };
             match fan.mark(
-                MarkFlags::FAN_MARK_ADD | MarkFlags::FAN_MARK_FILESYSTEM,
+                MarkFlags::FAN_MARK_ADD | kind,
                 MaskFlags::FAN_OPEN | MaskFlags::FAN_OPEN_EXEC,
                 nix::fcntl::AT_FDCWD,
                 Some(*m),

@@ -9,8 +9,9 @@
 //!   space deleted-but-open files hold.
 //! - `stats`: the live stats block in shared memory (seqlock).
 //! - `watch`: tier writes as they happen (fanotify), for the idle trigger.
-//! - `heat`, `pin`: file heat and pinning under a budget (groundwork for
-//!   issue 10; not yet run by the daemon).
+//! - `hot`, `heat`, `pin`, `pinset`, `pinning`: the files opened most
+//!   often kept in RAM under a budget (opens seen by fanotify, a heat with
+//!   a half-life, mapped and locked pages, the daemon's loop).
 //! - `daemon`: the loop, the single-instance lock, signals.
 //!
 //! Here: reading state.json, the locks, `sync_all` (every tier under the
@@ -23,6 +24,7 @@ pub mod heat;
 pub mod hot;
 pub mod notify;
 pub mod pin;
+pub mod pinning;
 pub mod pinset;
 pub mod stats;
 pub mod sync;

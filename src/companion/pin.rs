@@ -10,7 +10,7 @@
 //! changed content (size or mtime), so the caller can pin the new one and
 //! release the old pages.
 //!
-//! Groundwork for issue 10: not yet driven by the daemon.
+//! Driven by `companion::pinset` in the daemon (`companion::pinning`).
 
 use crate::companion::heat::FileId;
 use anyhow::{Context, Result, bail};

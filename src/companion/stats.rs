@@ -24,6 +24,11 @@
 //! cut at a character boundary), RAM bytes, dirty files, dirty bytes, last
 //! sync (Unix ms), its duration (µs), its bytes written, syncs, sync errors.
 //!
+//! Then the pinning (`PIN_WORDS`, version 2 on): files tracked, opens
+//! counted, queue overflows, files pinned, bytes pinned, the budget in
+//! force, pins that failed, the last pin decision (Unix ms). Flag bit 2:
+//! pinning is on.
+//!
 //! Written by hand (no crate does a cross-process seqlock over a file
 //! mapping): each word is an `AtomicU64` in the mapping, so the copy is
 //! defined behaviour even while the daemon writes.
@@ -39,12 +44,14 @@ use std::sync::atomic::{AtomicU64, Ordering, fence};
 
 pub const STATS_FILE: &str = "stats";
 pub const MAGIC: u64 = u64::from_le_bytes(*b"MADOSTAT");
-pub const VERSION: u64 = 1;
+pub const VERSION: u64 = 2;
 pub const MAX_TIERS: usize = 8;
 const HEADER: usize = 16;
 const SLOT: usize = 16;
 const NAME_WORDS: usize = 8;
-pub const WORDS: usize = HEADER + MAX_TIERS * SLOT;
+const PIN_AT: usize = HEADER + MAX_TIERS * SLOT;
+const PIN_WORDS: usize = 8;
+pub const WORDS: usize = PIN_AT + PIN_WORDS;
 pub const BYTES: usize = WORDS * 8;
 const W_SEQ: usize = 2;
 
@@ -60,6 +67,21 @@ pub struct TierStats {
     pub last_sync_bytes: u64,
     pub syncs: u64,
     pub sync_errors: u64,
+}
+
+/// What the daemon pins (`companion::pinset`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct PinStats {
+    pub enabled: bool,
+    pub tracked_files: u64,
+    pub open_events: u64,
+    pub overflows: u64,
+    pub pinned_files: u64,
+    pub pinned_bytes: u64,
+    /// The budget in force (it shrinks under memory pressure).
+    pub budget: u64,
+    pub failures: u64,
+    pub last_plan_unix_ms: u64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -79,6 +101,7 @@ pub struct Stats {
     pub tier_used: u64,
     pub last_cleanup_unix_ms: u64,
     pub tiers: Vec<TierStats>,
+    pub pin: PinStats,
 }
 
 pub fn now_ms() -> u64 {
@@ -120,7 +143,7 @@ pub fn encode(s: &Stats) -> [u64; WORDS] {
     w[4] = s.started_unix_ms;
     w[5] = s.updated_unix_ms;
     w[6] = n as u64;
-    w[7] = u64::from(s.tier_full) | (u64::from(s.stopped) << 1);
+    w[7] = u64::from(s.tier_full) | (u64::from(s.stopped) << 1) | (u64::from(s.pin.enabled) << 2);
     w[8] = s.cleanup_runs;
     w[9] = s.cleanup_files;
     w[10] = s.cleanup_bytes;
@@ -144,6 +167,17 @@ pub fn encode(s: &Stats) -> [u64; WORDS] {
             t.sync_errors,
         ]);
     }
+    let p = &s.pin;
+    w[PIN_AT..].copy_from_slice(&[
+        p.tracked_files,
+        p.open_events,
+        p.overflows,
+        p.pinned_files,
+        p.pinned_bytes,
+        p.budget,
+        p.failures,
+        p.last_plan_unix_ms,
+    ]);
     w
 }
 
@@ -195,6 +229,17 @@ pub fn decode(w: &[u64; WORDS]) -> Result<Stats> {
         tier_used: w[14],
         last_cleanup_unix_ms: w[15],
         tiers,
+        pin: PinStats {
+            enabled: w[7] & 4 != 0,
+            tracked_files: w[PIN_AT],
+            open_events: w[PIN_AT + 1],
+            overflows: w[PIN_AT + 2],
+            pinned_files: w[PIN_AT + 3],
+            pinned_bytes: w[PIN_AT + 4],
+            budget: w[PIN_AT + 5],
+            failures: w[PIN_AT + 6],
+            last_plan_unix_ms: w[PIN_AT + 7],
+        },
     })
 }
 
@@ -389,6 +434,17 @@ mod tests {
                     ..Default::default()
                 },
             ],
+            pin: PinStats {
+                enabled: true,
+                tracked_files: 812,
+                open_events: 90_000,
+                overflows: 1,
+                pinned_files: 14,
+                pinned_bytes: 93 << 20,
+                budget: 512 << 20,
+                failures: 2,
+                last_plan_unix_ms: 1_700_000_004_500,
+            },
         }
     }
 
@@ -404,8 +460,8 @@ mod tests {
         w[0] ^= 1;
         assert!(decode(&w).unwrap_err().to_string().contains("magic"));
         let mut w = encode(&sample());
-        w[1] = 2;
-        assert!(decode(&w).unwrap_err().to_string().contains("version 2"));
+        w[1] = 1; // the layout before the pinning words
+        assert!(decode(&w).unwrap_err().to_string().contains("version 1"));
         let mut w = encode(&sample());
         w[6] = u64::MAX;
         assert!(decode(&w).unwrap_err().to_string().contains("tiers"));
@@ -445,6 +501,10 @@ mod tests {
                 syncs: v,
                 ..Default::default()
             }],
+            pin: PinStats {
+                pinned_bytes: v,
+                ..Default::default()
+            },
             ..Default::default()
         };
         let w = Writer::create(&p, &block(0)).unwrap();
@@ -468,7 +528,9 @@ mod tests {
                     assert!(
                         [s.started_unix_ms, s.updated_unix_ms, s.cleanup_runs]
                             .iter()
-                            .chain([s.tiers[0].ram_bytes, s.tiers[0].syncs].iter())
+                            .chain(
+                                [s.tiers[0].ram_bytes, s.tiers[0].syncs, s.pin.pinned_bytes].iter()
+                            )
                             .all(|&x| x == v),
                         "torn read: {s:?}"
                     );

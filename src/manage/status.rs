@@ -78,6 +78,8 @@ pub struct Companion {
     pub deleted_open: Vec<crate::companion::cleanup::DeletedOpen>,
     /// When this was gathered (Unix ms), for the ages shown.
     pub now_unix_ms: u64,
+    /// The files the daemon keeps in RAM, hottest first (at most 20).
+    pub pinned: Vec<crate::companion::pinning::PinnedFile>,
 }
 
 pub const FULL_PERCENT: u64 = 90;
@@ -295,6 +297,41 @@ pub fn render_companion(c: &Companion) -> String {
             )
         };
         line("temp cleanup:", cleanup);
+        let p = &s.pin;
+        let pinned = if !p.enabled {
+            "off (mados.pin=off, [pin] enabled = false, or no fanotify)".to_string()
+        } else if p.last_plan_unix_ms == 0 {
+            format!(
+                "no decision yet ({} opens of {} files seen)",
+                p.open_events, p.tracked_files
+            )
+        } else {
+            format!(
+                "{} files ({}) kept in RAM, budget {}; {} files tracked from {} opens{}{}",
+                p.pinned_files,
+                h(p.pinned_bytes),
+                h(p.budget),
+                p.tracked_files,
+                p.open_events,
+                if p.failures > 0 {
+                    format!("; {} pins failed", p.failures)
+                } else {
+                    String::new()
+                },
+                if p.overflows > 0 {
+                    format!("; {} event queue overflows", p.overflows)
+                } else {
+                    String::new()
+                }
+            )
+        };
+        line("pinned:", pinned);
+        for f in c.pinned.iter().take(5) {
+            line(
+                "",
+                format!("{:>9}  {}  (heat {:.1})", h(f.bytes), f.path, f.heat),
+            );
+        }
     } else if !c.tiers.is_empty() {
         line("RAM tier:", c.tiers.join(", "));
     }
@@ -545,6 +582,7 @@ fn gather_companion(st: Option<&State>) -> Companion {
         stats_note,
         deleted_open: cleanup::deleted_open(Path::new("/proc")),
         now_unix_ms: stats::now_ms(),
+        pinned: crate::companion::pinning::PinnedList::load(&run_dir()).files,
     }
 }
 
@@ -709,10 +747,25 @@ mod tests {
                     syncs: 4,
                     sync_errors: 1,
                 }],
+                pin: crate::companion::stats::PinStats {
+                    enabled: true,
+                    tracked_files: 300,
+                    open_events: 4000,
+                    pinned_files: 1,
+                    pinned_bytes: 90 << 20,
+                    budget: 512 << 20,
+                    last_plan_unix_ms: 1_295_000,
+                    ..Default::default()
+                },
             }),
             stats_note: None,
             deleted_open: vec![],
             now_unix_ms: 1_300_000,
+            pinned: vec![crate::companion::pinning::PinnedFile {
+                path: "/usr/lib/libLLVM.so".into(),
+                bytes: 90 << 20,
+                heat: 12.5,
+            }],
         }
     }
 
@@ -736,6 +789,13 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("9M held by 1 deleted files"), "{text}");
+        assert!(
+            text.contains(
+                "1 files (90M) kept in RAM, budget 512M; 300 files tracked from 4000 opens"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("/usr/lib/libLLVM.so  (heat 12.5)"), "{text}");
         let mut c = companion(true, false);
         c.deleted_open = vec![crate::companion::cleanup::DeletedOpen {
             path: "/tmp/big".into(),
@@ -747,6 +807,8 @@ mod tests {
         let j = serde_json::to_value(&c).unwrap();
         assert_eq!(j["stats"]["tiers"][0]["dirty_files"], 3);
         assert_eq!(j["deleted_open"][0]["holders"][0], "123 firefox");
+        assert_eq!(j["stats"]["pin"]["pinned_bytes"], 90 << 20);
+        assert_eq!(j["pinned"][0]["path"], "/usr/lib/libLLVM.so");
     }
 
     #[test]
