@@ -129,17 +129,21 @@ pub fn raise_memlock(bytes: u64) -> Result<u64> {
     Ok(to)
 }
 
+/// Memory this process has locked now (`VmLck`), in KiB.
+pub fn locked_kib() -> Option<u64> {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("VmLck:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn vm_lck_kb() -> u64 {
-        std::fs::read_to_string("/proc/self/status")
-            .unwrap()
-            .lines()
-            .find_map(|l| l.strip_prefix("VmLck:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap()
+        locked_kib().unwrap()
     }
 
     #[test]
