@@ -7,6 +7,10 @@
 //!                             journal created, 4 KiB written and fsynced,
 //!                             a 4 KiB page written into the database and
 //!                             fsynced, the journal unlinked, the dir fsynced
+//!   tierbench reads DIR N     every file of DIR read whole, N times
+//!   tierbench opens DIR N     N opens (and closes) of DIR's files in turn,
+//!                             paced at 10,000 a second (the load the
+//!                             daemon's heat tracking is measured under)
 //!
 //! Prints `OPS <pattern> <dir> <ops> <seconds> <ops/s>`.
 
@@ -23,7 +27,7 @@ fn fsync_dir(d: &Path) -> std::io::Result<()> {
 fn main() -> std::io::Result<()> {
     let a: Vec<String> = std::env::args().collect();
     if a.len() != 4 {
-        eprintln!("usage: tierbench fsync|journal DIR N");
+        eprintln!("usage: tierbench fsync|journal|reads|opens DIR N");
         std::process::exit(2);
     }
     let dir = Path::new(&a[2]);
@@ -63,6 +67,33 @@ fn main() -> std::io::Result<()> {
                 drop(j);
                 fs::remove_file(&jp)?;
                 fsync_dir(dir)?;
+            }
+        }
+        "reads" => {
+            let mut buf = vec![0u8; 1 << 20];
+            for _ in 0..n {
+                for e in fs::read_dir(dir)? {
+                    let mut f = fs::File::open(e?.path())?;
+                    while std::io::Read::read(&mut f, &mut buf)? > 0 {}
+                }
+            }
+        }
+        "opens" => {
+            let files: Vec<_> = fs::read_dir(dir)?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.is_file())
+                .collect();
+            if files.is_empty() {
+                eprintln!("no files in {}", dir.display());
+                std::process::exit(2);
+            }
+            for i in 0..n {
+                drop(fs::File::open(&files[i as usize % files.len()])?);
+                // paced: the i-th open not before i / 10,000 s
+                let due = std::time::Duration::from_micros(i * 100);
+                if let Some(wait) = due.checked_sub(t0.elapsed()) {
+                    std::thread::sleep(wait);
+                }
             }
         }
         other => {

@@ -120,6 +120,7 @@ build_liveroot() {
 		cp "$REPO/target/x86_64-unknown-linux-gnu/release/examples/tierbench" "$root/usr/bin/tierbench"
 		cp "$REPO/target/x86_64-unknown-linux-gnu/release/examples/fanprobe" "$root/usr/bin/fanprobe"
 		add_program "$root" "$(command -v rsync)"
+		if command -v vmtouch >/dev/null; then add_program "$root" "$(command -v vmtouch)"; fi
 	fi
 	cp "$QEMU_DIR/live-init" "$root/sbin/init"
 	chmod +x "$root/sbin/init"
