@@ -71,7 +71,18 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
     let dir = path.parent().unwrap_or(Path::new("."));
     fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let tmp = path.with_extension("tmp");
+    // a name of this process's own: two writers of the same file (two
+    // commands at once) never share a temp file
+    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(
+        ".{name}.{}.{}.tmp",
+        std::process::id(),
+        SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    ));
     let _ = fs::remove_file(&tmp);
     let mut f = fs::OpenOptions::new()
         .write(true)
@@ -130,6 +141,30 @@ pub fn start_writeback(f: &fs::File) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn writers_of_one_file_at_once_never_share_a_temp_file() {
+        // two commands saving the same file (tests run them in parallel)
+        let d = crate::util::testutil::tmp("atomic-race");
+        let p = d.join("table-backup.json");
+        let threads: Vec<_> = (0..8u8)
+            .map(|t| {
+                let p = p.clone();
+                std::thread::spawn(move || {
+                    for _ in 0..50 {
+                        write_atomic(&p, &[t; 4096]).unwrap();
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let got = fs::read(&p).unwrap();
+        assert!(got.len() == 4096 && got.iter().all(|b| *b == got[0]));
+        assert_eq!(fs::read_dir(&d).unwrap().count(), 1, "a temp file was left");
+        fs::remove_dir_all(&d).unwrap();
+    }
 
     #[test]
     fn seeding_is_all_or_nothing_and_takes_the_real_dirs_mode() {
