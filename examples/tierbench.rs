@@ -7,6 +7,7 @@
 //!                             journal created, 4 KiB written and fsynced,
 //!                             a 4 KiB page written into the database and
 //!                             fsynced, the journal unlinked, the dir fsynced
+//!   tierbench mkfiles DIR N   N files of 4 KiB made in DIR
 //!   tierbench reads DIR N     every file of DIR read whole, N times
 //!   tierbench opens DIR N     N opens (and closes) of DIR's files in turn,
 //!                             paced at 10,000 a second (the load the
@@ -27,7 +28,7 @@ fn fsync_dir(d: &Path) -> std::io::Result<()> {
 fn main() -> std::io::Result<()> {
     let a: Vec<String> = std::env::args().collect();
     if a.len() != 4 {
-        eprintln!("usage: tierbench fsync|journal|reads|opens DIR N");
+        eprintln!("usage: tierbench fsync|journal|mkfiles|reads|opens DIR N");
         std::process::exit(2);
     }
     let dir = Path::new(&a[2]);
@@ -67,6 +68,11 @@ fn main() -> std::io::Result<()> {
                 drop(j);
                 fs::remove_file(&jp)?;
                 fsync_dir(dir)?;
+            }
+        }
+        "mkfiles" => {
+            for i in 0..n {
+                fs::write(dir.join(format!("f{i}")), page)?;
             }
         }
         "reads" => {

@@ -84,6 +84,21 @@ impl Heat {
         }
     }
 
+    /// One access of a file already tracked (its path as last seen): the
+    /// caller need not look the path up. False when `id` is not tracked.
+    pub fn touch_known(&mut self, id: FileId, size: u64, now: f64) -> bool {
+        let h = self.heat(id, now);
+        match self.files.get_mut(&id) {
+            Some(e) => {
+                e.size = size;
+                e.heat = h + 1.0;
+                e.at = now;
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Forget a file (removed, or replaced: a new inode starts cold).
     pub fn forget(&mut self, id: FileId) {
         self.files.remove(&id);
@@ -192,6 +207,24 @@ mod tests {
         assert_eq!(h.heat((9, 9), 0.0), 0.0);
         // a clock that goes back does not heat anything up
         assert!((h.heat((1, 1), 0.0) - 1.5).abs() < 1e-9);
+    }
+
+    #[test]
+    fn a_known_file_is_touched_without_its_path() {
+        let mut h = Heat::new(60.0, 100);
+        assert!(
+            !h.touch_known((1, 1), 10, 0.0),
+            "an unknown file is not made up"
+        );
+        assert!(h.is_empty());
+        h.touch((1, 1), "/a", 10, 0.0);
+        assert!(h.touch_known((1, 1), 12, 0.0));
+        assert!((h.heat((1, 1), 0.0) - 2.0).abs() < 1e-9);
+        let e = h.entry((1, 1)).unwrap();
+        assert_eq!((e.path.as_str(), e.size), ("/a", 12));
+        // the same sum as touch, decayed the same way
+        assert!(h.touch_known((1, 1), 12, 60.0));
+        assert!((h.heat((1, 1), 60.0) - 2.0).abs() < 1e-9);
     }
 
     #[test]

@@ -159,6 +159,9 @@ impl Pinning {
         let heat = &self.heat;
         let paths = |id| heat.entry(id).map(|e| PathBuf::from(&e.path));
         let a = self.set.apply(&plan, paths, budget);
+        for id in &a.failed_ids {
+            self.heat.forget(*id);
+        }
         if a.pinned + a.unpinned + a.failed > 0 {
             log::info!(
                 "pinning: {} pinned, {} let go, {} failed; {} files ({} bytes) of a {budget}-byte budget",

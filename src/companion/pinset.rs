@@ -26,11 +26,14 @@ pub struct PinSet {
     pub last_failure: Option<String>,
 }
 
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Applied {
     pub pinned: usize,
     pub unpinned: usize,
     pub failed: usize,
+    /// The files that failed (gone from their path, not lockable): the
+    /// caller forgets them, to learn their path anew at the next open.
+    pub failed_ids: Vec<FileId>,
 }
 
 impl PinSet {
@@ -104,7 +107,10 @@ impl PinSet {
             let failures = self.failures;
             match self.pin_path(&path, budget) {
                 Some(_) => a.pinned += 1,
-                None if self.failures > failures => a.failed += 1,
+                None if self.failures > failures => {
+                    a.failed += 1;
+                    a.failed_ids.push(*id);
+                }
                 None => {}
             }
         }
