@@ -48,6 +48,10 @@ fn cleanup_never_removes_what_is_in_use() {
     fs::create_dir_all(&t).unwrap();
     fs::create_dir_all(&outside).unwrap();
     sh(&format!("mount -t tmpfs -o size=64M tmp {}", t.display()));
+    // only a dir in RAM is cleaned: this tmpfs, not /proc (nor a disk)
+    assert_eq!(mados_persistence::companion::cleanup::in_ram(&t), Ok(()));
+    let why = mados_persistence::companion::cleanup::in_ram(Path::new("/proc")).unwrap_err();
+    assert!(why.contains("not in RAM"), "{why}");
     let w = |rel: &str, data: &str| {
         let p = t.join(rel);
         fs::create_dir_all(p.parent().unwrap()).unwrap();

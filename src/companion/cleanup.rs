@@ -18,6 +18,11 @@
 //! `plan` is pure (entries, the in-use set, the clock → what to remove) and
 //! unit-tested; `in_use` and `deleted_open` read /proc; `run` executes.
 //!
+//! Only a dir in RAM is cleaned (`in_ram`: a tmpfs, or an overlay, as the
+//! live root's `/var/tmp` is in RAM mode): the same daemon started on an
+//! installed system, or a dir the config names by mistake on a disk, is
+//! left alone rather than losing old files a user keeps there.
+//!
 //! Also here: the space held by deleted-but-open files, with the processes
 //! holding it (the "df says full, du says empty" complaint).
 
@@ -375,6 +380,22 @@ pub fn run(roots: &[&Path], proc_: &Path, now: i64, age: u64) -> Vec<Result<Pass
             remove(root, dev, &plan(&entries, dev, &used, now, age), now, age)
         })
         .collect()
+}
+
+/// Whether `dir` is in RAM (a tmpfs, or an overlay: the live root), so
+/// that the cleanup may act on it; else why not.
+pub fn in_ram(dir: &Path) -> std::result::Result<(), String> {
+    use nix::sys::statfs::{OVERLAYFS_SUPER_MAGIC, TMPFS_MAGIC, statfs};
+    match statfs(dir) {
+        Ok(s) if s.filesystem_type() == TMPFS_MAGIC => Ok(()),
+        Ok(s) if s.filesystem_type() == OVERLAYFS_SUPER_MAGIC => Ok(()),
+        Ok(s) => Err(format!(
+            "{} is not in RAM (filesystem type {:#x}, not a tmpfs or an overlay): not cleaned",
+            dir.display(),
+            s.filesystem_type().0
+        )),
+        Err(e) => Err(format!("{}: {e}", dir.display())),
+    }
 }
 
 /// Remove what `plan` chose under `root`, each entry checked again first.

@@ -102,6 +102,16 @@ fn cleanup_pass(s: &Settings, live: &mut Live) {
         .iter()
         .map(Path::new)
         .filter(|p| p.is_dir())
+        .filter(|p| match cleanup::in_ram(p) {
+            Ok(()) => true,
+            Err(why) => {
+                // said once, at the first pass
+                if live.stats.cleanup_runs == 0 {
+                    log::warn!("cleanup: {why}");
+                }
+                false
+            }
+        })
         .collect();
     let passes = cleanup::run(&dirs, Path::new("/proc"), now, s.cleanup.age);
     for (p, r) in dirs.iter().zip(passes) {
