@@ -96,7 +96,39 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
     fs::rename(&tmp, path)
         .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
     fs::File::open(dir).and_then(|d| d.sync_all()).ok();
+    remove_stale_temps(dir, &name);
     Ok(())
+}
+
+/// The temp files of `name` that a writer left when it was cut or killed:
+/// `.NAME.PID.N.tmp` whose PID runs no more. Those of a live process (a
+/// writer at work, or this one's other threads) are kept.
+fn remove_stale_temps(dir: &Path, name: &str) {
+    let prefix = format!(".{name}.");
+    let Ok(rd) = fs::read_dir(dir) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let file = e.file_name();
+        let Some(rest) = file
+            .to_str()
+            .and_then(|f| f.strip_prefix(&prefix))
+            .and_then(|r| r.strip_suffix(".tmp"))
+        else {
+            continue;
+        };
+        let Some((pid, seq)) = rest.split_once('.') else {
+            continue;
+        };
+        if pid.parse::<u32>().is_err() || seq.parse::<u64>().is_err() {
+            continue;
+        }
+        if Path::new("/proc").join(pid).exists() {
+            continue;
+        }
+        // unlink: a symlink of that name is removed itself, never followed
+        let _ = fs::remove_file(e.path());
+    }
 }
 
 /// Read a small control file without following a symlink: only a regular
@@ -141,6 +173,25 @@ pub fn start_writeback(f: &fs::File) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn temps_left_by_a_writer_that_is_gone_are_removed() {
+        let d = crate::util::testutil::tmp("atomic-stale");
+        let dead = d.join(".f.json.4294967295.3.tmp"); // no such pid
+        let alive = d.join(".f.json.1.0.tmp"); // init runs
+        let mine = d.join(format!(".f.json.{}.99.tmp", std::process::id()));
+        let other = d.join(".g.json.4294967295.0.tmp"); // another file's
+        let odd = d.join(".f.json.x.0.tmp"); // not ours
+        for p in [&dead, &alive, &mine, &other, &odd] {
+            fs::write(p, b"partial").unwrap();
+        }
+        write_atomic(&d.join("f.json"), b"{}").unwrap();
+        assert!(!dead.exists(), "a dead writer's temp was kept");
+        for p in [&alive, &mine, &other, &odd] {
+            assert!(p.exists(), "{} was removed", p.display());
+        }
+        fs::remove_dir_all(&d).unwrap();
+    }
 
     #[test]
     fn writers_of_one_file_at_once_never_share_a_temp_file() {
