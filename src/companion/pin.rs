@@ -48,7 +48,9 @@ impl Pin {
     pub fn new(path: &Path) -> Result<Pin> {
         let f = std::fs::OpenOptions::new()
             .read(true)
-            .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_CLOEXEC)
+            // O_NONBLOCK: a path that names a FIFO by now (replaced by
+            // anyone who can write there) must not hang the daemon
+            .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_CLOEXEC | nix::libc::O_NONBLOCK)
             .open(path)
             .with_context(|| format!("opening {}", path.display()))?;
         let m = f.metadata()?;
@@ -175,6 +177,16 @@ mod tests {
         assert!(
             Pin::new(&d.join("link")).is_err(),
             "a symlink is not followed"
+        );
+        // a FIFO in its place (anyone may make one in /tmp): refused, not
+        // waited on
+        nix::unistd::mkfifo(
+            &d.join("fifo"),
+            nix::sys::stat::Mode::from_bits_truncate(0o644),
+        )
+        .unwrap();
+        assert!(
+            format!("{:#}", Pin::new(&d.join("fifo")).unwrap_err()).contains("not a regular file")
         );
         std::fs::remove_dir_all(&d).unwrap();
     }

@@ -2,7 +2,8 @@
 //! `[pin] every` seconds the hottest are pinned within the budget in force
 //! (`pinset`), files replaced since are pinned again as their new content,
 //! and the pinned set is published: counts in the stats block, the files
-//! themselves in `/run/mados-persistence/pinned.json` for `status`.
+//! themselves in `/run/mados-persistence/pinned.json` for `status` (mode
+//! 0600: they are any user's files, so only root sees which).
 //!
 //! What is marked: the live root and the overlays `boot` layered (whole
 //! filesystems: on Debian's 6.1 only overlays report opens), and the bind
@@ -196,8 +197,9 @@ impl Pinning {
             .collect();
         files.sort_by(|a, b| b.heat.total_cmp(&a.heat).then(a.path.cmp(&b.path)));
         files.truncate(LISTED);
+        // root only: the paths are of every user's files
         if let Ok(b) = serde_json::to_vec_pretty(&PinnedList { files }) {
-            let _ = crate::util::fsutil::write_atomic(&self.run.join(PINNED_FILE), &b);
+            let _ = crate::util::fsutil::write_atomic_mode(&self.run.join(PINNED_FILE), &b, 0o600);
         }
     }
 }

@@ -332,6 +332,10 @@ pub fn render_companion(c: &Companion) -> String {
                 format!("{:>9}  {}  (heat {:.1})", h(f.bytes), f.path, f.heat),
             );
         }
+        if p.pinned_files > 0 && c.pinned.is_empty() {
+            // pinned.json is root's: the files are any user's
+            line("", "(run as root to see which files)".into());
+        }
     } else if !c.tiers.is_empty() {
         line("RAM tier:", c.tiers.join(", "));
     }
@@ -796,6 +800,11 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("/usr/lib/libLLVM.so  (heat 12.5)"), "{text}");
+        assert!(!text.contains("run as root to see which files"), "{text}");
+        let mut c = companion(true, false);
+        c.pinned.clear();
+        let text = render_companion(&c);
+        assert!(text.contains("(run as root to see which files)"), "{text}");
         let mut c = companion(true, false);
         c.deleted_open = vec![crate::companion::cleanup::DeletedOpen {
             path: "/tmp/big".into(),

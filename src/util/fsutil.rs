@@ -67,6 +67,12 @@ pub fn copy_tree(from: &Path, to: &Path) -> Result<()> {
 /// never see half a file, and after a cut the file is the old or the new.
 /// The temporary file is created without following a symlink.
 pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
+    write_atomic_mode(path, data, 0o666)
+}
+
+/// `write_atomic` with the new file's mode (before the umask): 0o600 for
+/// what only root may read.
+pub fn write_atomic_mode(path: &Path, data: &[u8], mode: u32) -> Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let dir = path.parent().unwrap_or(Path::new("."));
@@ -87,6 +93,7 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
     let mut f = fs::OpenOptions::new()
         .write(true)
         .create_new(true)
+        .mode(mode)
         .custom_flags(nix::libc::O_NOFOLLOW)
         .open(&tmp)
         .with_context(|| format!("creating {}", tmp.display()))?;
@@ -173,6 +180,19 @@ pub fn start_writeback(f: &fs::File) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_file_for_root_only_is_never_readable_by_others() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = crate::util::testutil::tmp("atomic-mode");
+        write_atomic_mode(&d.join("pinned.json"), b"{}", 0o600).unwrap();
+        let m = fs::metadata(d.join("pinned.json"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(m & 0o777, 0o600);
+        fs::remove_dir_all(&d).unwrap();
+    }
 
     #[test]
     fn temps_left_by_a_writer_that_is_gone_are_removed() {
