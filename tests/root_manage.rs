@@ -324,6 +324,15 @@ fn a_reflash_much_smaller_finds_the_old_filesystem_by_its_end_copy() {
             partitions(p).iter().all(|&(s, _)| s != start),
             "{layout}: the dd left the entry"
         );
+        // the dry run says what enable will do
+        assert_eq!(plan_action(p), "adopt", "{layout}");
+        let text = ok(&["plan", "--device", p]);
+        assert!(
+            text.contains(&format!(
+                "filesystem left by an earlier release is at byte {start}"
+            )) && text.contains("never formatting it"),
+            "{layout}: {text}"
+        );
         let out = ok(&["enable", "--device", p, "--yes"]);
         assert!(out.contains("restored (its data kept)"), "{layout}: {out}");
         assert!(

@@ -1,5 +1,7 @@
 //! `plan --device`: read a device or image and say what `boot` would do,
-//! as a JSON value and as text. Changes nothing.
+//! as a JSON value and as text: use, create, adopt (a filesystem a
+//! re-flash left), resume (a creation a power cut interrupted), or
+//! nothing and why. Changes nothing.
 
 use crate::disk::{partplan, stick};
 use crate::settings::config::Settings;
@@ -31,10 +33,27 @@ pub fn plan(device: &Path, json: bool, cmdline: &str) -> Result<()> {
 pub fn plan_device(path: &Path, s: &Settings) -> Result<serde_json::Value> {
     let mut o = stick::open_device(path, false)?;
     let existing = stick::find_persistence(&mut o, &s.label);
+    // what `boot` and `enable` would decide (`stick::prepare`): finish an
+    // interrupted creation, put back a filesystem a re-flash left, or a
+    // new partition (shown with a zero GUID, so the plan is repeatable)
+    let prepared = match &existing {
+        Some(_) => None,
+        None => Some(stick::prepare(&mut o, s)),
+    };
     let (l, size, ss) = (&o.layout, o.layout.size, o.layout.sector_size);
-    let action = match &existing {
-        Some(e) => serde_json::json!({"action": "use", "partition": e}),
-        None => {
+    let action = match (&existing, prepared) {
+        (Some(e), _) => serde_json::json!({"action": "use", "partition": e}),
+        (None, Some(Ok(stick::Prepared::Adopt(p)))) => {
+            serde_json::json!({"action": "adopt", "plan": p})
+        }
+        (None, Some(Ok(stick::Prepared::Resume(c)))) => serde_json::json!({
+            "action": "resume",
+            "partition": {"number": c.number, "start": c.start, "size": c.size},
+        }),
+        (None, Some(Err(e))) if partplan::plan(l, &stick::plan_options(s, [0; 16])).is_ok() => {
+            serde_json::json!({"action": "none", "message": format!("{e:#}")})
+        }
+        (None, _) => {
             let opts = stick::plan_options(s, [0; 16]);
             match partplan::plan(l, &opts) {
                 Ok(p) => serde_json::json!({"action": "create", "plan": p}),
@@ -100,15 +119,32 @@ fn print_plan(v: &serde_json::Value) {
             "persistence partition {} exists: nothing to do",
             r["partition"]["number"]
         ),
-        Some("create") => {
+        Some("resume") => println!(
+            "partition {} at byte {} was started by an earlier run and not finished (power cut?): \
+             would finish it (its table writes replayed from the claim, then formatted)",
+            r["partition"]["number"],
+            u(&r["partition"]["start"])
+        ),
+        Some(a @ ("create" | "adopt")) => {
             let p = &r["plan"];
-            println!(
-                "would create partition {} in the {} table at byte {} ({}), writing:",
-                p["number"],
-                p["table"].as_str().unwrap_or("?"),
-                u(&p["start"]),
-                human(u(&p["size"]))
-            );
+            if a == "adopt" {
+                println!(
+                    "a 'persistence' filesystem left by an earlier release is at byte {} ({}): \
+                     would put its entry back as partition {} in the {} table, never formatting it, writing:",
+                    u(&p["start"]),
+                    human(u(&p["size"])),
+                    p["number"],
+                    p["table"].as_str().unwrap_or("?")
+                );
+            } else {
+                println!(
+                    "would create partition {} in the {} table at byte {} ({}), writing:",
+                    p["number"],
+                    p["table"].as_str().unwrap_or("?"),
+                    u(&p["start"]),
+                    human(u(&p["size"]))
+                );
+            }
             for w in p["writes"].as_array().into_iter().flatten() {
                 println!(
                     "  {} bytes at {}: {}",
