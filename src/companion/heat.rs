@@ -99,6 +99,15 @@ impl Heat {
         }
     }
 
+    /// A file replaced under its path (a rename over it, a rewrite): its
+    /// heat goes on under the new identity, so the new content is kept
+    /// pinned as the old one was.
+    pub fn carry(&mut self, old: FileId, new: FileId) {
+        if let Some(e) = self.files.remove(&old) {
+            self.files.insert(new, e);
+        }
+    }
+
     /// Forget a file (removed, or replaced: a new inode starts cold).
     pub fn forget(&mut self, id: FileId) {
         self.files.remove(&id);
@@ -225,6 +234,28 @@ mod tests {
         // the same sum as touch, decayed the same way
         assert!(h.touch_known((1, 1), 12, 60.0));
         assert!((h.heat((1, 1), 60.0) - 2.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn a_replaced_file_keeps_its_heat_under_its_new_identity() {
+        let mut h = Heat::new(60.0, 100);
+        for _ in 0..5 {
+            h.touch((1, 1), "/a", 10, 0.0);
+        }
+        h.carry((1, 1), (1, 2));
+        assert_eq!(h.heat((1, 1), 0.0), 0.0);
+        assert!((h.heat((1, 2), 0.0) - 5.0).abs() < 1e-9);
+        assert_eq!(h.entry((1, 2)).unwrap().path, "/a");
+        // a pinned file replaced stays pinned through the next plan
+        let r = PinRules {
+            pin_high: 4.0,
+            pin_low: 1.0,
+            budget: 100,
+        };
+        let p = plan(&h, &HashSet::from([(1, 2)]), &r, 0.0);
+        assert!(p.unpin.is_empty() && p.pin.is_empty(), "{p:?}");
+        h.carry((9, 9), (9, 10));
+        assert_eq!(h.len(), 1, "nothing made up for an unknown file");
     }
 
     #[test]

@@ -137,15 +137,21 @@ impl Pinning {
     fn decide(&mut self, now: f64, out: &mut PinStats) {
         let (avail, psi) = pinset::pressure();
         let budget = pinset::effective_budget(self.budget, avail, psi);
-        // replaced or rewritten since pinned: the new content in its place
-        self.set.refresh(budget);
-        let hottest: Vec<_> = self
-            .heat
-            .hottest(self.heat.len(), now)
-            .into_iter()
-            .map(|(id, _, _)| id)
-            .collect();
+        // replaced or rewritten since pinned: the new content in its place,
+        // with the old one's heat (else the plan below would let it go)
+        for (old, new) in self.set.refresh(budget) {
+            match new {
+                Some(new) => self.heat.carry(old, new),
+                None => self.heat.forget(old),
+            }
+        }
         if self.set.bytes() > budget {
+            let hottest: Vec<_> = self
+                .heat
+                .hottest(self.heat.len(), now)
+                .into_iter()
+                .map(|(id, _, _)| id)
+                .collect();
             let n = self.set.shrink_to(budget, &hottest);
             log::info!(
                 "pinning: the budget shrank to {budget} bytes (memory pressure); {n} files let go"
@@ -184,15 +190,11 @@ impl Pinning {
     fn publish(&self, now: f64) {
         let mut files: Vec<PinnedFile> = self
             .set
-            .ids()
-            .into_iter()
-            .filter_map(|id| {
-                let p = self.set.get(id)?;
-                Some(PinnedFile {
-                    path: p.path.display().to_string(),
-                    bytes: p.size,
-                    heat: (self.heat.heat(id, now) * 100.0).round() / 100.0,
-                })
+            .iter()
+            .map(|(id, p)| PinnedFile {
+                path: p.path.display().to_string(),
+                bytes: p.size,
+                heat: (self.heat.heat(*id, now) * 100.0).round() / 100.0,
             })
             .collect();
         files.sort_by(|a, b| b.heat.total_cmp(&a.heat).then(a.path.cmp(&b.path)));

@@ -162,15 +162,9 @@ impl PinSet {
         n
     }
 
-    /// The pinned files, largest first: (path, bytes).
-    pub fn listing(&self) -> Vec<(String, u64)> {
-        let mut v: Vec<(String, u64)> = self
-            .pins
-            .values()
-            .map(|p| (p.path.display().to_string(), p.size))
-            .collect();
-        v.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
-        v
+    /// The pins, by file identity.
+    pub fn iter(&self) -> impl Iterator<Item = (&FileId, &Pin)> {
+        self.pins.iter()
     }
 }
 
