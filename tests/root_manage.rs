@@ -226,7 +226,7 @@ fn refusals_exit_3_and_change_nothing() {
 /// The claim's magic, at the offsets where its end copy may lie.
 fn end_copies(img: &Path) -> Vec<u64> {
     let size = std::fs::metadata(img).unwrap().len();
-    mados_persistence::disk::claim::Claim::end_candidates(size)
+    mados_persistence::disk::claim::Claim::end_candidates(size, 512)
         .into_iter()
         .filter(|&at| bytes(img, at, at + 16) == b"MADOS-PERSIST-CL")
         .collect()

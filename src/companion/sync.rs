@@ -390,12 +390,19 @@ pub fn sync_tier(t: &Tier, manifest: &mut Manifest) -> Result<Report> {
         .filter(|r| !now.contains(r.as_str()))
         .collect();
     // nothing changed since the last sync: the stage and its generation
-    // record stay as that sync left them (an empty sync writes nothing)
-    let unchanged = c.r.changed == 0
+    // record stay as that sync left them (an empty sync writes nothing,
+    // and then has nothing deferred, no dir to set, nothing gone)
+    if c.r.changed == 0
         && c.r.bytes == 0
         && gone.is_empty()
         && next == manifest.entries
-        && manifest.generation > 0;
+        && manifest.generation > 0
+    {
+        // still checked: syncfs reports a writeback error of the filesystem
+        let f = fs::File::open(stage).with_context(|| format!("opening {}", stage.display()))?;
+        nix::unistd::syncfs(&f).context("syncfs on the persistence partition")?;
+        return Ok(c.r);
+    }
     // the next generation record, written beside its place now so that it
     // is durable with the file contents and switched in the same commit as
     // the renames (ext4's journal commits transactions in order, so it can
@@ -410,18 +417,14 @@ pub fn sync_tier(t: &Tier, manifest: &mut Manifest) -> Result<Report> {
             .unwrap_or(0),
         entries: c.r.entries,
     };
-    if !unchanged {
-        write_new(&gen_tmp, &serde_json::to_vec_pretty(&g)?)?;
-    }
+    write_new(&gen_tmp, &serde_json::to_vec_pretty(&g)?)?;
     // the new file contents (and appended tails, and the record), all
     // durable at once: one syncfs rather than an fsync each, one journal
     // commit; only then renamed into the stage
-    if !unchanged {
-        let f = fs::File::open(tmp).with_context(|| format!("opening {}", tmp.display()))?;
-        nix::unistd::syncfs(&f).context("syncfs on the persistence partition")?;
-        for (tp, dst) in std::mem::take(&mut c.deferred) {
-            c.install(&tp, &dst)?;
-        }
+    let f = fs::File::open(tmp).with_context(|| format!("opening {}", tmp.display()))?;
+    nix::unistd::syncfs(&f).context("syncfs on the persistence partition")?;
+    for (tp, dst) in std::mem::take(&mut c.deferred) {
+        c.install(&tp, &dst)?;
     }
     // directory attributes, deepest first (setting one changes no parent)
     for rel in dirs_changed.iter().rev() {
@@ -442,12 +445,6 @@ pub fn sync_tier(t: &Tier, manifest: &mut Manifest) -> Result<Report> {
             c.r.removed += 1;
             c.r.changed += 1;
         }
-    }
-    if unchanged {
-        // still checked: syncfs reports a writeback error of the filesystem
-        let f = fs::File::open(stage).with_context(|| format!("opening {}", stage.display()))?;
-        nix::unistd::syncfs(&f).context("syncfs on the persistence partition")?;
-        return Ok(c.r);
     }
     // the generation switched last
     fs::rename(&gen_tmp, base.join("generation.json"))

@@ -59,18 +59,20 @@ impl Claim {
     }
 
     /// Where a partition we made may end on a device of `device_size`
-    /// bytes, so where its end copy may lie: the partition ends at the
-    /// device's end rounded down to a MiB (MBR), a MiB earlier when a GPT's
-    /// backup (at most 64 KiB) needs the room, or at 2 TiB (the MBR's
-    /// reach). A partition capped by `max_size` ends elsewhere and is found
-    /// by the front claim only.
-    pub fn end_candidates(device_size: u64) -> Vec<u64> {
+    /// bytes with `sector_size`-byte sectors, so where its end copy may lie
+    /// (`disk::partplan::bounds`): at the device's end rounded down to a
+    /// MiB, or a MiB earlier when a GPT's backup (less than a MiB) needs
+    /// the room at the end, or at what an MBR entry can reach (2^32 - 1
+    /// sectors). A partition capped by `max_size` ends elsewhere and is
+    /// found by the front claim and the scan only.
+    pub fn end_candidates(device_size: u64, sector_size: u64) -> Vec<u64> {
         const MIB: u64 = 1 << 20;
-        let mbr_max = u64::from(u32::MAX) * 512 / MIB * MIB;
+        let down = |b: u64| b / MIB * MIB;
+        let mbr_reach = u64::from(u32::MAX).saturating_mul(sector_size);
         let mut v: Vec<u64> = [
-            device_size / MIB * MIB,
-            device_size.saturating_sub(64 << 10) / MIB * MIB,
-            mbr_max.min(device_size / MIB * MIB),
+            down(device_size),
+            down(device_size).saturating_sub(MIB),
+            down(mbr_reach.min(device_size)),
         ]
         .into_iter()
         .filter_map(|end| end.checked_sub(CLAIM_LEN))
@@ -214,6 +216,35 @@ impl<'a> Reader<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_end_copy_is_looked_for_where_a_partition_of_ours_may_end() {
+        const M: u64 = 1 << 20;
+        const G: u64 = 1 << 30;
+        // MBR: at the device's end; GPT: a MiB before it for the backup
+        assert_eq!(
+            Claim::end_candidates(8 * G, 512),
+            [8 * G - 2 * M, 8 * G - M]
+        );
+        // a size that is not whole MiBs: rounded down first
+        assert_eq!(
+            Claim::end_candidates(8 * G + 300 * 1024, 512),
+            [8 * G - 2 * M, 8 * G - M]
+        );
+        // past an MBR's reach on 512-byte sectors (2^32 - 1 of them)
+        let reach = (u64::from(u32::MAX) * 512) / M * M;
+        assert_eq!(
+            Claim::end_candidates(3 << 40, 512),
+            [reach - M, (3 << 40) - 2 * M, (3 << 40) - M]
+        );
+        // 4096-byte sectors reach 16 TiB: nothing more
+        assert_eq!(
+            Claim::end_candidates(3 << 40, 4096),
+            [(3 << 40) - 2 * M, (3 << 40) - M]
+        );
+        // a device smaller than a claim has none
+        assert!(Claim::end_candidates(M, 512).is_empty());
+    }
 
     fn sample() -> Claim {
         Claim {

@@ -149,7 +149,7 @@ pub fn remove_partition(
             .context("wiping the claim")?;
     }
     // its end copy, in the partition's last MiB
-    if let Some(c) = read_end_claim(&mut o.file, o.layout.size, &dev_name)
+    if let Some(c) = read_end_claim(&mut o.file, o.layout.size, o.layout.sector_size, &dev_name)
         .filter(|c| (c.number, c.start, c.size) == (number, start, size))
         && let Some(at) = c.end_offset()
     {
@@ -281,8 +281,8 @@ fn read_claim(f: &mut File, start: u64, size: u64, device: &str) -> Option<Claim
 /// The claim's copy at the end of the partition it names, found from the
 /// device's end (`Claim::end_candidates`): it must name a partition that
 /// ends right after it.
-fn read_end_claim(f: &mut File, size: u64, device: &str) -> Option<Claim> {
-    Claim::end_candidates(size)
+fn read_end_claim(f: &mut File, size: u64, sector: u64, device: &str) -> Option<Claim> {
+    Claim::end_candidates(size, sector)
         .into_iter()
         .find_map(|at| read_claim_at(f, at, size, device).filter(|c| c.end_offset() == Some(at)))
 }
@@ -450,7 +450,7 @@ pub fn prepare(o: &mut Opened, s: &Settings) -> Result<Prepared> {
     let planned = partplan::plan(&o.layout, &opts).map_err(|r| anyhow!(r))?;
     // our filesystem from before a re-flash, found by the claim's copy at
     // the device's end however far after the new image it starts
-    if let Some(c) = read_end_claim(&mut o.file, o.layout.size, &dev_name) {
+    if let Some(c) = read_end_claim(&mut o.file, o.layout.size, o.layout.sector_size, &dev_name) {
         if persistence_at(&mut o.file, c.start, c.size, &s.label).is_some() {
             let p = partplan::plan_at(&o.layout, &opts, c.start, c.size).with_context(|| {
                 format!(
@@ -708,7 +708,6 @@ fn finish(
     }
     // the claim's end copy (a cut before it leaves the front claim, and the
     // scan after the image, to find this filesystem after a re-flash)
-    cut_point("end-claim");
     let c = Claim {
         number,
         start,

@@ -155,9 +155,6 @@ pub fn enable(
     flags::write_backup(&m.dir, &backup)?;
     if is_boot {
         step(3, total, "copying this session's changes into it");
-        // all or nothing: copied into a staging dir, made durable and
-        // marked complete, then put in place (a cut before the mark drops
-        // the copy at the next boot; after it, the next boot finishes)
         // a filesystem adopted from an earlier release holds that build's
         // overlays: set them aside first (as the next boot would), so the
         // session goes into fresh overlays and is not set aside with them
@@ -181,6 +178,9 @@ pub fn enable(
                 })
             );
         }
+        // all or nothing: copied into a staging dir, made durable and
+        // marked complete, then put in place (a cut before the mark drops
+        // the copy at the next boot; after it, the next boot finishes)
         let saved = save_session(&session::staging(&m.dir), &settings)?;
         session::mark_complete(&m.dir)?;
         session::finish(&m.dir)?;

@@ -50,18 +50,21 @@ pub fn plan_device(path: &Path, s: &Settings) -> Result<serde_json::Value> {
             "action": "resume",
             "partition": {"number": c.number, "start": c.start, "size": c.size},
         }),
-        (None, Some(Err(e))) if partplan::plan(l, &stick::plan_options(s, [0; 16])).is_ok() => {
-            serde_json::json!({"action": "none", "message": format!("{e:#}")})
-        }
-        (None, _) => {
-            let opts = stick::plan_options(s, [0; 16]);
-            match partplan::plan(l, &opts) {
-                Ok(p) => serde_json::json!({"action": "create", "plan": p}),
-                Err(r) => {
-                    serde_json::json!({"action": "none", "refusal": r, "message": r.to_string()})
-                }
+        (None, prepared) => match (
+            partplan::plan(l, &stick::plan_options(s, [0; 16])),
+            prepared,
+        ) {
+            // the layout itself refused: the refusal, by kind
+            (Err(r), _) => {
+                serde_json::json!({"action": "none", "refusal": r, "message": r.to_string()})
             }
-        }
+            // refused beyond the plan (a filesystem in the way, a table
+            // changed since an interrupted creation)
+            (Ok(_), Some(Err(e))) => {
+                serde_json::json!({"action": "none", "message": format!("{e:#}")})
+            }
+            (Ok(p), _) => serde_json::json!({"action": "create", "plan": p}),
+        },
     };
     Ok(serde_json::json!({
         "device": path.display().to_string(),
