@@ -12,6 +12,9 @@
 //!   tierbench opens DIR N     N opens (and closes) of DIR's files in turn,
 //!                             paced at 10,000 a second (the load the
 //!                             daemon's heat tracking is measured under)
+//!   tierbench resident DIR 1  for each file of DIR, the bytes of it in
+//!                             RAM (`mincore`), without reading it:
+//!                             `RESIDENT <path> <bytes> <size>`
 //!
 //! Prints `OPS <pattern> <dir> <ops> <seconds> <ops/s>`.
 
@@ -25,10 +28,38 @@ fn fsync_dir(d: &Path) -> std::io::Result<()> {
     fs::File::open(d)?.sync_all()
 }
 
+/// Bytes of `f` in the page cache: a mapping that is never touched, and
+/// `mincore` on it.
+fn resident(f: &fs::File, size: u64) -> std::io::Result<u64> {
+    let Some(len) = std::num::NonZeroUsize::new(size as usize) else {
+        return Ok(0);
+    };
+    // SAFETY: a fresh read-only shared mapping, never read through.
+    let addr = unsafe {
+        nix::sys::mman::mmap(
+            None,
+            len,
+            nix::sys::mman::ProtFlags::PROT_READ,
+            nix::sys::mman::MapFlags::MAP_SHARED,
+            f,
+            0,
+        )
+    }?;
+    let mut v = vec![0u8; len.get().div_ceil(4096)];
+    // SAFETY: one byte per page of the mapping.
+    let r = unsafe { nix::libc::mincore(addr.as_ptr(), len.get(), v.as_mut_ptr()) };
+    // SAFETY: the mapping above, unmapped once.
+    unsafe { nix::sys::mman::munmap(addr, len.get()) }?;
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok((v.iter().filter(|b| *b & 1 == 1).count() as u64 * 4096).min(size))
+}
+
 fn main() -> std::io::Result<()> {
     let a: Vec<String> = std::env::args().collect();
     if a.len() != 4 {
-        eprintln!("usage: tierbench fsync|journal|mkfiles|reads|opens DIR N");
+        eprintln!("usage: tierbench fsync|journal|mkfiles|reads|opens|resident DIR N");
         std::process::exit(2);
     }
     let dir = Path::new(&a[2]);
@@ -101,6 +132,19 @@ fn main() -> std::io::Result<()> {
                     std::thread::sleep(wait);
                 }
             }
+        }
+        "resident" => {
+            let mut files: Vec<_> = fs::read_dir(dir)?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.is_file())
+                .collect();
+            files.sort();
+            for p in files {
+                let f = fs::File::open(&p)?;
+                let size = f.metadata()?.len();
+                println!("RESIDENT {} {} {size}", p.display(), resident(&f, size)?);
+            }
+            return Ok(());
         }
         other => {
             eprintln!("unknown pattern {other}");

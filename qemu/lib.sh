@@ -42,8 +42,8 @@ kernel_version() {
 
 build_binary() {
 	log "building mados-persistence (static, release)"
-	(cd "$REPO" && cargo build --release --quiet)
-	if [[ -n ${BENCH:-} ]]; then (cd "$REPO" && cargo build --release --quiet --example tierbench --example fanprobe); fi
+	(cd "$REPO" && cargo build --release --quiet --example tierbench)
+	if [[ -n ${BENCH:-} ]]; then (cd "$REPO" && cargo build --release --quiet --example fanprobe); fi
 	BIN=$REPO/target/x86_64-unknown-linux-gnu/release/mados-persistence
 	file "$BIN" | grep -Eq 'static(-pie)? linked|statically linked' || { echo "qemu: $BIN is not static" >&2; return 1; }
 }
@@ -111,17 +111,23 @@ build_liveroot() {
 	echo "madOS" >"$root/etc/hostname"
 	echo "welcome home" >"$root/home/live/.profile"
 	cp "$BIN" "$root/usr/bin/mados-persistence"
+	# the test tool: page-cache residency (scenario v), write patterns (bench)
+	cp "$REPO/target/x86_64-unknown-linux-gnu/release/examples/tierbench" "$root/usr/bin/tierbench"
 	# a real live system has e2fsprogs (iso-profile/packages.x86_64): enable needs it
 	add_program "$root" /usr/sbin/mke2fs
 	add_program "$root" /usr/sbin/e2fsck
 	# bench/run (BENCH=1): the write-pattern tool, the fanotify probe and
 	# rsync, the peers' copier
 	if [[ -n ${BENCH:-} ]]; then
-		cp "$REPO/target/x86_64-unknown-linux-gnu/release/examples/tierbench" "$root/usr/bin/tierbench"
 		cp "$REPO/target/x86_64-unknown-linux-gnu/release/examples/fanprobe" "$root/usr/bin/fanprobe"
 		add_program "$root" "$(command -v rsync)"
 		if command -v vmtouch >/dev/null; then add_program "$root" "$(command -v vmtouch)"; fi
 	fi
+	# scenario t: files in the squashfs the hot set reads ahead, and one it does not
+	mkdir -p "$root/usr/share/hotsq" "$root/usr/share/coldsq"
+	for f in hotsq/s1 hotsq/s2 coldsq/c1; do
+		head -c 1048576 /dev/urandom >"$root/usr/share/$f"
+	done
 	cp "$QEMU_DIR/live-init" "$root/sbin/init"
 	chmod +x "$root/sbin/init"
 	rm -f "$WORK/airootfs.sfs"

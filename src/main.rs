@@ -152,6 +152,22 @@ fn parse_size(s: &str) -> Result<Size, String> {
 /// Exit codes: 0 ok, 1 error, 2 usage (clap), 3 refused for safety.
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Commands that only print end quietly when their reader goes away
+    // (`status --json | grep -q`), as Unix tools do, instead of failing on
+    // EPIPE; the ones that change disks keep running to a safe end.
+    if matches!(
+        cli.cmd,
+        Cmd::Status { .. } | Cmd::Plan { .. } | Cmd::Completions { .. } | Cmd::Man
+    ) {
+        // SAFETY: setting a signal's disposition back to its default
+        // before any thread is started.
+        unsafe {
+            let _ = nix::sys::signal::signal(
+                nix::sys::signal::Signal::SIGPIPE,
+                nix::sys::signal::SigHandler::SigDfl,
+            );
+        }
+    }
     match run(cli) {
         Ok(code) => code,
         Err(e)

@@ -212,7 +212,9 @@ fn opens_by_other_processes_heat_a_file_and_our_own_do_not() {
         return;
     }
     use mados_persistence::companion::heat::Heat;
-    use mados_persistence::companion::hot::Hot;
+    use mados_persistence::companion::hot::{Hot, Sink};
+    use mados_persistence::companion::writeheat::DirHeat;
+    use std::collections::HashMap;
     nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).unwrap();
     run("mount", &["--make-rprivate", "/"]);
     let d = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("hot-{}", std::process::id()));
@@ -240,7 +242,23 @@ fn opens_by_other_processes_heat_a_file_and_our_own_do_not() {
         std::fs::read(&g).unwrap();
     }
     let mut heat = Heat::new(600.0, 100);
-    assert_eq!(hot.drain(&mut heat, 0.0), 4);
+    let mut dirs = DirHeat::new(600.0, 100);
+    let (watch, mut first) = (HashMap::from([(id_of(&g), 0usize)]), vec![]);
+    let mut sink = Sink {
+        heat: &mut heat,
+        dirs: &mut dirs,
+        watch: &watch,
+        first: &mut first,
+    };
+    assert_eq!(hot.drain(&mut sink, 0.0), 4);
+    // written and closed by another process: a write of its dir
+    run("sh", &["-c", &format!("echo x > {}/new", d.display())]);
+    // its open is counted too when the events merged (it has a size by
+    // the time it is read), else skipped as empty
+    assert!(hot.drain(&mut sink, 0.5) <= 1);
+    assert_eq!(first, vec![id_of(&g)], "the watched file's open reported");
+    assert!((dirs.heat(d.to_str().unwrap(), 0.5) - 1.0).abs() < 1e-9);
+    assert_eq!(dirs.writes, 1);
     assert!((heat.heat(id_of(&f), 0.0) - 3.0).abs() < 1e-9);
     assert!((heat.heat(id_of(&g), 0.0) - 1.0).abs() < 1e-9);
     assert_eq!(
@@ -251,8 +269,15 @@ fn opens_by_other_processes_heat_a_file_and_our_own_do_not() {
     let top = heat.hottest(1, 0.0);
     assert_eq!(top[0].1.path, f.to_str().unwrap());
     assert_eq!(top[0].1.size, 10);
-    assert_eq!(hot.drain(&mut heat, 1.0), 0, "drained");
-    assert_eq!((hot.events, hot.overflows), (4, 0));
+    let mut sink = Sink {
+        heat: &mut heat,
+        dirs: &mut dirs,
+        watch: &watch,
+        first: &mut first,
+    };
+    assert_eq!(hot.drain(&mut sink, 1.0), 0, "drained");
+    assert!(hot.events == 4 || hot.events == 5, "{}", hot.events);
+    assert_eq!(hot.overflows, 0);
     run("umount", &[d.to_str().unwrap()]);
     std::fs::remove_dir_all(&d).unwrap();
 }

@@ -517,6 +517,28 @@ fn mount_persistence(
         }
         None => s,
     };
+    // `[tier] adopt_suggested`: the dirs the daemon saw written most
+    let adopted;
+    let s = if s.tier.enabled && s.tier.adopt_suggested {
+        let mut a = s.clone();
+        let got = crate::util::fsutil::read_nofollow(&pm.join(tier::SUGGESTED_FILE), 1 << 16)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Vec<tier::Suggested>>(&b).ok())
+            .unwrap_or_default();
+        let budget = a.tier.budget_bytes(mem_total());
+        let (added, refused) = tier::adopt(&mut a.tier.dirs, s, budget, &got);
+        for w in refused {
+            log::warn!("{w}");
+            st.warnings.push(w);
+        }
+        if !added.is_empty() {
+            log::info!("RAM tier: adopted the suggested {}", added.join(", "));
+        }
+        adopted = a;
+        &adopted
+    } else {
+        s
+    };
     let mut done = vec![Mounted {
         target: pm.clone(),
         fstype: "ext4".into(),

@@ -121,6 +121,69 @@ pub fn home_of(d: &str, s: &Settings) -> Result<Home, String> {
     ))
 }
 
+/// Where the daemon saves its RAM-tier suggestions on the partition.
+pub const SUGGESTED_FILE: &str = "companion/tier-suggestions.json";
+
+/// A directory the daemon saw written often (`companion::writeheat`):
+/// `writes` within a half-life, `ram_bytes` what it holds (what the tier
+/// would take in RAM to start with).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Suggested {
+    pub dir: String,
+    pub writes: f64,
+    pub ram_bytes: u64,
+}
+
+/// `[tier] adopt_suggested` (pure): the suggestions read from the
+/// partition (untrusted: each dir checked as a config dir would be, and as
+/// a tier dir) added to `dirs` while what they hold stays within half the
+/// tier budget (the rest of it is for what is written). Returns the dirs
+/// added and a line for each refused.
+pub fn adopt(
+    dirs: &mut Vec<String>,
+    s: &Settings,
+    budget: u64,
+    suggested: &[Suggested],
+) -> (Vec<String>, Vec<String>) {
+    let (mut added, mut refused) = (vec![], vec![]);
+    let mut room = budget / 2;
+    for g in suggested.iter().take(16) {
+        let d = g.dir.as_str();
+        let clean = d.starts_with('/')
+            && d.len() < 4096
+            && !d.split('/').any(|c| c == ".." || c == ".")
+            && !d.contains("//")
+            && !d.ends_with('/');
+        if !clean {
+            refused.push(format!(
+                "suggested tier dir {d:?}: not a clean absolute path"
+            ));
+            continue;
+        }
+        if dirs
+            .iter()
+            .any(|t| t == d || strictly_under(d, t).is_some() || strictly_under(t, d).is_some())
+        {
+            continue; // in the tier already, or overlapping one
+        }
+        if let Err(w) = home_of(d, s) {
+            refused.push(w);
+            continue;
+        }
+        if g.ram_bytes > room {
+            refused.push(format!(
+                "suggested tier dir {d}: holds {} bytes, more than the {room} bytes of the tier budget left for it",
+                g.ram_bytes
+            ));
+            continue;
+        }
+        room -= g.ram_bytes;
+        dirs.push(d.to_string());
+        added.push(d.to_string());
+    }
+    (added, refused)
+}
+
 fn under(root: &Path, dir: &str) -> PathBuf {
     root.join(dir.trim_start_matches('/'))
 }
@@ -451,6 +514,34 @@ fn hand_back(pm: &Path, base: &Path, h: &Home) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn suggestions_are_adopted_within_half_the_budget_and_checked() {
+        let s = Settings::default();
+        let g = |dir: &str, ram: u64| Suggested {
+            dir: dir.into(),
+            writes: 40.0,
+            ram_bytes: ram,
+        };
+        let mut dirs = vec!["/var/log".to_string()];
+        let (added, refused) = adopt(
+            &mut dirs,
+            &s,
+            100,
+            &[
+                g("/var/lib/app", 30),
+                g("/var/log/sub", 0),  // in a tier already
+                g("/var/../etc/x", 0), // not clean
+                g("/srv/data", 0),     // not persistent
+                g("/var/lib/big", 30), // 30 + 30 > 50
+                g("/home/u/.config/x", 20),
+            ],
+        );
+        assert_eq!(added, ["/var/lib/app", "/home/u/.config/x"]);
+        assert_eq!(dirs, ["/var/log", "/var/lib/app", "/home/u/.config/x"]);
+        assert_eq!(refused.len(), 3, "{refused:?}");
+        assert!(refused[2].contains("more than the 20 bytes"), "{refused:?}");
+    }
 
     #[test]
     fn homes() {

@@ -222,7 +222,7 @@ pub fn run() -> Result<()> {
             .ok()
         });
     let mut pinning = if s.pin.enabled {
-        super::pinning::Pinning::start(&st, &s.pin, &run)
+        super::pinning::Pinning::start(&st, &s, &run)
             .map_err(|e| log::info!("no pinning ({e:#})"))
             .ok()
     } else {
@@ -265,6 +265,9 @@ pub fn run() -> Result<()> {
             Some(Signal::SIGTERM | Signal::SIGINT | Signal::SIGHUP)
         ) {
             let _ = notify("STOPPING=1\nSTATUS=final sync");
+            if let Some(p) = pinning.as_mut() {
+                p.save_now();
+            }
             log::info!("stopping: final sync");
             let ok = tiers.is_empty() || sync_once(&run, &tiers, &mut live);
             live.refresh_dirty(&run, &tiers);

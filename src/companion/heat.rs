@@ -108,6 +108,24 @@ impl Heat {
         }
     }
 
+    /// A file known hot from the last boot (the hot set): tracked with
+    /// that heat added, as if its accesses had been seen.
+    pub fn seed(&mut self, id: FileId, path: &str, size: u64, heat: f64, now: f64) {
+        let h = self.heat(id, now);
+        self.files.insert(
+            id,
+            Entry {
+                path: path.to_string(),
+                size,
+                heat: h + heat.max(0.0),
+                at: now,
+            },
+        );
+        if self.files.len() > self.cap {
+            self.evict(now);
+        }
+    }
+
     /// Forget a file (removed, or replaced: a new inode starts cold).
     pub fn forget(&mut self, id: FileId) {
         self.files.remove(&id);

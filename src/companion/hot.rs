@@ -14,10 +14,16 @@
 //! `FAN_ACCESS`, so opens are the measure: a program started, a library
 //! loaded, a file opened. The daemon's own opens (its pins) are skipped.
 //! A queue overflow loses events, counted; heat is a sample anyway.
+//!
+//! A close after writing (`FAN_CLOSE_WRITE`) counts as a write of the
+//! file's directory (`writeheat`); an open of a file the caller watches
+//! for (the hot set's, not yet used this boot) is reported as a first use.
 
-use crate::companion::heat::Heat;
+use crate::companion::heat::{FileId, Heat};
+use crate::companion::writeheat::DirHeat;
 use anyhow::{Context, Result, bail};
 use nix::sys::fanotify::{EventFFlags, Fanotify, InitFlags, MarkFlags, MaskFlags};
+use std::collections::HashMap;
 use std::os::fd::AsFd;
 use std::path::Path;
 
@@ -27,6 +33,16 @@ pub struct Hot {
     /// Opens counted into heat, and queue overflows, since the start.
     pub events: u64,
     pub overflows: u64,
+}
+
+/// Where a drain puts what it saw.
+pub struct Sink<'a> {
+    pub heat: &'a mut Heat,
+    pub dirs: &'a mut DirHeat,
+    /// Files whose first open is wanted (their id, as `fstat` of the open
+    /// shows it); those opened are pushed to `first`.
+    pub watch: &'a HashMap<FileId, usize>,
+    pub first: &'a mut Vec<FileId>,
 }
 
 /// At most this many events a drain, so about a second: what the daemon
@@ -58,7 +74,7 @@ impl Hot {
             };
             match fan.mark(
                 MarkFlags::FAN_MARK_ADD | kind,
-                MaskFlags::FAN_OPEN | MaskFlags::FAN_OPEN_EXEC,
+                MaskFlags::FAN_OPEN | MaskFlags::FAN_OPEN_EXEC | MaskFlags::FAN_CLOSE_WRITE,
                 nix::fcntl::AT_FDCWD,
                 Some(*m),
             ) {
@@ -80,9 +96,9 @@ impl Hot {
         ))
     }
 
-    /// Count the opens queued since the last call into `heat` at `now`;
-    /// returns how many were counted.
-    pub fn drain(&mut self, heat: &mut Heat, now: f64) -> usize {
+    /// Count the opens queued since the last call into `heat` at `now`
+    /// (and the writes into `dirs`); returns how many opens were counted.
+    pub fn drain(&mut self, sink: &mut Sink, now: f64) -> usize {
         let mut n = 0;
         let mut seen = 0;
         while seen < DRAIN_MAX {
@@ -103,27 +119,42 @@ impl Hot {
                 let Ok(st) = nix::sys::stat::fstat(fd.as_fd()) else {
                     continue;
                 };
-                if st.st_mode & nix::libc::S_IFMT != nix::libc::S_IFREG || st.st_size <= 0 {
+                if st.st_mode & nix::libc::S_IFMT != nix::libc::S_IFREG {
+                    continue;
+                }
+                let path = || -> Option<String> {
+                    let p = std::fs::read_link(format!(
+                        "/proc/self/fd/{}",
+                        std::os::fd::AsRawFd::as_raw_fd(&fd)
+                    ))
+                    .ok()?;
+                    let p = p.to_str()?;
+                    // a file deleted since it was opened: nothing to pin
+                    (!p.ends_with(" (deleted)")).then(|| p.to_string())
+                };
+                if e.mask().contains(MaskFlags::FAN_CLOSE_WRITE)
+                    && let Some(p) = path()
+                    && let Some((dir, _)) = p.rsplit_once('/')
+                {
+                    sink.dirs.touch(if dir.is_empty() { "/" } else { dir }, now);
+                }
+                let opened = e
+                    .mask()
+                    .intersects(MaskFlags::FAN_OPEN | MaskFlags::FAN_OPEN_EXEC);
+                if !opened || st.st_size <= 0 {
                     continue;
                 }
                 let (id, size) = ((st.st_dev, st.st_ino), st.st_size as u64);
+                if sink.watch.contains_key(&id) {
+                    sink.first.push(id);
+                }
                 // a file seen before: its path is known (one syscall less)
-                if heat.touch_known(id, size, now) {
+                if sink.heat.touch_known(id, size, now) {
                     n += 1;
                     continue;
                 }
-                let Ok(path) = std::fs::read_link(format!(
-                    "/proc/self/fd/{}",
-                    std::os::fd::AsRawFd::as_raw_fd(&fd)
-                )) else {
-                    continue;
-                };
-                let Some(path) = path.to_str() else { continue };
-                // a file deleted since it was opened has nothing to pin
-                if path.ends_with(" (deleted)") {
-                    continue;
-                }
-                heat.touch(id, path, size, now);
+                let Some(p) = path() else { continue };
+                sink.heat.touch(id, &p, size, now);
                 n += 1;
             }
         }

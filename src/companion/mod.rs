@@ -12,6 +12,9 @@
 //! - `hot`, `heat`, `pin`, `pinset`, `pinning`: the files opened most
 //!   often kept in RAM under a budget (opens seen by fanotify, a heat with
 //!   a half-life, mapped and locked pages, the daemon's loop).
+//! - `hotset`, `prefetch`: the hot set kept on the partition and read
+//!   ahead at the next boot, and whether that helped.
+//! - `writeheat`: writes per directory, and the RAM-tier suggestions.
 //! - `daemon`: the loop, the single-instance lock, signals.
 //!
 //! Here: reading state.json, the locks, `sync_all` (every tier under the
@@ -22,13 +25,16 @@ pub mod cleanup;
 pub mod daemon;
 pub mod heat;
 pub mod hot;
+pub mod hotset;
 pub mod notify;
 pub mod pin;
 pub mod pinning;
 pub mod pinset;
+pub mod prefetch;
 pub mod stats;
 pub mod sync;
 pub mod watch;
+pub mod writeheat;
 
 use crate::boot::state::{self, State};
 use crate::boot::tier::Tier;

@@ -10,18 +10,55 @@
 //! dirs as mounts (their filesystem is the partition, which also holds the
 //! overlays' uppers).
 
-use super::heat::{self, Heat, PinRules};
-use super::hot::Hot;
+use super::heat::{self, FileId, Heat, PinRules};
+use super::hot::{Hot, Sink};
+use super::hotset::{self, HotFile, HotSet, Measure};
 use super::pinset::{self, PinSet};
+use super::prefetch::{self, FirstUse, SharedRef};
 use super::stats::{PinStats, now_ms};
+use super::writeheat::DirHeat;
 use crate::boot::state::State;
-use crate::settings::config::PinSettings;
+use crate::boot::tier::{self, Suggested};
+use crate::settings::config::{PinSettings, Settings};
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
 pub const PINNED_FILE: &str = "pinned.json";
+/// The hot set's state for `status` (no paths: mode 0644).
+pub const HOT_FILE: &str = "hot.json";
+/// Hot-set files saved at most (the hottest).
+const SAVED_MAX: usize = 4096;
+/// Bytes the first-use probe reads in a boot at most.
+const PROBE_CAP: u64 = 256 << 20;
+
+/// `hot.json`: the read-ahead this boot, the verdict on the last one that
+/// read ahead, and the RAM-tier suggestions.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct HotState {
+    /// What the read-ahead does this boot: `reading`, `done`, `not
+    /// reading: <why>`, or `no hot set yet`.
+    pub prefetch: String,
+    pub measure: Measure,
+    pub verdict: Option<String>,
+    pub saved_files: u64,
+    pub saved_bytes: u64,
+    pub saved_unix_ms: u64,
+    pub writes: u64,
+    pub suggestions: Vec<Suggested>,
+    pub adopt_suggested: bool,
+}
+
+impl HotState {
+    pub fn load(run: &Path) -> Option<HotState> {
+        crate::util::fsutil::read_nofollow(&run.join(HOT_FILE), 1 << 20)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+    }
+}
 /// Files listed in `pinned.json` at most (the hottest).
 const LISTED: usize = 20;
 
@@ -80,16 +117,33 @@ pub fn marks(st: &State) -> Vec<(PathBuf, bool)> {
 pub struct Pinning {
     hot: Hot,
     heat: Heat,
+    dirs: DirHeat,
     set: PinSet,
     cfg: PinSettings,
+    settings: Settings,
+    tiers: Vec<String>,
     budget: u64,
     t0: Instant,
     next_plan: Instant,
+    next_save: Instant,
     run: PathBuf,
+    /// The partition, where the hot set is kept (none in RAM mode).
+    pm: Option<PathBuf>,
+    /// The set saved last boot and the read-ahead's record.
+    saved: HotSet,
+    files: Arc<Vec<HotFile>>,
+    shared: SharedRef,
+    /// Hot-set files not used yet this boot, and what reading them ahead took.
+    watch: HashMap<FileId, usize>,
+    cold: HashMap<usize, Option<u64>>,
+    first: Vec<FileId>,
+    probe: Option<mpsc::Sender<FirstUse>>,
+    state: HotState,
 }
 
 impl Pinning {
-    pub fn start(st: &State, cfg: &PinSettings, run: &Path) -> Result<Pinning> {
+    pub fn start(st: &State, s: &Settings, run: &Path) -> Result<Pinning> {
+        let cfg = &s.pin;
         let ram = crate::boot::mem_total();
         let budget = cfg.budget_bytes(ram);
         let limit = super::pin::raise_memlock(budget).unwrap_or(0);
@@ -104,16 +158,139 @@ impl Pinning {
         for f in failed {
             log::info!("pinning: not watching {f}");
         }
-        Ok(Pinning {
+        let pm = st
+            .partition
+            .as_ref()
+            .filter(|_| st.mode == "persistent")
+            .map(|p| PathBuf::from(&p.mountpoint));
+        let mut p = Pinning {
             hot,
             heat: Heat::new(cfg.half_life as f64, cfg.tracked),
+            dirs: DirHeat::new(cfg.half_life as f64, 2000),
             set: PinSet::default(),
             cfg: cfg.clone(),
+            settings: s.clone(),
+            tiers: st.tiers.iter().map(|t| t.dir.clone()).collect(),
             budget,
             t0: Instant::now(),
             next_plan: Instant::now() + Duration::from_secs(cfg.every),
+            next_save: Instant::now() + Duration::from_secs(cfg.save_every),
             run: run.to_path_buf(),
-        })
+            pm,
+            saved: HotSet {
+                version: hotset::VERSION,
+                ..Default::default()
+            },
+            files: Arc::new(vec![]),
+            shared: Default::default(),
+            watch: HashMap::new(),
+            cold: HashMap::new(),
+            first: vec![],
+            probe: None,
+            state: HotState {
+                adopt_suggested: s.tier.adopt_suggested,
+                ..Default::default()
+            },
+        };
+        p.start_prefetch(ram);
+        p.publish_hot();
+        Ok(p)
+    }
+
+    /// Load the hot set saved last boot and start the read-ahead (or, when
+    /// it is not to read, the look-up that times first uses all the same).
+    fn start_prefetch(&mut self, ram: u64) {
+        let Some(pm) = self.pm.clone() else {
+            self.state.prefetch =
+                "not reading: RAM mode (no partition to keep a hot set on)".into();
+            return;
+        };
+        let path = pm.join(hotset::HOTSET_FILE);
+        match crate::util::fsutil::read_nofollow(&path, hotset::MAX_FILE_BYTES) {
+            Ok(b) => match hotset::parse(&b) {
+                Ok((h, dropped)) => {
+                    if dropped > 0 {
+                        log::warn!(
+                            "hot set {}: {dropped} malformed entries dropped",
+                            path.display()
+                        );
+                    }
+                    self.saved = h;
+                }
+                Err(e) => log::warn!("hot set {}: {e}; starting a new one", path.display()),
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => log::warn!("hot set {}: {e}; starting a new one", path.display()),
+        }
+        for (d, h) in std::mem::take(&mut self.saved.dirs) {
+            self.dirs.seed(&d, h, 0.0);
+        }
+        if !self.cfg.prefetch {
+            self.state.prefetch =
+                "not reading: off (mados.prefetch=off or [pin] prefetch = false)".into();
+            return;
+        }
+        let read = self.saved.history.begin(&prefetch::boot_id());
+        if self.saved.files.is_empty() {
+            self.state.prefetch =
+                "no hot set yet (it is saved at stop and every save_every seconds)".into();
+            return;
+        }
+        self.state.verdict = self.saved.history.verdict.clone();
+        self.state.prefetch = match &read {
+            Ok(()) => "reading".into(),
+            Err(why) => format!("not reading: {why}"),
+        };
+        self.files = Arc::new(std::mem::take(&mut self.saved.files));
+        log::info!(
+            "hot set: {} files saved last boot; {}",
+            self.files.len(),
+            self.state.prefetch
+        );
+        prefetch::start_pass(
+            self.files.clone(),
+            read.is_ok(),
+            self.cfg.prefetch_bytes(ram),
+            Duration::from_secs(self.cfg.prefetch_time),
+            self.shared.clone(),
+        );
+        self.probe = Some(prefetch::start_probe(self.shared.clone(), PROBE_CAP));
+    }
+
+    /// The hot-set files the pass found in place: watched for their first
+    /// use (unless opened already), and their heat carried over.
+    fn take_found(&mut self, now: f64) {
+        let (found, done) = {
+            let mut s = self.shared.lock().unwrap_or_else(|e| e.into_inner());
+            (std::mem::take(&mut s.found), s.done)
+        };
+        let read = self.state.prefetch == "reading";
+        for (id, i, cold) in found {
+            let f = &self.files[i];
+            // opened before the pass reached it, or (reading) not read
+            // before its time ran out: its first use is not a measure
+            if self.heat.entry(id).is_none() && (!read || cold.is_some()) {
+                self.watch.insert(id, i);
+                self.cold.insert(i, cold);
+            }
+            self.heat.seed(id, &f.path, f.size, f.heat, now);
+        }
+        if done && read {
+            self.state.prefetch = "done".into();
+            let m = &self
+                .shared
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .measure;
+            log::info!(
+                "read-ahead: {} files, {} bytes in {} ms{}; {} changed since, skipped",
+                m.read_files,
+                m.read_bytes,
+                m.read_us / 1000,
+                if m.cut { " (cut by prefetch_time)" } else { "" },
+                m.skipped
+            );
+        }
     }
 
     fn now(&self) -> f64 {
@@ -123,7 +300,29 @@ impl Pinning {
     /// Called about once a second: count the opens; decide when due.
     pub fn tick(&mut self, out: &mut PinStats) {
         let now = self.now();
-        self.hot.drain(&mut self.heat, now);
+        self.hot.drain(
+            &mut Sink {
+                heat: &mut self.heat,
+                dirs: &mut self.dirs,
+                watch: &self.watch,
+                first: &mut self.first,
+            },
+            now,
+        );
+        for id in std::mem::take(&mut self.first) {
+            if let (Some(i), Some(tx)) = (self.watch.remove(&id), &self.probe) {
+                let f = &self.files[i];
+                let cold = self.cold.get(&i).copied().flatten();
+                let _ = tx.send((f.path.clone(), f.ranges.clone(), cold));
+            }
+        }
+        if self.probe.is_some() {
+            self.take_found(now);
+        }
+        if Instant::now() >= self.next_save {
+            self.save(now);
+            self.next_save = Instant::now() + Duration::from_secs(self.cfg.save_every);
+        }
         if Instant::now() >= self.next_plan {
             self.decide(now, out);
             self.next_plan = Instant::now() + Duration::from_secs(self.cfg.every);
@@ -185,6 +384,107 @@ impl Pinning {
         out.failures = self.set.failures;
         out.last_plan_unix_ms = now_ms();
         self.publish(now);
+        let names = |v: &[Suggested]| v.iter().map(|g| g.dir.clone()).collect::<Vec<_>>();
+        if names(&self.dirs.suggest(now, &self.settings, &self.tiers))
+            != names(&self.state.suggestions)
+        {
+            self.state.suggestions = self.suggestions(now);
+        }
+        self.publish_hot();
+    }
+
+    /// The RAM-tier suggestions, with what each dir holds.
+    fn suggestions(&self, now: f64) -> Vec<Suggested> {
+        let mut v = self.dirs.suggest(now, &self.settings, &self.tiers);
+        for g in &mut v {
+            g.ram_bytes = dir_bytes(Path::new(&g.dir), 100_000);
+        }
+        v
+    }
+
+    /// Save now (at stop).
+    pub fn save_now(&mut self) {
+        let now = self.now();
+        self.hot.drain(
+            &mut Sink {
+                heat: &mut self.heat,
+                dirs: &mut self.dirs,
+                watch: &self.watch,
+                first: &mut self.first,
+            },
+            now,
+        );
+        self.save(now);
+    }
+
+    /// `hot.json` for `status`.
+    fn publish_hot(&mut self) {
+        self.state.measure = self
+            .shared
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .measure
+            .clone();
+        self.state.writes = self.dirs.writes;
+        if let Ok(b) = serde_json::to_vec_pretty(&self.state) {
+            let _ = crate::util::fsutil::write_atomic_mode(&self.run.join(HOT_FILE), &b, 0o644);
+        }
+    }
+
+    /// Keep the hot set (the hottest files, their identity and the ranges
+    /// of them in RAM now) and this boot's measure on the partition, and
+    /// the RAM-tier suggestions; at stop and every `save_every` seconds.
+    pub fn save(&mut self, now: f64) {
+        let Some(pm) = self.pm.clone() else { return };
+        let ram = crate::boot::mem_total();
+        let hot: Vec<HotFile> = self
+            .heat
+            .hottest(SAVED_MAX, now)
+            .into_iter()
+            .filter_map(|(_, e, h)| prefetch::capture(&e.path, h))
+            .collect();
+        let files = hotset::choose(hot, SAVED_MAX, self.cfg.prefetch_bytes(ram));
+        let mut h = HotSet {
+            version: hotset::VERSION,
+            saved_unix_ms: now_ms(),
+            files,
+            history: self.saved.history.clone(),
+            dirs: self.dirs.top(hotset::MAX_DIRS / 4, now),
+        };
+        h.history.last = self
+            .shared
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .measure
+            .clone();
+        let dir = pm.join("companion");
+        let sug = self.suggestions(now);
+        let r = std::fs::create_dir_all(&dir)
+            .map_err(anyhow::Error::from)
+            .and_then(|()| serde_json::to_vec(&h).map_err(anyhow::Error::from))
+            .and_then(|b| {
+                // mode 0600: the paths are of every user's files
+                crate::util::fsutil::write_atomic_mode(&pm.join(hotset::HOTSET_FILE), &b, 0o600)
+            })
+            .and_then(|()| {
+                let b = serde_json::to_vec_pretty(&sug)?;
+                crate::util::fsutil::write_atomic(&pm.join(tier::SUGGESTED_FILE), &b)
+            });
+        match r {
+            Ok(()) => {
+                self.state.saved_files = h.files.len() as u64;
+                self.state.saved_bytes = h.files.iter().map(HotFile::bytes).sum();
+                self.state.saved_unix_ms = h.saved_unix_ms;
+                log::info!(
+                    "hot set saved: {} files, {} bytes to read ahead at the next boot",
+                    self.state.saved_files,
+                    self.state.saved_bytes
+                );
+            }
+            Err(e) => log::warn!("saving the hot set in {}: {e:#}", dir.display()),
+        }
+        self.state.suggestions = sug;
+        self.publish_hot();
     }
 
     fn publish(&self, now: f64) {
@@ -204,6 +504,33 @@ impl Pinning {
             let _ = crate::util::fsutil::write_atomic_mode(&self.run.join(PINNED_FILE), &b, 0o600);
         }
     }
+}
+
+/// The bytes of the regular files under `dir`, counting at most `max`
+/// entries (a suggestion's size, not an audit).
+fn dir_bytes(dir: &Path, max: usize) -> u64 {
+    let mut total = 0u64;
+    let mut seen = 0usize;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            seen += 1;
+            if seen > max {
+                return total;
+            }
+            match e.file_type() {
+                Ok(t) if t.is_dir() => stack.push(e.path()),
+                Ok(t) if t.is_file() => {
+                    total = total.saturating_add(e.metadata().map_or(0, |m| m.len()))
+                }
+                _ => {}
+            }
+        }
+    }
+    total
 }
 
 #[cfg(test)]

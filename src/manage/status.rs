@@ -80,6 +80,9 @@ pub struct Companion {
     pub now_unix_ms: u64,
     /// The files the daemon keeps in RAM, hottest first (at most 20).
     pub pinned: Vec<crate::companion::pinning::PinnedFile>,
+    /// The hot set's read-ahead this boot, the verdict on the last, and
+    /// the RAM-tier suggestions (null: no daemon published them).
+    pub hot: Option<crate::companion::pinning::HotState>,
 }
 
 pub const FULL_PERCENT: u64 = 90;
@@ -336,6 +339,76 @@ pub fn render_companion(c: &Companion) -> String {
             // pinned.json is root's: the files are any user's
             line("", "(run as root to see which files)".into());
         }
+        if let Some(hs) = &c.hot {
+            let m = &hs.measure;
+            let mut pf = hs.prefetch.clone();
+            if m.prefetched {
+                pf = format!(
+                    "{pf}: {} files ({}) read ahead in {:.1} s{}; {} changed since, skipped",
+                    m.read_files,
+                    h(m.read_bytes),
+                    m.read_us as f64 / 1e6,
+                    if m.cut {
+                        ", cut by its time budget"
+                    } else {
+                        ""
+                    },
+                    m.skipped
+                );
+            }
+            if m.files > 0 {
+                pf = format!(
+                    "{pf}; first use of {} of them: {:.1} ms each, {}% in RAM",
+                    m.files,
+                    m.first_use_us as f64 / 1000.0 / m.files as f64,
+                    (m.resident_bytes * 100).checked_div(m.bytes).unwrap_or(100)
+                );
+            }
+            line("read-ahead:", pf);
+            if let Some(v) = &hs.verdict {
+                line("", format!("last boot that read ahead: {v}"));
+            }
+            if hs.saved_unix_ms > 0 {
+                line(
+                    "",
+                    format!(
+                        "hot set saved {}: {} files ({}) for the next boot",
+                        ago(c.now_unix_ms, hs.saved_unix_ms),
+                        hs.saved_files,
+                        h(hs.saved_bytes)
+                    ),
+                );
+            }
+            if hs.suggestions.is_empty() {
+                line(
+                    "suggested:",
+                    format!("no RAM tier dir to suggest ({} writes seen)", hs.writes),
+                );
+            } else {
+                line(
+                    "suggested:",
+                    format!(
+                        "for the RAM tier (written most; {}):",
+                        if hs.adopt_suggested {
+                            "adopted at the next boot within the tier budget"
+                        } else {
+                            "[tier] adopt_suggested = true adopts them at the next boot"
+                        }
+                    ),
+                );
+                for g in &hs.suggestions {
+                    line(
+                        "",
+                        format!(
+                            "{}  ({:.0} writes a half-life, holds {})",
+                            g.dir,
+                            g.writes,
+                            h(g.ram_bytes)
+                        ),
+                    );
+                }
+            }
+        }
     } else if !c.tiers.is_empty() {
         line("RAM tier:", c.tiers.join(", "));
     }
@@ -587,6 +660,7 @@ fn gather_companion(st: Option<&State>) -> Companion {
         deleted_open: cleanup::deleted_open(Path::new("/proc")),
         now_unix_ms: stats::now_ms(),
         pinned: crate::companion::pinning::PinnedList::load(&run_dir()).files,
+        hot: crate::companion::pinning::HotState::load(&run_dir()),
     }
 }
 
@@ -770,6 +844,32 @@ mod tests {
                 bytes: 90 << 20,
                 heat: 12.5,
             }],
+            hot: Some(crate::companion::pinning::HotState {
+                prefetch: "done".into(),
+                measure: crate::companion::hotset::Measure {
+                    prefetched: true,
+                    files: 4,
+                    bytes: 8 << 20,
+                    resident_bytes: 8 << 20,
+                    first_use_us: 2000,
+                    read_files: 10,
+                    read_bytes: 20 << 20,
+                    read_us: 3_500_000,
+                    skipped: 1,
+                    ..Default::default()
+                },
+                verdict: Some("first use of 3 files took 0.3 ms each, 40.0 ms with the last boot without: helped (119 ms saved)".into()),
+                saved_files: 12,
+                saved_bytes: 30 << 20,
+                saved_unix_ms: 1_240_000,
+                writes: 900,
+                suggestions: vec![crate::boot::tier::Suggested {
+                    dir: "/var/lib/app".into(),
+                    writes: 45.0,
+                    ram_bytes: 3 << 20,
+                }],
+                adopt_suggested: false,
+            }),
         }
     }
 
@@ -800,6 +900,26 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("/usr/lib/libLLVM.so  (heat 12.5)"), "{text}");
+        assert!(
+            text.contains("read-ahead:   done: 10 files (20M) read ahead in 3.5 s; 1 changed since, skipped; first use of 4 of them: 0.5 ms each, 100% in RAM"),
+            "{text}"
+        );
+        assert!(
+            text.contains("last boot that read ahead: first use of 3 files"),
+            "{text}"
+        );
+        assert!(
+            text.contains("hot set saved 1 min ago: 12 files (30M)"),
+            "{text}"
+        );
+        assert!(
+            text.contains("/var/lib/app  (45 writes a half-life, holds 3M)"),
+            "{text}"
+        );
+        assert!(
+            text.contains("adopt_suggested = true adopts them"),
+            "{text}"
+        );
         assert!(!text.contains("run as root to see which files"), "{text}");
         let mut c = companion(true, false);
         c.pinned.clear();

@@ -94,6 +94,8 @@ pub struct BootParams {
     pub usercache_off: bool,
     /// `mados.pin=off`: the daemon pins nothing this boot.
     pub pin_off: bool,
+    /// `mados.prefetch=off`: the daemon reads no hot set ahead this boot.
+    pub prefetch_off: bool,
     pub warnings: Vec<String>,
 }
 
@@ -216,7 +218,7 @@ pub fn parse(cmdline: &str) -> BootParams {
                     }
                 }
             }
-            "mados.tier" | "mados.usercache" | "mados.pin" => {
+            "mados.tier" | "mados.usercache" | "mados.pin" | "mados.prefetch" => {
                 let off = match val {
                     Some("off" | "0" | "no") => true,
                     Some("on" | "1" | "yes") => false,
@@ -229,6 +231,7 @@ pub fn parse(cmdline: &str) -> BootParams {
                 match key {
                     "mados.tier" => p.tier_off = off,
                     "mados.pin" => p.pin_off = off,
+                    "mados.prefetch" => p.prefetch_off = off,
                     _ => p.usercache_off = off,
                 }
             }

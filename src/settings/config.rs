@@ -49,6 +49,9 @@ pub struct TierSettings {
     pub interval: u64,
     /// Seconds without tier writes after which a sync runs.
     pub idle: u64,
+    /// Add the directories the daemon suggested (their write heat, saved on
+    /// the partition) to `dirs` at boot, as far as the budget allows.
+    pub adopt_suggested: bool,
 }
 
 impl Default for TierSettings {
@@ -60,6 +63,7 @@ impl Default for TierSettings {
             budget: Size::Bytes(1 << 30),
             interval: 300,
             idle: 30,
+            adopt_suggested: false,
         }
     }
 }
@@ -139,6 +143,15 @@ pub struct PinSettings {
     pub tracked: usize,
     /// Seconds between two pin decisions.
     pub every: u64,
+    /// Keep the hot set on the partition (at stop and every `save_every`
+    /// seconds) and read it ahead at the next boot (`mados.prefetch=off`:
+    /// not this boot).
+    pub prefetch: bool,
+    /// The most the read-ahead reads; by default min(1 GiB, 20% of RAM).
+    pub prefetch_budget: Size,
+    /// The read-ahead stops after this many seconds.
+    pub prefetch_time: u64,
+    pub save_every: u64,
 }
 
 impl Default for PinSettings {
@@ -151,6 +164,10 @@ impl Default for PinSettings {
             pin_low: 1.0,
             tracked: 20_000,
             every: 10,
+            prefetch: true,
+            prefetch_budget: Size::Bytes(1 << 30),
+            prefetch_time: 60,
+            save_every: 600,
         }
     }
 }
@@ -163,6 +180,16 @@ impl PinSettings {
             (512 * MIB).min(ram / 10)
         } else {
             self.budget.resolve(ram)
+        }
+    }
+
+    /// The read-ahead's byte budget: as configured, and by default
+    /// min(1 GiB, 20% of RAM).
+    pub fn prefetch_bytes(&self, ram: u64) -> u64 {
+        if self.prefetch_budget == PinSettings::default().prefetch_budget {
+            (1u64 << 30).min(ram / 5)
+        } else {
+            self.prefetch_budget.resolve(ram)
         }
     }
 }
@@ -433,8 +460,12 @@ fn apply_tier(t: &mut TierSettings, table: &toml::Table, warnings: &mut Vec<Stri
                 Some(x) => t.idle = x,
                 None => bad("a number of seconds"),
             },
+            "adopt_suggested" => match v.as_bool() {
+                Some(b) => t.adopt_suggested = b,
+                None => bad("true or false"),
+            },
             _ => warnings.push(format!(
-                "config: unknown key 'tier.{k}' (known: enabled, dirs, exclude, budget, interval, idle); ignored"
+                "config: unknown key 'tier.{k}' (known: enabled, dirs, exclude, budget, interval, idle, adopt_suggested); ignored"
             )),
         }
     }
@@ -514,16 +545,23 @@ fn apply_pin(c: &mut PinSettings, table: &toml::Table, warnings: &mut Vec<String
     };
     for (k, v) in table {
         match k.as_str() {
-            "enabled" => match v.as_bool() {
-                Some(b) => c.enabled = b,
+            "enabled" | "prefetch" => match v.as_bool() {
+                Some(b) if k == "enabled" => c.enabled = b,
+                Some(b) => c.prefetch = b,
                 None => want(warnings, k, "true or false", v),
             },
-            "budget" => match v.as_str().and_then(|x| Size::parse(x).ok()) {
-                Some(b) => c.budget = b,
+            "budget" | "prefetch_budget" => match v.as_str().and_then(|x| Size::parse(x).ok()) {
+                Some(b) if k == "budget" => c.budget = b,
+                Some(b) => c.prefetch_budget = b,
                 None => want(warnings, k, "a size such as \"256M\" or \"5%\"", v),
             },
-            "half_life" | "every" => match v.as_integer().filter(|n| *n > 0) {
+            "half_life" | "every" | "prefetch_time" | "save_every" => match v
+                .as_integer()
+                .filter(|n| *n > 0)
+            {
                 Some(n) if k == "half_life" => c.half_life = n as u64,
+                Some(n) if k == "prefetch_time" => c.prefetch_time = n as u64,
+                Some(n) if k == "save_every" => c.save_every = n as u64,
                 Some(n) => c.every = n as u64,
                 None => want(warnings, k, "a number of seconds above 0", v),
             },
@@ -541,7 +579,7 @@ fn apply_pin(c: &mut PinSettings, table: &toml::Table, warnings: &mut Vec<String
                 None => want(warnings, k, "a number of files (1 to 10000000)", v),
             },
             _ => warnings.push(format!(
-                "config: unknown key 'pin.{k}' (known: enabled, budget, half_life, pin_high, pin_low, tracked, every); ignored"
+                "config: unknown key 'pin.{k}' (known: enabled, budget, half_life, pin_high, pin_low, tracked, every, prefetch, prefetch_budget, prefetch_time, save_every); ignored"
             )),
         }
     }
@@ -592,7 +630,14 @@ pub fn resolve_text(
 /// `/etc/mados/persistence.toml` in the persistent `/etc`) can change:
 /// those a boot uses only after the partition is mounted and that change
 /// what lives in RAM, not where the user's data is.
-pub const LATE_KEYS: &[&str] = &["tmpfs", "cache_binds", "tier", "cleanup", "user_cache"];
+pub const LATE_KEYS: &[&str] = &[
+    "tmpfs",
+    "cache_binds",
+    "tier",
+    "cleanup",
+    "user_cache",
+    "pin",
+];
 
 /// `early` (the ISO's file and the command line, which found and mounted
 /// the partition) with the [`LATE_KEYS`] taken from `late` (the same with
@@ -606,6 +651,7 @@ pub fn with_late_keys(early: &Settings, late: &Settings) -> (Settings, Vec<Strin
     s.tier = late.tier.clone();
     s.cleanup = late.cleanup.clone();
     s.user_cache = late.user_cache.clone();
+    s.pin = late.pin.clone();
     let (e, l) = (
         serde_json::to_value(early).expect("settings serialise"),
         serde_json::to_value(late).expect("settings serialise"),
@@ -663,6 +709,9 @@ pub fn merge_params(s: &mut Settings, p: &BootParams) {
     }
     if p.pin_off {
         s.pin.enabled = false;
+    }
+    if p.prefetch_off {
+        s.pin.prefetch = false;
     }
 }
 
@@ -828,6 +877,19 @@ speed = 1
         assert!(w.last().unwrap().contains("above pin.pin_high"), "{w:?}");
         merge_params(&mut s, &cmdline::parse("mados.pin=off"));
         assert!(!s.pin.enabled);
+        assert!(s.pin.prefetch);
+        merge_params(&mut s, &cmdline::parse("mados.prefetch=off"));
+        assert!(!s.pin.prefetch);
+        assert_eq!(s.pin.prefetch_bytes(2 << 30), (2u64 << 30) / 5);
+        apply_toml(
+            &mut s,
+            "[pin]\nprefetch_budget = \"64M\"\nprefetch_time = 5\nsave_every = 0\n[tier]\nadopt_suggested = true\n",
+            &mut w,
+        );
+        assert_eq!(s.pin.prefetch_bytes(2 << 30), 64 << 20);
+        assert_eq!(s.pin.prefetch_time, 5);
+        assert_eq!(s.pin.save_every, 600, "0 s refused");
+        assert!(s.tier.adopt_suggested);
     }
 
     #[test]
@@ -886,6 +948,8 @@ idle = 7
 age = 9
 [user_cache]
 enabled = false
+[pin]
+every = 3
 "#,
             ),
             &p,
