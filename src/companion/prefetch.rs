@@ -190,38 +190,45 @@ pub fn start_pass(
         if read && !idle_io() {
             log::info!("read-ahead: idle I/O priority not available; at normal priority");
         }
-        let mut open: HashMap<usize, (std::fs::File, FileId)> = HashMap::new();
+        // identity and place first (one file open at a time: a set can hold
+        // more files than the open-file limit), then the reads in order
+        let same = |f: &std::fs::File, h: &HotFile| -> Option<FileId> {
+            let m = f.metadata().ok()?;
+            (m.is_file() && (m.ino(), m.len(), mtime_ns(&m)) == (h.ino, h.size, h.mtime_ns))
+                .then_some((m.dev(), m.ino()))
+        };
+        let mut ids: HashMap<usize, FileId> = HashMap::new();
         let mut phys = vec![None; files.len()];
         let mut skipped = 0u64;
         for (i, h) in files.iter().enumerate() {
-            let Ok(f) = open_ro(Path::new(&h.path)) else {
-                skipped += 1;
-                continue;
-            };
-            match f.metadata() {
-                Ok(m)
-                    if m.is_file()
-                        && (m.ino(), m.len(), mtime_ns(&m)) == (h.ino, h.size, h.mtime_ns) =>
-                {
+            match open_ro(Path::new(&h.path))
+                .ok()
+                .and_then(|f| Some((same(&f, h)?, f)))
+            {
+                Some((id, f)) => {
                     phys[i] = physical(&f);
-                    open.insert(i, (f, (m.dev(), m.ino())));
+                    ids.insert(i, id);
                 }
-                _ => skipped += 1,
+                None => skipped += 1,
             }
         }
         let order = hotset::order(&files, &phys, if read { budget } else { u64::MAX });
         let mut buf = vec![0u8; 1 << 20];
         let mut m = Measure {
             prefetched: read,
-            skipped,
             ..Default::default()
         };
         for i in order {
-            let Some((f, id)) = open.remove(&i) else {
-                continue;
-            };
+            let Some(id) = ids.remove(&i) else { continue };
             let mut cold = None;
             if read && t0.elapsed() < time {
+                let f = match open_ro(Path::new(&files[i].path)) {
+                    Ok(f) if same(&f, &files[i]) == Some(id) => f,
+                    _ => {
+                        skipped += 1;
+                        continue;
+                    }
+                };
                 let t = Instant::now();
                 let n = read_ranges(&f, &files[i].ranges, &mut buf);
                 let us = t.elapsed().as_micros() as u64;
@@ -234,6 +241,7 @@ pub fn start_pass(
             let mut s = shared.lock().unwrap_or_else(|e| e.into_inner());
             s.found.push((id, i, cold));
         }
+        m.skipped = skipped;
         m.read_us = t0.elapsed().as_micros() as u64;
         let mut s = shared.lock().unwrap_or_else(|e| e.into_inner());
         s.measure.prefetched = m.prefetched;
