@@ -230,7 +230,8 @@ pub fn choose(mut hottest: Vec<HotFile>, max_files: usize, budget: u64) -> Vec<H
 /// The read-ahead's order (indexes into `files`): the hottest that fit
 /// the budget, then in stick order: files whose filesystem gives no
 /// physical place (the squashfs in the ISO, at the start of the stick) by
-/// path, which is the order mksquashfs writes them, then the rest by
+/// path, taken as close to the order mksquashfs writes them (not checked
+/// against the image's tables), then the rest by
 /// their first block on the partition (`physical`, from FIEMAP).
 pub fn order(files: &[HotFile], physical: &[Option<u64>], budget: u64) -> Vec<usize> {
     let mut idx: Vec<usize> = (0..files.len()).collect();

@@ -297,18 +297,21 @@ impl Pinning {
         self.t0.elapsed().as_secs_f64()
     }
 
+    /// The opens and writes queued since the last call.
+    fn drain(&mut self, now: f64) {
+        let mut sink = Sink {
+            heat: &mut self.heat,
+            dirs: &mut self.dirs,
+            watch: &self.watch,
+            first: &mut self.first,
+        };
+        self.hot.drain(&mut sink, now);
+    }
+
     /// Called about once a second: count the opens; decide when due.
     pub fn tick(&mut self, out: &mut PinStats) {
         let now = self.now();
-        self.hot.drain(
-            &mut Sink {
-                heat: &mut self.heat,
-                dirs: &mut self.dirs,
-                watch: &self.watch,
-                first: &mut self.first,
-            },
-            now,
-        );
+        self.drain(now);
         for id in std::mem::take(&mut self.first) {
             if let (Some(i), Some(tx)) = (self.watch.remove(&id), &self.probe) {
                 let f = &self.files[i];
@@ -405,15 +408,7 @@ impl Pinning {
     /// Save now (at stop).
     pub fn save_now(&mut self) {
         let now = self.now();
-        self.hot.drain(
-            &mut Sink {
-                heat: &mut self.heat,
-                dirs: &mut self.dirs,
-                watch: &self.watch,
-                first: &mut self.first,
-            },
-            now,
-        );
+        self.drain(now);
         self.save(now);
     }
 
