@@ -138,6 +138,8 @@ pub struct Pinning {
     cold: HashMap<usize, Option<u64>>,
     first: Vec<FileId>,
     probe: Option<mpsc::Sender<FirstUse>>,
+    /// The read-ahead reads this boot (else the pass only looks up).
+    reading: bool,
     state: HotState,
 }
 
@@ -187,6 +189,7 @@ impl Pinning {
             cold: HashMap::new(),
             first: vec![],
             probe: None,
+            reading: false,
             state: HotState {
                 adopt_suggested: s.tier.adopt_suggested,
                 ..Default::default()
@@ -241,6 +244,7 @@ impl Pinning {
             Ok(()) => "reading".into(),
             Err(why) => format!("not reading: {why}"),
         };
+        self.reading = read.is_ok();
         self.files = Arc::new(std::mem::take(&mut self.saved.files));
         log::info!(
             "hot set: {} files saved last boot; {}",
@@ -249,7 +253,7 @@ impl Pinning {
         );
         prefetch::start_pass(
             self.files.clone(),
-            read.is_ok(),
+            self.reading,
             self.cfg.prefetch_bytes(ram),
             Duration::from_secs(self.cfg.prefetch_time),
             self.shared.clone(),
@@ -264,18 +268,17 @@ impl Pinning {
             let mut s = self.shared.lock().unwrap_or_else(|e| e.into_inner());
             (std::mem::take(&mut s.found), s.done)
         };
-        let read = self.state.prefetch == "reading";
         for (id, i, cold) in found {
             let f = &self.files[i];
             // opened before the pass reached it, or (reading) not read
             // before its time ran out: its first use is not a measure
-            if self.heat.entry(id).is_none() && (!read || cold.is_some()) {
+            if self.heat.entry(id).is_none() && (!self.reading || cold.is_some()) {
                 self.watch.insert(id, i);
                 self.cold.insert(i, cold);
             }
             self.heat.seed(id, &f.path, f.size, f.heat, now);
         }
-        if done && read {
+        if done && self.reading && self.state.prefetch != "done" {
             self.state.prefetch = "done".into();
             let m = &self
                 .shared
@@ -412,14 +415,18 @@ impl Pinning {
         self.save(now);
     }
 
-    /// `hot.json` for `status`.
-    fn publish_hot(&mut self) {
-        self.state.measure = self
-            .shared
+    /// This boot's measure as the passes left it.
+    fn measure(&self) -> Measure {
+        self.shared
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .measure
-            .clone();
+            .clone()
+    }
+
+    /// `hot.json` for `status`.
+    fn publish_hot(&mut self) {
+        self.state.measure = self.measure();
         self.state.writes = self.dirs.writes;
         if let Ok(b) = serde_json::to_vec_pretty(&self.state) {
             let _ = crate::util::fsutil::write_atomic_mode(&self.run.join(HOT_FILE), &b, 0o644);
@@ -446,12 +453,7 @@ impl Pinning {
             history: self.saved.history.clone(),
             dirs: self.dirs.top(hotset::MAX_DIRS / 4, now),
         };
-        h.history.last = self
-            .shared
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .measure
-            .clone();
+        h.history.last = self.measure();
         let dir = pm.join("companion");
         let sug = self.suggestions(now);
         let r = std::fs::create_dir_all(&dir)
