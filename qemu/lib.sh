@@ -40,11 +40,20 @@ kernel_version() {
 	echo "$v"
 }
 
+# Where cargo puts the release build (CARGO_TARGET_DIR is honoured).
+RELEASE=${CARGO_TARGET_DIR:-$REPO/target}/x86_64-unknown-linux-gnu/release
+BIN=$RELEASE/mados-persistence
+
+# build_binary: build everything the demo, the scenarios, bench/* and
+# qemu/real-archiso copy into an image -- the binary itself, the test tool
+# (and with BENCH=1 the fanotify probe) -- in one cargo call, then check
+# that what is booted is the static binary just built.
 build_binary() {
 	log "building mados-persistence (static, release)"
-	(cd "$REPO" && cargo build --release --quiet --example tierbench)
-	if [[ -n ${BENCH:-} ]]; then (cd "$REPO" && cargo build --release --quiet --example fanprobe); fi
-	BIN=$REPO/target/x86_64-unknown-linux-gnu/release/mados-persistence
+	local examples=(--example tierbench)
+	if [[ -n ${BENCH:-} ]]; then examples+=(--example fanprobe); fi
+	(cd "$REPO" && cargo build --release --quiet --bin mados-persistence "${examples[@]}")
+	[[ -x $BIN ]] || { echo "qemu: cargo built no $BIN" >&2; return 1; }
 	file "$BIN" | grep -Eq 'static(-pie)? linked|statically linked' || { echo "qemu: $BIN is not static" >&2; return 1; }
 }
 
@@ -112,14 +121,14 @@ build_liveroot() {
 	echo "welcome home" >"$root/home/live/.profile"
 	cp "$BIN" "$root/usr/bin/mados-persistence"
 	# the test tool: page-cache residency (scenario v), write patterns (bench)
-	cp "$REPO/target/x86_64-unknown-linux-gnu/release/examples/tierbench" "$root/usr/bin/tierbench"
+	cp "$RELEASE/examples/tierbench" "$root/usr/bin/tierbench"
 	# a real live system has e2fsprogs (iso-profile/packages.x86_64): enable needs it
 	add_program "$root" /usr/sbin/mke2fs
 	add_program "$root" /usr/sbin/e2fsck
 	# bench/run (BENCH=1): the write-pattern tool, the fanotify probe and
 	# rsync, the peers' copier
 	if [[ -n ${BENCH:-} ]]; then
-		cp "$REPO/target/x86_64-unknown-linux-gnu/release/examples/fanprobe" "$root/usr/bin/fanprobe"
+		cp "$RELEASE/examples/fanprobe" "$root/usr/bin/fanprobe"
 		add_program "$root" "$(command -v rsync)"
 		if command -v vmtouch >/dev/null; then add_program "$root" "$(command -v vmtouch)"; fi
 	fi
