@@ -8,108 +8,15 @@
 
 mod common;
 
+use common::tier::*;
 use common::*;
-use mados_persistence::boot::tier::{OVERLAY_OPTIONS, Tier};
 use mados_persistence::companion::sync::{Manifest, sync_tier};
-use mados_persistence::util::overlayfs::{FoldOptions, fold, is_opaque, is_whiteout};
+use mados_persistence::util::overlayfs::{is_opaque, is_whiteout};
 use std::fs;
 use std::io::Write;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
-
-struct Rig {
-    d: PathBuf,
-    view: PathBuf,
-    image: PathBuf,
-    tier: Tier,
-}
-
-fn sh(cmd: &str) {
-    let st = Command::new("sh").args(["-c", cmd]).status().unwrap();
-    assert!(st.success(), "{cmd}");
-}
-
-/// A private mount namespace for this thread, an ext4 "partition" (mounted
-/// with the options `boot` uses) and a
-/// tmpfs "RAM", and the tier overlay mounted on `view`.
-fn rig(tag: &str) -> Rig {
-    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).unwrap();
-    sh("mount --make-rprivate /");
-    let d = tmpdir(tag);
-    let pm = d.join("pm");
-    let ram = d.join("ram");
-    let image = d.join("image");
-    for p in [&pm, &ram, &image, &d.join("view")] {
-        fs::create_dir_all(p).unwrap();
-    }
-    sh(&format!(
-        "truncate -s 256M {0}/part.img && mkfs.ext4 -q -F -b 4096 {0}/part.img && mount -o loop,noatime,commit=60 {0}/part.img {1} && mount -t tmpfs -o size=128M ram {2}",
-        d.display(),
-        pm.display(),
-        ram.display()
-    ));
-    // what the live image has in the dir
-    fs::create_dir_all(image.join("old-dir/sub")).unwrap();
-    fs::write(image.join("old-dir/sub/a"), "image a").unwrap();
-    fs::write(image.join("keep"), "image keep").unwrap();
-    fs::write(image.join("edit-me"), "image version").unwrap();
-    fs::write(image.join("delete-me"), "image").unwrap();
-    let base = pm.join("tier/t");
-    let tier = Tier {
-        dir: "/t".into(),
-        base: base.display().to_string(),
-        lower: base.join("lower").display().to_string(),
-        stage: base.join("stage").display().to_string(),
-        tmp: base.join("tmp").display().to_string(),
-        upper: ram.join("t/upper").display().to_string(),
-        work: ram.join("t/work").display().to_string(),
-        excluded: vec![],
-    };
-    let r = Rig {
-        view: d.join("view"),
-        d,
-        image,
-        tier,
-    };
-    mount_view(&r);
-    r
-}
-
-fn mount_view(r: &Rig) {
-    for p in [&r.tier.lower, &r.tier.stage, &r.tier.upper, &r.tier.work] {
-        fs::create_dir_all(p).unwrap();
-    }
-    let opts = format!(
-        "lowerdir={}:{},upperdir={},workdir={},{OVERLAY_OPTIONS}",
-        r.tier.lower,
-        r.image.display(),
-        r.tier.upper,
-        r.tier.work
-    );
-    sh(&format!(
-        "mount -t overlay -o {opts} tier {}",
-        r.view.display()
-    ));
-}
-
-/// "Reboot": unmount, drop the RAM upper, fold the stage into the lower
-/// (as boot does), mount again with an empty upper.
-fn reboot(r: &Rig) {
-    sh(&format!("umount {}", r.view.display()));
-    fs::remove_dir_all(&r.tier.upper).unwrap();
-    fs::remove_dir_all(&r.tier.work).unwrap();
-    fold(
-        Path::new(&r.tier.stage),
-        Path::new(&r.tier.lower),
-        &FoldOptions {
-            keep_whiteouts: true,
-            skip: &[],
-        },
-    )
-    .unwrap();
-    mount_view(r);
-}
 
 /// Everything a user sees in the directory.
 fn listing(p: &Path) -> Vec<String> {
@@ -176,6 +83,11 @@ fn every_change_survives_sync_and_next_boot() {
     fs::write(v.join("linked"), "two names").unwrap();
     fs::hard_link(v.join("linked"), v.join("linked-2")).unwrap();
     std::os::unix::fs::symlink("new", v.join("sym")).unwrap();
+    // a name that is not UTF-8 (before util::safefs: never synced, while
+    // the sync said all was durable)
+    use std::os::unix::ffi::OsStrExt;
+    let odd = v.join(std::ffi::OsStr::from_bytes(b"latin1-\xe9t\xe9"));
+    fs::write(&odd, "odd name").unwrap();
     xattr::set(v.join("new"), "user.tag", b"kept").unwrap();
     fs::set_permissions(v.join("new"), fs::Permissions::from_mode(0o640)).unwrap();
     std::os::unix::fs::chown(v.join("new"), Some(1234), Some(99)).unwrap();
@@ -217,6 +129,7 @@ fn every_change_survives_sync_and_next_boot() {
     reboot(&r);
     assert_eq!(listing(v), before, "the next boot sees what was synced");
     assert!(!v.join("old-dir/sub").exists(), "opaque dir carried");
+    assert_eq!(fs::read_to_string(&odd).unwrap(), "odd name");
     assert_eq!(fs::read_to_string(v.join("keep")).unwrap(), "image keep");
     let sparse = fs::metadata(v.join("sparse")).unwrap();
     assert!(

@@ -25,18 +25,26 @@
 //!
 //! What it costs follows what changed: the upper (RAM) is walked, the
 //! stage is compared against the manifest of the last sync (kept in /run,
-//! never read from the stick), and only changed entries are written; a
-//! rename in the upper is a rename in the stage.
+//! root's only, never read from the stick), and only changed entries are
+//! written; a rename in the upper is a rename in the stage.
+//!
+//! The upper is any user's to change while the sync runs, so every file
+//! operation here goes through `util::safefs`: by directory fd, no symlink
+//! followed, a file read only if it is still the regular file the walk
+//! saw (attributes from `fstat` of the fd read), never a FIFO or device
+//! opened. An entry that changed under the sync is left for the next one
+//! (`Report::raced`). Names are bytes (`OsStr`); the manifest keeps them
+//! in `safefs::encode`'s lossless text form.
 
 use crate::boot::tier::Tier;
-use crate::util::overlayfs::{self, fsync_dir, is_opaque, is_whiteout};
-use crate::util::treecopy;
+use crate::util::safefs::{self, Dir, Kind, Stat};
 use anyhow::{Context, Result, bail};
+use nix::fcntl::RenameFlags;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::ffi::{OsStr, OsString};
 use std::fs;
 use std::io::{Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 /// What the last sync left in the stage, per path relative to the tier.
@@ -53,18 +61,32 @@ pub struct Rec {
     pub crc: u32,
 }
 
+/// The manifest's format: a manifest of another one (or none) is no
+/// manifest, and the next sync rewrites everything once.
+const MANIFEST_VERSION: u32 = 2;
+
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]
 pub struct Manifest {
+    #[serde(default)]
+    pub version: u32,
     pub generation: u64,
+    /// By `safefs::encode` of the path relative to the tier.
     pub entries: BTreeMap<String, Rec>,
 }
 
 impl Manifest {
     pub fn load(p: &Path) -> Option<Manifest> {
-        serde_json::from_slice(&fs::read(p).ok()?).ok()
+        let b = crate::util::fsutil::read_nofollow(p, 1 << 30).ok()?;
+        serde_json::from_slice::<Manifest>(&b)
+            .ok()
+            .filter(|m| m.version == MANIFEST_VERSION)
     }
+    /// Root's only (0600): it names every file of every user in the tier,
+    /// with sizes and checksums.
     pub fn save(&self, p: &Path) -> Result<()> {
-        crate::util::fsutil::write_atomic(p, &serde_json::to_vec(self)?)
+        let mut m = self.clone();
+        m.version = MANIFEST_VERSION;
+        crate::util::fsutil::write_atomic_mode(p, &serde_json::to_vec(&m)?, 0o600)
     }
 }
 
@@ -88,24 +110,32 @@ pub struct Report {
     pub removed: u64,
     /// Entries in the upper now.
     pub entries: u64,
+    /// Entries that changed while this sync read them (replaced, removed,
+    /// turned into another kind): left as they were, for the next sync.
+    pub raced: u64,
     /// What could not be carried, with the reason (sockets).
     pub not_carried: Vec<String>,
     /// How long the sync took (set by `companion::sync_all`).
     pub micros: u64,
 }
 
-fn kind_of(p: &Path, m: &fs::Metadata) -> char {
-    let ft = m.file_type();
-    if is_whiteout(p, m) {
-        'w'
-    } else if ft.is_dir() {
-        'd'
-    } else if ft.is_symlink() {
-        'l'
-    } else if ft.is_file() {
-        'f'
-    } else {
-        'n'
+/// One entry of the upper as the walk saw it.
+struct Ent {
+    rel: PathBuf,
+    key: String,
+    st: Stat,
+    kind: char,
+}
+
+fn kind_char(d: &Dir, name: &OsStr, st: &Stat) -> char {
+    if d.is_whiteout(name, st) {
+        return 'w';
+    }
+    match safefs::kind(st) {
+        Kind::Dir => 'd',
+        Kind::Symlink => 'l',
+        Kind::File => 'f',
+        _ => 'n',
     }
 }
 
@@ -113,13 +143,13 @@ fn ns(s: i64, n: i64) -> i128 {
     s as i128 * 1_000_000_000 + n as i128
 }
 
-fn rec_of(p: &Path, m: &fs::Metadata) -> Rec {
+fn rec_of(e: &Ent) -> Rec {
     Rec {
-        kind: kind_of(p, m),
-        ino: m.ino(),
-        size: m.len(),
-        mtime_ns: ns(m.mtime(), m.mtime_nsec()),
-        ctime_ns: ns(m.ctime(), m.ctime_nsec()),
+        kind: e.kind,
+        ino: e.st.st_ino,
+        size: e.st.st_size as u64,
+        mtime_ns: ns(e.st.st_mtime, e.st.st_mtime_nsec),
+        ctime_ns: ns(e.st.st_ctime, e.st.st_ctime_nsec),
         synced_len: 0,
         crc: 0,
     }
@@ -133,99 +163,157 @@ fn same_identity(a: &Rec, b: &Rec) -> bool {
         && a.ctime_ns == b.ctime_ns
 }
 
-/// The upper's entries, parents before children.
-fn walk(upper: &Path) -> Result<Vec<(String, fs::Metadata)>> {
+/// An error that means "it is not there (any more) as we expect it": the
+/// entry was removed, replaced by a symlink or a non-directory, or moved.
+fn gone(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(nix::libc::ENOENT | nix::libc::ENOTDIR | nix::libc::ELOOP | nix::libc::EXDEV)
+    ) || e.to_string().contains("changed while")
+        || e.to_string().contains("not a regular file")
+}
+
+/// The upper's entries, parents before children, each listed and
+/// lstat'ed through its directory's fd.
+fn walk(up: &Dir) -> Result<Vec<Ent>> {
     let mut out = vec![];
-    let mut stack = vec![String::new()];
+    let mut stack = vec![PathBuf::new()];
     while let Some(rel) = stack.pop() {
-        let dir = if rel.is_empty() {
-            upper.to_path_buf()
-        } else {
-            upper.join(&rel)
+        let d = match up.dir(&rel) {
+            Ok(d) => d,
+            // removed or replaced while we walk: what is there now is seen
+            // by the next sync
+            Err(e) if gone(&e) => continue,
+            Err(e) => return Err(e).with_context(|| format!("opening {}", rel.display())),
         };
-        let mut names: Vec<String> = match fs::read_dir(&dir) {
-            Ok(rd) => rd
-                .filter_map(|e| e.ok())
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect(),
-            // removed while we walk: it is gone in the upper
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-            Err(e) => return Err(e).with_context(|| format!("listing {}", dir.display())),
+        let names = match d.list() {
+            Ok(n) => n,
+            Err(e) if gone(&e) => continue,
+            Err(e) => return Err(e).with_context(|| format!("listing {}", rel.display())),
         };
-        names.sort();
         let mut subdirs = vec![];
         for n in names {
-            let r = if rel.is_empty() {
-                n
-            } else {
-                format!("{rel}/{n}")
-            };
-            let Ok(m) = fs::symlink_metadata(upper.join(&r)) else {
+            let Ok(Some(st)) = d.lstat(&n) else {
                 continue;
             };
-            if m.is_dir() {
+            let r = rel.join(&n);
+            let kind = kind_char(&d, &n, &st);
+            if kind == 'd' {
                 subdirs.push(r.clone());
             }
-            out.push((r, m));
+            out.push(Ent {
+                key: safefs::encode(&r),
+                rel: r,
+                st,
+                kind,
+            });
         }
         // pre-order: a directory is pushed before its children are listed
         stack.extend(subdirs.into_iter().rev());
     }
-    // the stack order gives parents first; sort keeps that and is stable
-    out.sort_by(|a, b| a.0.cmp(&b.0));
+    // parents first (a parent's path is a prefix of its children's)
+    out.sort_by(|a, b| a.rel.cmp(&b.rel));
     Ok(out)
 }
 
+/// The last directory opened below a root, kept for the next entry (the
+/// walk's order puts siblings together); forgotten when the tree below
+/// the root is rearranged by us.
+struct DirCache<'a> {
+    root: &'a Dir,
+    last: Option<(PathBuf, Dir)>,
+}
+
+impl<'a> DirCache<'a> {
+    fn new(root: &'a Dir) -> Self {
+        DirCache { root, last: None }
+    }
+    fn get(&mut self, p: &Path) -> std::io::Result<&Dir> {
+        if self.last.as_ref().is_none_or(|(q, _)| q != p) {
+            let d = self.root.dir(p)?;
+            self.last = Some((p.to_path_buf(), d));
+        }
+        Ok(&self.last.as_ref().unwrap().1)
+    }
+    fn forget(&mut self) {
+        self.last = None;
+    }
+}
+
+fn split(rel: &Path) -> (&Path, &OsStr) {
+    safefs::split(rel).expect("an entry has a name")
+}
+
 struct Ctx<'a> {
-    tmp: &'a Path,
+    up: DirCache<'a>,
+    stage: DirCache<'a>,
+    tmp: &'a Dir,
     /// Files written to tmp but not yet durable: installed (renamed into
     /// the stage) only after one `syncfs` has made all of them durable.
-    deferred: Vec<(PathBuf, PathBuf)>,
-    /// The same, by stage path: a hardlink to one links to its tmp.
-    deferred_at: HashMap<PathBuf, PathBuf>,
+    deferred: Vec<(OsString, PathBuf)>,
+    /// The same, by stage path: a hardlink to one links to its tmp name.
+    deferred_at: HashMap<PathBuf, OsString>,
+    /// Stage dirs (relative) whose entries changed; `tmp_dirty` for tmp.
     dirty: BTreeSet<PathBuf>,
+    tmp_dirty: bool,
     seq: u64,
     r: Report,
 }
 
 impl Ctx<'_> {
-    fn tmp_path(&mut self) -> PathBuf {
+    fn tmp_name(&mut self) -> OsString {
         self.seq += 1;
-        self.tmp.join(format!("t{}", self.seq))
+        OsString::from(format!("t{}", self.seq))
     }
 
-    fn defer(&mut self, tmp: PathBuf, dst: PathBuf) {
-        self.deferred_at.insert(dst.clone(), tmp.clone());
-        self.deferred.push((tmp, dst));
+    fn defer(&mut self, tname: OsString, dst: &Path) {
+        self.deferred_at.insert(dst.to_path_buf(), tname.clone());
+        self.deferred.push((tname, dst.to_path_buf()));
     }
 
-    fn dirty_parent(&mut self, p: &Path) {
-        if let Some(d) = p.parent() {
-            self.dirty.insert(d.to_path_buf());
-        }
-    }
-
-    /// Put the prepared `tmp` at `dst`: a rename, or an atomic exchange
-    /// when `dst` is a directory (then the old tree is removed from tmp).
-    fn install(&mut self, tmp: &Path, dst: &Path) -> Result<()> {
-        let below_dir = fs::symlink_metadata(dst).is_ok_and(|m| m.is_dir());
+    /// Put tmp's `tname` at `dst` in the stage: a rename, or an atomic
+    /// exchange when `dst` is a directory (then the old tree is removed
+    /// from tmp). Neither side is followed.
+    fn install(&mut self, tname: &OsStr, dst: &Path) -> Result<()> {
+        let (parent, name) = split(dst);
+        self.stage.forget();
+        let pd = self
+            .stage
+            .root
+            .dir(parent)
+            .with_context(|| format!("opening {} in the stage", parent.display()))?;
+        let below_dir = pd
+            .lstat(name)?
+            .is_some_and(|b| safefs::kind(&b) == Kind::Dir);
         if below_dir {
-            nix::fcntl::renameat2(
-                nix::fcntl::AT_FDCWD,
-                tmp,
-                nix::fcntl::AT_FDCWD,
-                dst,
-                nix::fcntl::RenameFlags::RENAME_EXCHANGE,
-            )
-            .with_context(|| format!("swapping {} into {}", tmp.display(), dst.display()))?;
-            self.dirty.insert(self.tmp.to_path_buf());
-            overlayfs::remove_all(tmp)?;
+            self.tmp
+                .rename(tname, &pd, name, RenameFlags::RENAME_EXCHANGE)
+                .with_context(|| format!("swapping a new {} into the stage", dst.display()))?;
+            self.tmp_dirty = true;
+            self.tmp
+                .remove_all(tname)
+                .with_context(|| format!("removing the old {} from tmp", dst.display()))?;
         } else {
-            fs::rename(tmp, dst)
-                .with_context(|| format!("renaming {} to {}", tmp.display(), dst.display()))?;
+            self.tmp
+                .rename(tname, &pd, name, RenameFlags::empty())
+                .with_context(|| format!("renaming a new {} into the stage", dst.display()))?;
         }
-        self.dirty_parent(dst);
+        self.dirty.insert(parent.to_path_buf());
         Ok(())
+    }
+}
+
+/// Open `rel`'s parent in the upper and the file itself, if it is still
+/// the regular file the walk saw. `None` when it changed meanwhile.
+fn open_src(c: &mut Ctx, e: &Ent) -> Result<Option<(fs::File, Stat)>> {
+    let (parent, name) = split(&e.rel);
+    let r =
+        c.up.get(parent)
+            .and_then(|d| d.open_read(name, Some(&e.st)));
+    match r {
+        Ok(x) => Ok(Some(x)),
+        Err(err) if gone(&err) => Ok(None),
+        Err(err) => Err(err).with_context(|| format!("opening {}", e.rel.display())),
     }
 }
 
@@ -233,33 +321,26 @@ impl Ctx<'_> {
 /// boot, or lost: then everything is rewritten once). Returns only when
 /// every change is durable on the partition.
 pub fn sync_tier(t: &Tier, manifest: &mut Manifest) -> Result<Report> {
-    let upper = Path::new(&t.upper);
-    let stage = Path::new(&t.stage);
-    let tmp = Path::new(&t.tmp);
-    if !upper.is_dir() {
-        bail!("the tier's upper {} is not there", upper.display());
-    }
-    fs::create_dir_all(stage).with_context(|| format!("creating {}", stage.display()))?;
+    let upper_p = Path::new(&t.upper);
+    let Ok(up) = Dir::open(upper_p) else {
+        bail!("the tier's upper {} is not there", upper_p.display());
+    };
+    let stage = Dir::open_or_create(Path::new(&t.stage))
+        .with_context(|| format!("opening the stage {}", t.stage))?;
+    let base = Dir::open(Path::new(&t.base)).with_context(|| format!("opening {}", t.base))?;
     // leftovers of an interrupted sync; an empty tmp dir stays (removing
     // and making it again would cost a journal commit on every sync)
-    match fs::symlink_metadata(tmp) {
-        Ok(m) if m.is_dir() => {
-            for e in fs::read_dir(tmp).with_context(|| format!("listing {}", tmp.display()))? {
-                overlayfs::remove_all(&e?.path())?;
-            }
-        }
-        _ => {
-            overlayfs::remove_all(tmp)?;
-            fs::create_dir_all(tmp).with_context(|| format!("creating {}", tmp.display()))?;
-        }
-    }
-    let entries = walk(upper)?;
-    let now: BTreeSet<&str> = entries.iter().map(|(r, _)| r.as_str()).collect();
+    let tmp = open_tmp(Path::new(&t.tmp))?;
+    let entries = walk(&up)?;
+    let now: BTreeSet<&str> = entries.iter().map(|e| e.key.as_str()).collect();
     let mut c = Ctx {
-        tmp,
+        up: DirCache::new(&up),
+        stage: DirCache::new(&stage),
+        tmp: &tmp,
         deferred: vec![],
         deferred_at: HashMap::new(),
         dirty: BTreeSet::new(),
+        tmp_dirty: false,
         seq: 0,
         r: Report {
             entries: entries.len() as u64,
@@ -275,116 +356,158 @@ pub fn sync_tier(t: &Tier, manifest: &mut Manifest) -> Result<Report> {
         .filter(|(_, r)| r.kind == 'f')
         .map(|(p, r)| (r.ino, p))
         .collect();
-    let mut renames: HashMap<String, (PathBuf, Rec)> = HashMap::new();
-    for (rel, m) in &entries {
-        if !m.is_file() || m.nlink() != 1 {
+    let by_key: HashMap<&str, &Ent> = entries.iter().map(|e| (e.key.as_str(), e)).collect();
+    let mut renames: HashMap<String, (OsString, Rec)> = HashMap::new();
+    for e in &entries {
+        if e.kind != 'f' || e.st.st_nlink != 1 {
             continue;
         }
-        if manifest.entries.get(rel).is_some_and(|o| o.ino == m.ino()) {
+        if manifest
+            .entries
+            .get(&e.key)
+            .is_some_and(|o| o.ino == e.st.st_ino)
+        {
             continue;
         }
-        let Some(from) = by_ino.get(&m.ino()) else {
+        let Some(from) = by_ino.get(&e.st.st_ino) else {
             continue;
         };
         let fo = &manifest.entries[*from];
-        let from_now = fs::symlink_metadata(upper.join(from)).ok();
-        if fo.size == m.len()
-            && fo.mtime_ns == ns(m.mtime(), m.mtime_nsec())
-            && from_now.is_none_or(|f| f.ino() != m.ino())
-            && stage_matches(&stage.join(from), fo)
+        let Some(from_rel) = safefs::decode(from) else {
+            continue;
+        };
+        if fo.size == e.st.st_size as u64
+            && fo.mtime_ns == ns(e.st.st_mtime, e.st.st_mtime_nsec)
+            && by_key
+                .get(from.as_str())
+                .is_none_or(|f| f.st.st_ino != e.st.st_ino)
+            && stage_matches(&mut c.stage, &from_rel, fo)
         {
-            let tp = c.tmp_path();
-            if fs::hard_link(stage.join(from), &tp).is_ok() {
-                renames.insert(rel.clone(), (tp, fo.clone()));
+            let tn = c.tmp_name();
+            let (fp, fname) = split(&from_rel);
+            let linked = c
+                .stage
+                .get(fp)
+                .and_then(|d| d.link(fname, &tmp, &tn))
+                .is_ok();
+            // what was linked must be the regular file of that size
+            if linked
+                && tmp
+                    .open_read(&tn, None)
+                    .is_ok_and(|(_, st)| st.st_size as u64 == fo.synced_len)
+            {
+                renames.insert(e.key.clone(), (tn, fo.clone()));
+            } else if linked {
+                tmp.remove_all(&tn)?;
             }
         }
     }
     let mut next: BTreeMap<String, Rec> = BTreeMap::new();
-    let mut first_link: HashMap<u64, String> = HashMap::new();
-    let mut dirs_changed = vec![];
-    for (rel, m) in &entries {
-        let src = upper.join(rel);
-        let dst = stage.join(rel);
-        let mut rec = rec_of(&src, m);
-        let old = manifest.entries.get(rel);
+    let mut first_link: HashMap<u64, PathBuf> = HashMap::new();
+    let mut dirs_changed: Vec<PathBuf> = vec![];
+    for e in &entries {
+        let mut rec = rec_of(e);
+        let old = manifest.entries.get(&e.key);
         // a hardlink's other names: link to the first in the stage
-        if rec.kind == 'f' && m.nlink() > 1 {
-            if let Some(first) = first_link.get(&m.ino()).cloned() {
-                // the first name may still be a tmp file waiting for syncfs:
-                // link to that, and wait with it
-                let pending = c.deferred_at.get(&stage.join(&first)).cloned();
-                let f = pending.clone().unwrap_or_else(|| stage.join(&first));
-                let same = fs::symlink_metadata(&dst)
-                    .ok()
-                    .zip(fs::symlink_metadata(&f).ok())
-                    .is_some_and(|(a, b)| a.ino() == b.ino());
-                if !same {
-                    let tp = c.tmp_path();
-                    fs::hard_link(&f, &tp).with_context(|| format!("linking {}", dst.display()))?;
-                    if pending.is_some() {
-                        c.defer(tp, dst.clone());
-                    } else {
-                        c.install(&tp, &dst)?;
-                    }
-                    c.r.changed += 1;
-                }
-                rec.synced_len = next[&first].synced_len;
-                rec.crc = next[&first].crc;
-                next.insert(rel.clone(), rec);
-                continue;
-            }
-            first_link.insert(m.ino(), rel.clone());
+        if rec.kind == 'f'
+            && e.st.st_nlink > 1
+            && let Some(first) = first_link.get(&e.st.st_ino).cloned()
+        {
+            link_again(&mut c, &first, &e.rel)?;
+            let fk = safefs::encode(&first);
+            rec.synced_len = next[&fk].synced_len;
+            rec.crc = next[&fk].crc;
+            next.insert(e.key.clone(), rec);
+            continue;
         }
         if let Some(o) = old
             && same_identity(o, &rec)
-            && stage_matches(&dst, o)
+            && stage_matches(&mut c.stage, &e.rel, o)
         {
-            next.insert(rel.clone(), o.clone());
+            if rec.kind == 'f' && e.st.st_nlink > 1 {
+                first_link.insert(e.st.st_ino, e.rel.clone());
+            }
+            next.insert(e.key.clone(), o.clone());
             continue;
         }
-        match rec.kind {
+        let done = match rec.kind {
             'd' => {
-                let below = fs::symlink_metadata(&dst).ok();
-                if below.as_ref().is_none_or(|b| !b.is_dir()) {
-                    let tp = c.tmp_path();
-                    fs::create_dir(&tp).with_context(|| format!("creating {}", tp.display()))?;
-                    if below.is_some() {
-                        c.install(&tp, &dst)?;
-                    } else {
-                        fs::rename(&tp, &dst)?;
-                        c.dirty_parent(&dst);
-                    }
+                let (parent, name) = split(&e.rel);
+                let below = c
+                    .stage
+                    .get(parent)
+                    .with_context(|| format!("opening {} in the stage", parent.display()))?
+                    .lstat(name)?;
+                if below.is_none_or(|b| safefs::kind(&b) != Kind::Dir) {
+                    let tn = c.tmp_name();
+                    tmp.mkdir(&tn, 0o700)
+                        .with_context(|| format!("creating a dir in {}", t.tmp))?;
+                    c.install(&tn, &e.rel)?;
                 }
                 // attributes after the children: they change its mtime
-                dirs_changed.push(rel.clone());
+                dirs_changed.push(e.rel.clone());
                 c.r.changed += 1;
+                true
             }
-            'f' if renames.contains_key(rel) => {
-                let (tp, fo) = renames.remove(rel).unwrap();
-                c.install(&tp, &dst)?;
-                set_attrs(&src, &dst, m, &mut c.r.not_carried)?;
-                rec.synced_len = fo.synced_len;
-                rec.crc = fo.crc;
-                c.r.renamed += 1;
-                c.r.changed += 1;
+            'f' if renames.contains_key(&e.key) => {
+                let (tn, fo) = renames.remove(&e.key).unwrap();
+                match open_src(&mut c, e)? {
+                    Some((src, st)) => {
+                        let xattrs = safefs::file_xattrs(&src).unwrap_or_default();
+                        let (f, _) = tmp.open_read(&tn, None)?;
+                        safefs::set_attrs_fd(&f, &st, &xattrs, &mut c.r.not_carried, &what(t, e));
+                        c.install(&tn, &e.rel)?;
+                        rec.synced_len = fo.synced_len;
+                        rec.crc = fo.crc;
+                        c.r.renamed += 1;
+                        c.r.changed += 1;
+                        true
+                    }
+                    None => {
+                        tmp.remove_all(&tn)?;
+                        false
+                    }
+                }
             }
-            'f' => {
-                let (len, crc) = copy_file(&mut c, &src, &dst, m, old)?;
-                rec.synced_len = len;
-                rec.crc = crc;
-            }
+            'f' => match copy_file(&mut c, t, e, old)? {
+                Some((len, crc)) => {
+                    rec.synced_len = len;
+                    rec.crc = crc;
+                    true
+                }
+                None => false,
+            },
             'l' | 'w' | 'n' => {
-                let tp = c.tmp_path();
-                make_node(&src, &tp, m, &mut c.r)?;
-                c.install(&tp, &dst)?;
-                c.r.changed += 1;
+                let tn = c.tmp_name();
+                if make_node(&mut c, t, e, &tn)? {
+                    c.install(&tn, &e.rel)?;
+                    c.r.changed += 1;
+                    true
+                } else {
+                    false
+                }
             }
             _ => unreachable!(),
+        };
+        if done {
+            if rec.kind == 'f' && e.st.st_nlink > 1 {
+                first_link.insert(e.st.st_ino, e.rel.clone());
+            }
+            next.insert(e.key.clone(), rec);
+        } else {
+            // changed under us: the stage keeps what it had (its record
+            // too), and the next sync carries what is there then
+            c.r.raced += 1;
+            if let Some(o) = old {
+                next.insert(e.key.clone(), o.clone());
+            }
         }
-        next.insert(rel.clone(), rec);
+    }
+    for (_, (tn, _)) in renames.drain() {
+        tmp.remove_all(&tn)?;
     }
     // what the stage has and the upper no longer does
-    let gone: Vec<&String> = manifest
+    let gone_keys: Vec<&String> = manifest
         .entries
         .keys()
         .filter(|r| !now.contains(r.as_str()))
@@ -394,21 +517,20 @@ pub fn sync_tier(t: &Tier, manifest: &mut Manifest) -> Result<Report> {
     // and then has nothing deferred, no dir to set, nothing gone)
     if c.r.changed == 0
         && c.r.bytes == 0
-        && gone.is_empty()
+        && gone_keys.is_empty()
         && next == manifest.entries
         && manifest.generation > 0
     {
         // still checked: syncfs reports a writeback error of the filesystem
-        let f = fs::File::open(stage).with_context(|| format!("opening {}", stage.display()))?;
-        nix::unistd::syncfs(&f).context("syncfs on the persistence partition")?;
+        stage
+            .syncfs()
+            .context("syncfs on the persistence partition")?;
         return Ok(c.r);
     }
     // the next generation record, written beside its place now so that it
     // is durable with the file contents and switched in the same commit as
     // the renames (ext4's journal commits transactions in order, so it can
     // never be durable before them)
-    let base = Path::new(&t.base);
-    let gen_tmp = base.join("generation.json.tmp");
     let g = Generation {
         generation: manifest.generation + 1,
         finished: std::time::SystemTime::now()
@@ -417,51 +539,165 @@ pub fn sync_tier(t: &Tier, manifest: &mut Manifest) -> Result<Report> {
             .unwrap_or(0),
         entries: c.r.entries,
     };
-    write_new(&gen_tmp, &serde_json::to_vec_pretty(&g)?)?;
+    let gen_tmp = OsStr::new("generation.json.tmp");
+    base.remove_all(gen_tmp)?;
+    base.create(gen_tmp, 0o644)
+        .and_then(|mut f| f.write_all(&serde_json::to_vec_pretty(&g)?))
+        .with_context(|| format!("writing the generation record in {}", t.base))?;
     // the new file contents (and appended tails, and the record), all
     // durable at once: one syncfs rather than an fsync each, one journal
     // commit; only then renamed into the stage
-    let f = fs::File::open(tmp).with_context(|| format!("opening {}", tmp.display()))?;
-    nix::unistd::syncfs(&f).context("syncfs on the persistence partition")?;
-    for (tp, dst) in std::mem::take(&mut c.deferred) {
-        c.install(&tp, &dst)?;
+    tmp.syncfs()
+        .context("syncfs on the persistence partition")?;
+    for (tn, dst) in std::mem::take(&mut c.deferred) {
+        c.install(&tn, &dst)?;
     }
     // directory attributes, deepest first (setting one changes no parent)
     for rel in dirs_changed.iter().rev() {
-        let (src, dst) = (upper.join(rel), stage.join(rel));
-        if let Ok(m) = fs::symlink_metadata(&src) {
-            set_attrs(&src, &dst, &m, &mut c.r.not_carried)?;
-            sync_opaque(&src, &dst)?;
-            c.dirty.insert(dst.clone());
-            c.dirty_parent(&dst);
-        }
+        dir_attrs(&mut c, t, rel)?;
     }
     // removals, deepest first
-    for rel in gone.iter().rev() {
-        let dst = stage.join(rel);
-        if fs::symlink_metadata(&dst).is_ok() {
-            overlayfs::remove_all(&dst)?;
-            c.dirty_parent(&dst);
+    for key in gone_keys.iter().rev() {
+        let Some(rel) = safefs::decode(key) else {
+            continue;
+        };
+        let (parent, name) = split(&rel);
+        // a parent that is not a plain dir of the stage (replaced by a
+        // symlink or removed) holds nothing of ours to remove
+        let Ok(pd) = stage.dir(parent) else {
+            continue;
+        };
+        if pd.lstat(name)?.is_some() {
+            pd.remove_all(name)
+                .with_context(|| format!("removing {} from the stage", rel.display()))?;
+            c.dirty.insert(parent.to_path_buf());
             c.r.removed += 1;
             c.r.changed += 1;
         }
     }
     // the generation switched last
-    fs::rename(&gen_tmp, base.join("generation.json"))
-        .with_context(|| format!("switching the generation record in {}", base.display()))?;
-    c.dirty.insert(base.to_path_buf());
+    base.rename(
+        gen_tmp,
+        &base,
+        OsStr::new("generation.json"),
+        RenameFlags::empty(),
+    )
+    .with_context(|| format!("switching the generation record in {}", t.base))?;
     // durable: every changed directory (the first fsync commits them all),
     // then the whole filesystem, checked
-    let dirty = std::mem::take(&mut c.dirty);
-    for d in dirty.iter().filter(|d| d.exists()) {
-        fsync_dir(d)?;
+    for d in std::mem::take(&mut c.dirty) {
+        match stage.dir(&d) {
+            Ok(dd) => dd
+                .fsync()
+                .with_context(|| format!("syncing the directory {} of the stage", d.display()))?,
+            // replaced meanwhile: nothing of ours to sync there
+            Err(e) if gone(&e) => {}
+            Err(e) => return Err(e).with_context(|| format!("opening {}", d.display())),
+        }
     }
-    fsync_dir(stage)?;
-    let f = fs::File::open(stage).with_context(|| format!("opening {}", stage.display()))?;
-    nix::unistd::syncfs(&f).context("syncfs on the persistence partition")?;
+    if c.tmp_dirty {
+        tmp.fsync().context("syncing the tier's tmp")?;
+    }
+    base.fsync().context("syncing the tier's directory")?;
+    stage
+        .syncfs()
+        .context("syncfs on the persistence partition")?;
     manifest.generation = g.generation;
     manifest.entries = next;
     Ok(c.r)
+}
+
+/// The tier's tmp dir, emptied; made again if it is not a plain dir.
+fn open_tmp(p: &Path) -> Result<Dir> {
+    if let Ok(d) = Dir::open(p) {
+        d.clear()
+            .with_context(|| format!("emptying {}", p.display()))?;
+        return Ok(d);
+    }
+    let (parent, name) = (
+        p.parent().context("tmp has no parent")?,
+        p.file_name().context("tmp has no name")?,
+    );
+    let pd = Dir::open(parent).with_context(|| format!("opening {}", parent.display()))?;
+    pd.remove_all(name)?;
+    pd.mkdir(name, 0o700)?;
+    Dir::open(p).with_context(|| format!("opening {}", p.display()))
+}
+
+/// How a source entry is named in what could not be carried.
+fn what(t: &Tier, e: &Ent) -> String {
+    Path::new(&t.upper).join(&e.rel).display().to_string()
+}
+
+/// Another name of a hardlinked file: linked to the first name's stage
+/// file (or its tmp file while that waits for the syncfs).
+fn link_again(c: &mut Ctx, first: &Path, rel: &Path) -> Result<()> {
+    let pending = c.deferred_at.get(first).cloned();
+    let (fp, fname) = split(first);
+    let (rp, rname) = split(rel);
+    let first_st = match &pending {
+        Some(tn) => c.tmp.lstat(tn)?,
+        None => c
+            .stage
+            .get(fp)
+            .ok()
+            .and_then(|d| d.lstat(fname).ok().flatten()),
+    };
+    let here = c
+        .stage
+        .get(rp)
+        .ok()
+        .and_then(|d| d.lstat(rname).ok().flatten());
+    if first_st
+        .zip(here)
+        .is_some_and(|(a, b)| safefs::same(&a, &b))
+    {
+        return Ok(());
+    }
+    let tn = c.tmp_name();
+    match &pending {
+        Some(ft) => c.tmp.link(ft, c.tmp, &tn),
+        None => c.stage.get(fp).and_then(|d| d.link(fname, c.tmp, &tn)),
+    }
+    .with_context(|| format!("linking {}", rel.display()))?;
+    if pending.is_some() {
+        c.defer(tn, rel);
+    } else {
+        c.install(&tn, rel)?;
+    }
+    c.r.changed += 1;
+    Ok(())
+}
+
+/// A changed directory takes the upper's owner, mode, attributes, times
+/// and opaque mark, read from and set on the two dirs' own fds.
+fn dir_attrs(c: &mut Ctx, t: &Tier, rel: &Path) -> Result<()> {
+    let Ok(src) = c.up.root.dir(rel) else {
+        c.r.raced += 1;
+        return Ok(()); // gone from the upper: its removal is the next sync's
+    };
+    let dst = match c.stage.root.dir(rel) {
+        Ok(d) => d,
+        Err(e) if gone(&e) => {
+            c.r.raced += 1;
+            return Ok(());
+        }
+        Err(e) => return Err(e).with_context(|| format!("opening {} in the stage", rel.display())),
+    };
+    let st = src.stat()?;
+    let xattrs = src.own_xattrs().unwrap_or_default();
+    let label = Path::new(&t.upper).join(rel).display().to_string();
+    dst.set_own_attrs(&st, &xattrs, &mut c.r.not_carried, &label);
+    let want = src.is_opaque();
+    if want != dst.is_opaque() {
+        dst.set_opaque(want).with_context(|| {
+            format!("setting the opaque mark of {} in the stage", rel.display())
+        })?;
+    }
+    c.dirty.insert(rel.to_path_buf());
+    c.dirty
+        .insert(rel.parent().unwrap_or(Path::new("")).to_path_buf());
+    Ok(())
 }
 
 /// What a sync would carry now, from one walk of the upper against the
@@ -476,15 +712,17 @@ pub struct Pending {
 }
 
 pub fn pending(t: &Tier, manifest: &Manifest) -> Result<Pending> {
-    let upper = Path::new(&t.upper);
-    let entries = walk(upper)?;
+    let up = Dir::open(Path::new(&t.upper)).with_context(|| format!("opening {}", t.upper))?;
+    let entries = walk(&up)?;
     let mut p = Pending::default();
     let mut seen = BTreeSet::new();
-    for (rel, m) in &entries {
-        seen.insert(rel.as_str());
-        p.ram = p.ram.saturating_add(m.blocks().saturating_mul(512));
-        let rec = rec_of(&upper.join(rel), m);
-        match manifest.entries.get(rel) {
+    for e in &entries {
+        seen.insert(e.key.as_str());
+        p.ram = p
+            .ram
+            .saturating_add((e.st.st_blocks as u64).saturating_mul(512));
+        let rec = rec_of(e);
+        match manifest.entries.get(&e.key) {
             Some(o) if same_identity(o, &rec) => {}
             Some(o)
                 if o.kind == 'f' && rec.kind == 'f' && o.ino == rec.ino && rec.size >= o.size =>
@@ -511,107 +749,79 @@ pub fn pending(t: &Tier, manifest: &Manifest) -> Result<Pending> {
 }
 
 /// The stage still holds what the manifest says (a lost or stale manifest
-/// makes the entry be written again).
-fn stage_matches(dst: &Path, o: &Rec) -> bool {
-    match fs::symlink_metadata(dst) {
-        Ok(m) => match o.kind {
-            'f' => m.is_file() && m.len() == o.synced_len,
-            'd' => m.is_dir(),
-            'l' => m.file_type().is_symlink(),
-            _ => !m.is_dir(),
-        },
-        Err(_) => false,
+/// makes the entry be written again); looked at through the stage's fds.
+fn stage_matches(stage: &mut DirCache, rel: &Path, o: &Rec) -> bool {
+    let (parent, name) = split(rel);
+    let Ok(Some(st)) = stage.get(parent).and_then(|d| d.lstat(name)) else {
+        return false;
+    };
+    match o.kind {
+        'f' => safefs::kind(&st) == Kind::File && st.st_size as u64 == o.synced_len,
+        'd' => safefs::kind(&st) == Kind::Dir,
+        'l' => safefs::kind(&st) == Kind::Symlink,
+        _ => safefs::kind(&st) != Kind::Dir,
     }
-}
-
-fn sync_opaque(src: &Path, dst: &Path) -> Result<()> {
-    let want = is_opaque(src);
-    if want != is_opaque(dst) {
-        if want {
-            xattr::set(dst, "trusted.overlay.opaque", b"y")
-                .with_context(|| format!("marking {} opaque", dst.display()))?;
-        } else {
-            for n in ["trusted.overlay.opaque", "user.overlay.opaque"] {
-                let _ = xattr::remove(dst, n);
-            }
-        }
-    }
-    Ok(())
 }
 
 const CHUNK: usize = 1 << 20;
 
 /// Copy a changed file: only the new tail when it grew and its synced
 /// bytes are unchanged, else the whole file (holes kept) through tmp.
-fn copy_file(
-    c: &mut Ctx,
-    src: &Path,
-    dst: &Path,
-    m: &fs::Metadata,
-    old: Option<&Rec>,
-) -> Result<(u64, u32)> {
-    let mut from = match fs::File::open(src) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((0, 0)),
-        Err(e) => return Err(e).with_context(|| format!("opening {}", src.display())),
+/// The source is read from the fd `open_src` checked; `None` when it
+/// changed since the walk.
+fn copy_file(c: &mut Ctx, t: &Tier, e: &Ent, old: Option<&Rec>) -> Result<Option<(u64, u32)>> {
+    let Some((mut from, st)) = open_src(c, e)? else {
+        return Ok(None);
     };
+    let len = st.st_size as u64;
+    let xattrs = safefs::file_xattrs(&from).unwrap_or_default();
+    let label = what(t, e);
+    let (parent, name) = split(&e.rel);
     if let Some(o) = old
         && o.kind == 'f'
-        && o.ino == m.ino()
+        && o.ino == st.st_ino
         && o.synced_len > 0
-        && m.len() >= o.synced_len
-        && fs::symlink_metadata(dst).is_ok_and(|d| d.is_file() && d.len() == o.synced_len)
+        && len >= o.synced_len
+        && stage_matches(&mut c.stage, &e.rel, o)
         && crc_of(&mut from, o.synced_len)? == o.crc
     {
-        // an append: the tail only, fdatasync'ed
-        let mut to = fs::OpenOptions::new()
-            .append(true)
-            .custom_flags(nix::libc::O_NOFOLLOW)
-            .open(dst)
-            .with_context(|| format!("opening {}", dst.display()))?;
-        from.seek(SeekFrom::Start(o.synced_len))?;
-        let mut h = crc32fast::Hasher::new_with_initial_len(o.crc, o.synced_len);
-        // durable with the rest at the syncfs below, before the
-        // generation switches (an fdatasync each would cost a commit each)
-        let n = pump(&mut from, &mut to, m.len() - o.synced_len, &mut h)?;
-        crate::util::fsutil::start_writeback(&to);
-        set_attrs(src, dst, m, &mut c.r.not_carried)?;
-        if n > 0 || m.len() != o.size {
-            c.r.appended += 1;
-            c.r.bytes += n;
-            c.r.changed += 1;
+        // an append: the tail only, into the stage's own file
+        let (mut to, tst) = c
+            .stage
+            .get(parent)
+            .and_then(|d| d.open_append(name))
+            .with_context(|| format!("opening {} in the stage", e.rel.display()))?;
+        if tst.st_size as u64 == o.synced_len {
+            from.seek(SeekFrom::Start(o.synced_len))?;
+            let mut h = crc32fast::Hasher::new_with_initial_len(o.crc, o.synced_len);
+            // durable with the rest at the syncfs below, before the
+            // generation switches (an fdatasync each would cost a commit each)
+            let n = pump(&mut from, &mut to, len - o.synced_len, &mut h)?;
+            crate::util::fsutil::start_writeback(&to);
+            safefs::set_attrs_fd(&to, &st, &xattrs, &mut c.r.not_carried, &label);
+            if n > 0 || len != o.size {
+                c.r.appended += 1;
+                c.r.bytes += n;
+                c.r.changed += 1;
+            }
+            return Ok(Some((o.synced_len + n, h.finalize())));
         }
-        return Ok((o.synced_len + n, h.finalize()));
     }
-    let tp = c.tmp_path();
-    let mut to = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .custom_flags(nix::libc::O_NOFOLLOW)
-        .open(&tp)
-        .with_context(|| format!("creating {}", tp.display()))?;
+    let tn = c.tmp_name();
+    let mut to = c
+        .tmp
+        .create(&tn, 0o600)
+        .with_context(|| format!("creating a file in {}", t.tmp))?;
     let mut h = crc32fast::Hasher::new();
-    let (len, written) = copy_sparse(&mut from, &mut to, m.len(), &mut h)?;
+    from.seek(SeekFrom::Start(0))?;
+    let (n, written) = copy_sparse(&mut from, &mut to, len, &mut h)?;
     crate::util::fsutil::start_writeback(&to);
+    safefs::set_attrs_fd(&to, &st, &xattrs, &mut c.r.not_carried, &label);
     drop(to);
-    set_attrs(src, &tp, m, &mut c.r.not_carried)?;
-    c.defer(tp, dst.to_path_buf());
+    c.defer(tn, &e.rel);
     c.r.bytes += written;
     c.r.changed += 1;
-    Ok((len, h.finalize()))
-}
-
-/// Write `data` to a new file at `p` (a leftover of a cut sync replaced),
-/// without following a symlink; durable at the caller's syncfs.
-fn write_new(p: &Path, data: &[u8]) -> Result<()> {
-    let _ = fs::remove_file(p);
-    fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .custom_flags(nix::libc::O_NOFOLLOW)
-        .open(p)
-        .and_then(|mut f| f.write_all(data))
-        .with_context(|| format!("writing {}", p.display()))
+    Ok(Some((n, h.finalize())))
 }
 
 fn crc_of(f: &mut fs::File, len: u64) -> Result<u32> {
@@ -699,28 +909,58 @@ fn copy_sparse(
     Ok((pos, written))
 }
 
-fn make_node(src: &Path, tp: &Path, m: &fs::Metadata, r: &mut Report) -> Result<()> {
-    let ft = m.file_type();
-    if ft.is_symlink() {
-        std::os::unix::fs::symlink(fs::read_link(src)?, tp)
-            .with_context(|| format!("creating the symlink {}", tp.display()))?;
-    } else if ft.is_char_device() || ft.is_block_device() || ft.is_fifo() {
-        treecopy::make_node(tp, m)?;
-    } else {
-        // a socket: its program makes it again; an empty file holds its place
-        r.not_carried.push(format!(
-            "{}: a socket (recreated by its program)",
-            src.display()
-        ));
-        fs::File::create(tp)?;
-        return Ok(());
+/// A symlink, a whiteout, a FIFO, a device node or a socket's stand-in
+/// at tmp's `tn`, like the upper's entry; `false` when that entry changed
+/// since the walk. Nothing of the entry is opened.
+fn make_node(c: &mut Ctx, t: &Tier, e: &Ent, tn: &OsStr) -> Result<bool> {
+    let (parent, name) = split(&e.rel);
+    let label = what(t, e);
+    let src = match c.up.get(parent) {
+        Ok(d) => d,
+        Err(err) if gone(&err) => return Ok(false),
+        Err(err) => return Err(err).with_context(|| format!("opening {}", parent.display())),
+    };
+    // still the entry the walk saw
+    match src.lstat(name) {
+        Ok(Some(now)) if safefs::same(&now, &e.st) && now.st_mode == e.st.st_mode => {}
+        Ok(_) => return Ok(false),
+        Err(err) if gone(&err) => return Ok(false),
+        Err(err) => return Err(err).with_context(|| format!("reading {label}")),
     }
-    set_attrs(src, tp, m, &mut r.not_carried)
-}
-
-/// Owner, mode, attributes, times as `util::treecopy` carries them (the
-/// opaque mark included; `sync_opaque` also clears a stale one).
-fn set_attrs(src: &Path, dst: &Path, m: &fs::Metadata, not: &mut Vec<String>) -> Result<()> {
-    treecopy::attrs(src, dst, m, not);
-    Ok(())
+    let xattrs = src.xattrs(name).unwrap_or_default();
+    match safefs::kind(&e.st) {
+        Kind::Symlink => {
+            let target = match src.readlink(name) {
+                Ok(t) => t,
+                Err(err) if gone(&err) || err.raw_os_error() == Some(nix::libc::EINVAL) => {
+                    return Ok(false);
+                }
+                Err(err) => return Err(err).with_context(|| format!("reading the link {label}")),
+            };
+            c.tmp
+                .symlink(&target, tn)
+                .with_context(|| format!("creating a symlink in {}", t.tmp))?;
+        }
+        Kind::Char | Kind::Block | Kind::Fifo => {
+            c.tmp
+                .mknod(tn, &e.st)
+                .with_context(|| format!("creating a node in {}", t.tmp))?;
+        }
+        Kind::File => {
+            // a whiteout of the file form (zero size, the whiteout
+            // attribute): made empty, the attribute carried below
+            c.tmp.create(tn, 0o600)?;
+        }
+        _ => {
+            // a socket: its program makes it again; an empty file holds
+            // its place
+            c.r.not_carried
+                .push(format!("{label}: a socket (recreated by its program)"));
+            c.tmp.create(tn, 0o600)?;
+            return Ok(true);
+        }
+    }
+    c.tmp
+        .set_entry_attrs(tn, &e.st, &xattrs, &mut c.r.not_carried, &label);
+    Ok(true)
 }

@@ -4,6 +4,7 @@
 pub mod fsutil;
 pub mod logging;
 pub mod overlayfs;
+pub mod safefs;
 #[cfg(test)]
 pub mod testutil;
 pub mod treecopy;

@@ -2,6 +2,8 @@
 //! tools distributions use, and the root/CI skip rule.
 #![allow(dead_code)]
 
+pub mod tier;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 

@@ -1,0 +1,310 @@
+//! Attacks of a local user on what root does over trees users write: the
+//! RAM tier's sync (RAM upper → stage on the partition), the boot's fold
+//! of a bind tier's stage into its lower, and `enable`'s session copy.
+//! The user is uid/gid 65534 acting through `setpriv`, on the real code,
+//! each test in its own mount namespace. Every attack here succeeded on
+//! the code before `util::safefs` (each test says what happened); the
+//! partition's directories are left searchable (0755, as they were) so
+//! that the fd-based code is what stops the attack, not the modes alone.
+
+mod common;
+
+use common::tier::*;
+use common::*;
+use mados_persistence::companion::sync::{Manifest, sync_tier};
+use std::fs;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+const NOBODY: u32 = 65534;
+
+/// Run a shell script as the unprivileged user; it must succeed.
+fn as_user(script: &str) {
+    let o = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "sh",
+            "-c",
+            script,
+        ])
+        .output()
+        .expect("setpriv (util-linux)");
+    assert!(
+        o.status.success(),
+        "as uid 65534: {script}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+/// Start a perl loop as the unprivileged user (killed by `Racer`'s drop).
+struct Racer(Child);
+
+impl Racer {
+    fn start(perl: &str, args: &[&Path]) -> Racer {
+        let mut c = Command::new("setpriv");
+        c.args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "perl",
+            "-e",
+            perl,
+        ]);
+        for a in args {
+            c.arg(a);
+        }
+        Racer(c.spawn().expect("perl as uid 65534"))
+    }
+}
+
+impl Drop for Racer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A root-only file outside the tree, the attacks' target: on the
+/// partition (as the persistent `/etc` upper is), so that a hard link to it
+/// from the stage is possible.
+fn victim(r: &Rig, name: &str, content: &str) -> PathBuf {
+    let v = r.d.join("pm/victim");
+    fs::create_dir_all(&v).unwrap();
+    let f = v.join(name);
+    fs::write(&f, content).unwrap();
+    sh(&format!("chown 0:0 {0} && chmod 0600 {0}", f.display()));
+    f
+}
+
+/// Every regular file below `p` whose content holds `needle`.
+fn files_holding(p: &Path, needle: &[u8]) -> Vec<PathBuf> {
+    let mut out = vec![];
+    let Ok(rd) = fs::read_dir(p) else {
+        return out;
+    };
+    for e in rd.flatten() {
+        let m = fs::symlink_metadata(e.path()).unwrap();
+        if m.is_dir() {
+            out.extend(files_holding(&e.path(), needle));
+        } else if m.is_file()
+            && fs::read(e.path())
+                .unwrap_or_default()
+                .windows(needle.len())
+                .any(|w| w == needle)
+        {
+            out.push(e.path());
+        }
+    }
+    out
+}
+
+/// The user's own dir in the tier, `u/v`, with a file, synced once: the
+/// stage then holds `u/` owned by the user.
+fn user_tree(r: &Rig, m: &mut Manifest, file: &str, size: usize) {
+    let v = &r.view;
+    fs::create_dir_all(v.join("u/v")).unwrap();
+    sh(&format!(
+        "chown -R {NOBODY}:{NOBODY} {}",
+        v.join("u").display()
+    ));
+    as_user(&format!(
+        "head -c {size} /dev/zero | tr '\\0' x > {}",
+        v.join("u/v").join(file).display()
+    ));
+    sync_tier(&r.tier, m).unwrap();
+    let st = Path::new(&r.tier.stage);
+    assert_eq!(fs::metadata(st.join("u")).unwrap().uid(), NOBODY);
+}
+
+#[test]
+fn a_rename_does_not_link_and_chown_through_a_symlinked_stage_dir() {
+    // Before util::safefs: rename detection hard-linked stage/u/v/secret
+    // through the user's symlink (victim/secret), installed the link at
+    // u/v/moved and chowned it: the root-only file became the user's.
+    if !require_root("a_rename_does_not_link_and_chown_through_a_symlinked_stage_dir") {
+        return;
+    }
+    let r = rig("attack-rename");
+    let target = victim(&r, "secret", "TOPSECRET-0123456789");
+    let mut m = Manifest::default();
+    user_tree(&r, &mut m, "secret", 20);
+    let stage = PathBuf::from(&r.tier.stage);
+    as_user(&format!(
+        "mv {0}/u/v {0}/u/v.old && ln -s {1} {0}/u/v && mv {2}/u/v/secret {2}/u/v/moved",
+        stage.display(),
+        target.parent().unwrap().display(),
+        r.view.display()
+    ));
+    let _ = sync_tier(&r.tier, &mut m);
+    let tm = fs::metadata(&target).unwrap();
+    assert_eq!(
+        (tm.uid(), tm.mode() & 0o7777, tm.nlink()),
+        (0, 0o600, 1),
+        "the root-only file was linked or changed through the user's symlink"
+    );
+    assert_eq!(
+        fs::read_dir(target.parent().unwrap()).unwrap().count(),
+        1,
+        "a new entry appeared in the victim's dir"
+    );
+    fs::remove_dir_all(&r.d).ok();
+}
+
+#[test]
+fn a_removal_does_not_go_through_a_symlinked_stage_dir() {
+    // Before util::safefs: the removal of u/v (gone from the upper) went
+    // through the user's symlink stage/u/v -> victim dir and deleted the
+    // root-owned tree there (path-based recursive delete).
+    if !require_root("a_removal_does_not_go_through_a_symlinked_stage_dir") {
+        return;
+    }
+    let r = rig("attack-remove");
+    let mut m = Manifest::default();
+    user_tree(&r, &mut m, "gone", 4);
+    let target = victim(&r, "keep", "root's");
+    fs::create_dir_all(target.with_file_name("gone")).unwrap();
+    fs::write(target.with_file_name("gone/inside"), "root's too").unwrap();
+    let stage = PathBuf::from(&r.tier.stage);
+    as_user(&format!(
+        "mv {0}/u/v {0}/u/v.old && ln -s {1} {0}/u/v && rm -r {2}/u/v",
+        stage.display(),
+        target.parent().unwrap().display(),
+        r.view.display()
+    ));
+    let _ = sync_tier(&r.tier, &mut m);
+    assert!(target.exists(), "a root file was removed through a symlink");
+    assert!(
+        target.with_file_name("gone/inside").exists(),
+        "a root tree was removed through a symlink"
+    );
+    fs::remove_dir_all(&r.d).ok();
+}
+
+#[test]
+fn a_file_swapped_for_a_symlink_during_syncs_never_copies_its_target() {
+    // Before util::safefs: the walk lstat'ed a regular file, the copy
+    // opened the name again and followed the symlink swapped in since:
+    // the root-only file's content landed in the stage, owned by the user.
+    if !require_root("a_file_swapped_for_a_symlink_during_syncs_never_copies_its_target") {
+        return;
+    }
+    let r = rig("attack-read");
+    let target = victim(&r, "shadow", "TOPSECRET");
+    let mut m = Manifest::default();
+    user_tree(&r, &mut m, "f", 4);
+    // many unchanged names before "f": the window between the walk and
+    // the copy is what the sync spends on them
+    as_user(&format!(
+        "cd {} && for i in $(seq 1000 2999); do echo $i > a$i; done",
+        r.view.join("u/v").display()
+    ));
+    sync_tier(&r.tier, &mut m).unwrap();
+    let _racer = Racer::start(
+        r#"chdir $ARGV[0] or die; my $t = $ARGV[1];
+           while (1) { symlink($t, "l.$$"); rename("l.$$", "f"); select(undef, undef, undef, 0.0005);
+                       open(my $h, '>', "r.$$"); print $h ("mine " x 20); close $h; rename("r.$$", "f");
+                       select(undef, undef, undef, 0.0005); }"#,
+        &[&r.view.join("u/v"), &target],
+    );
+    std::thread::sleep(Duration::from_millis(100));
+    let mut synced = 0;
+    for _ in 0..300 {
+        if sync_tier(&r.tier, &mut m).is_ok() {
+            synced += 1;
+        }
+        let leaked = files_holding(Path::new(&r.tier.stage), b"TOPSECRET");
+        assert!(
+            leaked.is_empty(),
+            "the root-only file was copied: {leaked:?}"
+        );
+    }
+    assert!(synced > 250, "only {synced} of 300 syncs went through");
+    fs::remove_dir_all(&r.d).ok();
+}
+
+/// The user toggles their upper dir `u/v`'s mode (0755 / `mode`) while
+/// swapping their stage dir `u/v` for `swap_in` (a name in stage/u) and
+/// back; 200 syncs run meanwhile, each given 20 s. Returns the racers.
+fn swap_race(r: &Rig, m: Manifest, mode: &str, swap_in: &str) {
+    let stage = PathBuf::from(&r.tier.stage);
+    let _chmod = Racer::start(
+        &format!(
+            r#"while (1) {{ chmod {mode}, $ARGV[0]; select(undef, undef, undef, 0.001);
+                           chmod 0755, $ARGV[0]; select(undef, undef, undef, 0.001); }}"#
+        ),
+        &[&r.view.join("u/v")],
+    );
+    let _swapper = Racer::start(
+        &format!(
+            r#"chdir $ARGV[0] or die;
+               while (1) {{ rename("v", "v.d"); rename("{swap_in}", "v"); select(undef, undef, undef, 0.001);
+                           rename("v", "{swap_in}"); rename("v.d", "v"); select(undef, undef, undef, 0.001); }}"#
+        ),
+        &[&stage.join("u")],
+    );
+    let tier = r.tier.clone();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut m = m;
+        for _ in 0..200 {
+            let _ = sync_tier(&tier, &mut m);
+            if tx.send(()).is_err() {
+                return;
+            }
+        }
+    });
+    let start = Instant::now();
+    for i in 0..200 {
+        assert!(
+            rx.recv_timeout(Duration::from_secs(20)).is_ok(),
+            "sync {i} hung (a FIFO opened?) after {:?}",
+            start.elapsed()
+        );
+    }
+}
+
+#[test]
+fn a_stage_dir_swapped_for_a_fifo_never_hangs_a_sync() {
+    // Before util::safefs: the sync fsyncs the dirs it changed by opening
+    // their path; the user's stage dir swapped for a FIFO blocked that
+    // open (and the sync lock, and the final sync at shutdown) forever.
+    if !require_root("a_stage_dir_swapped_for_a_fifo_never_hangs_a_sync") {
+        return;
+    }
+    let r = rig("attack-fifo");
+    let mut m = Manifest::default();
+    user_tree(&r, &mut m, "f", 4);
+    let stage = PathBuf::from(&r.tier.stage);
+    as_user(&format!("mkfifo {}", stage.join("u/p").display()));
+    swap_race(&r, m, "0750", "p");
+    fs::remove_dir_all(&r.d).ok();
+}
+
+#[test]
+fn a_stage_dir_swapped_for_a_symlink_never_passes_its_mode_on() {
+    // Before util::safefs: the dir's mode was applied with a path chmod
+    // that followed the user's symlink swapped in for their stage dir: a
+    // root-owned program became set-uid 04777.
+    if !require_root("a_stage_dir_swapped_for_a_symlink_never_passes_its_mode_on") {
+        return;
+    }
+    let r = rig("attack-chmod");
+    let target = victim(&r, "prog", "#!/bin/sh\nid\n");
+    sh(&format!("chmod 0755 {}", target.display()));
+    let mut m = Manifest::default();
+    user_tree(&r, &mut m, "f", 4);
+    let stage = PathBuf::from(&r.tier.stage);
+    as_user(&format!(
+        "ln -s {} {}",
+        target.display(),
+        stage.join("u/s").display()
+    ));
+    swap_race(&r, m, "04777", "s");
+    let mode = fs::metadata(&target).unwrap().mode() & 0o7777;
+    assert_eq!(mode, 0o755, "the root-owned program's mode became {mode:o}");
+    fs::remove_dir_all(&r.d).ok();
+}
