@@ -960,4 +960,165 @@ mod tests {
         s[446 + 16] = 0x29; // a FAT boot sector's byte, not a status
         assert!(parse_mbr(&s).is_none());
     }
+
+    /// A 64 MiB device: `mbr` as (status, type, start, sectors) slots, and a
+    /// GPT (primary and backup, 128 entries) with `parts` as (type, first,
+    /// last) when `first_usable` is given.
+    fn device(mbr: &[(u8, u8, u32, u32)], gpt: Option<(u64, &[([u8; 16], u64, u64)])>) -> Vec<u8> {
+        let n = 131072u64;
+        let mut d = vec![0u8; (n * 512) as usize];
+        d[510] = 0x55;
+        d[511] = 0xAA;
+        for (i, &(st, t, start, len)) in mbr.iter().enumerate() {
+            let o = 446 + 16 * i;
+            d[o] = st;
+            d[o + 4] = t;
+            d[o + 8..o + 12].copy_from_slice(&start.to_le_bytes());
+            d[o + 12..o + 16].copy_from_slice(&len.to_le_bytes());
+        }
+        if let Some((fu, parts)) = gpt {
+            let mut arr = vec![0u8; 128 * 128];
+            for (i, (t, a, b)) in parts.iter().enumerate() {
+                let e = &mut arr[128 * i..128 * (i + 1)];
+                e[..16].copy_from_slice(t);
+                e[16..32].fill(i as u8 + 1);
+                e[32..40].copy_from_slice(&a.to_le_bytes());
+                e[40..48].copy_from_slice(&b.to_le_bytes());
+            }
+            let crc = crc32fast::hash(&arr);
+            for (my, alt, at) in [(1, n - 1, 2), (n - 1, 1, n - 33)] {
+                let mut h = vec![0u8; 92];
+                h[..8].copy_from_slice(GPT_SIGNATURE);
+                h[8..12].copy_from_slice(&0x10000u32.to_le_bytes());
+                h[12..16].copy_from_slice(&92u32.to_le_bytes());
+                for (o, v) in [(24, my), (32, alt), (40, fu), (48, n - 34), (72, at)] {
+                    h[o..o + 8].copy_from_slice(&v.to_le_bytes());
+                }
+                h[56..72].fill(0x11);
+                h[80..84].copy_from_slice(&128u32.to_le_bytes());
+                h[84..88].copy_from_slice(&128u32.to_le_bytes());
+                h[88..92].copy_from_slice(&crc.to_le_bytes());
+                let hc = crc32fast::hash(&h);
+                h[16..20].copy_from_slice(&hc.to_le_bytes());
+                let o = (my * 512) as usize;
+                d[o..o + 92].copy_from_slice(&h);
+                let o = (at * 512) as usize;
+                d[o..o + arr.len()].copy_from_slice(&arr);
+            }
+        }
+        d
+    }
+
+    fn read(d: Vec<u8>) -> anyhow::Result<Layout> {
+        let size = d.len() as u64;
+        read_layout(&mut io::Cursor::new(d), size, 512, vec![])
+    }
+
+    const LINUX: [u8; 16] = [
+        0xAF, 0x3D, 0xC6, 0x0F, 0x83, 0x84, 0x72, 0x47, 0x8E, 0x79, 0x3D, 0x69, 0xD8, 0x47, 0x7D,
+        0xE4,
+    ];
+
+    #[test]
+    fn mbr_without_0xee_and_a_valid_gpt_is_the_mbr_to_both() {
+        // archiso's layout: libfdisk's valid_pmbr wants an 0xEE entry
+        // before it looks for a GPT, as the kernel does
+        let l = read(device(
+            &[(0x80, 0x00, 64, 6080), (0, 0xEF, 6144, 16384)],
+            Some((34, &[(LINUX, 40000, 50000)])),
+        ))
+        .unwrap();
+        assert_eq!(l.table, TableKind::Mbr);
+        let (k, f) = (kernel_reading(&l), libfdisk_reading(&l));
+        assert_eq!(k.table, TableKind::Mbr);
+        assert!(k.agrees_with(&f), "{k} / {f}");
+        assert_eq!(k.extents(), vec![(64, 6080), (6144, 16384)]);
+    }
+
+    #[test]
+    fn protective_mbr_and_gpt_is_the_gpt() {
+        let l = read(device(
+            &[(0, 0xEE, 1, 131071)],
+            Some((34, &[(LINUX, 2048, 4095)])),
+        ))
+        .unwrap();
+        assert_eq!(l.table, TableKind::Gpt);
+        assert_eq!(kernel_reading(&l), libfdisk_reading(&l));
+        assert_eq!(kernel_reading(&l).extents(), vec![(2048, 2048)]);
+    }
+
+    #[test]
+    fn hybrid_mbr_is_the_gpt_to_both() {
+        // 0xEE at LBA 1 next to a FAT entry: is_pmbr_valid and valid_pmbr
+        // both say hybrid, and both then read the GPT
+        let l = read(device(
+            &[(0x80, 0x0C, 2048, 2048), (0, 0xEE, 1, 2047)],
+            Some((34, &[(LINUX, 2048, 4095)])),
+        ))
+        .unwrap();
+        assert_eq!(l.table, TableKind::Gpt);
+        assert!(kernel_reading(&l).agrees_with(&libfdisk_reading(&l)));
+    }
+
+    #[test]
+    fn plain_mbr_without_gpt_is_accepted() {
+        let l = read(device(&[(0, 0x83, 2048, 2048)], None)).unwrap();
+        assert_eq!(l.table, TableKind::Mbr);
+        assert!(kernel_reading(&l).agrees_with(&libfdisk_reading(&l)));
+    }
+
+    fn refusal(d: Vec<u8>) -> String {
+        let e = read(d).unwrap_err();
+        let msg = format!("{e:#}");
+        assert!(e.downcast_ref::<Invalid>().is_some(), "{msg}");
+        msg
+    }
+
+    #[test]
+    fn a_bad_status_byte_is_no_table_to_the_kernel_but_an_mbr_to_libfdisk() {
+        let msg = refusal(device(&[(0x12, 0x83, 2048, 2048)], None));
+        assert!(msg.contains("the kernel reads no partition table"), "{msg}");
+        assert!(
+            msg.contains("libfdisk (fdisk, sfdisk, cfdisk) reads an MBR with partition 1 at sectors 2048..4096"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn a_gpt_whose_usable_range_covers_its_header_is_refused() {
+        // the kernel takes it; libfdisk's gpt_check_lba_sanity does not,
+        // and reads the MBR with its 0xEE entry instead
+        let msg = refusal(device(
+            &[(0, 0xEE, 1, 131071)],
+            Some((0, &[(LINUX, 2048, 4095)])),
+        ));
+        assert!(
+            msg.contains("the kernel reads a GPT with partition 1 at sectors 2048..4096"),
+            "{msg}"
+        );
+        assert!(msg.contains("libfdisk (fdisk, sfdisk, cfdisk) reads an MBR with partition 1 at sectors 1..131072"), "{msg}");
+    }
+
+    #[test]
+    fn a_gpt_entry_without_type_but_with_a_start_is_refused() {
+        // libfdisk lists it, the kernel's is_pte_valid skips it: its
+        // space would be free to us and taken to fdisk
+        let msg = refusal(device(
+            &[(0, 0xEE, 1, 131071)],
+            Some((34, &[(LINUX, 2048, 4095), ([0; 16], 8192, 9000)])),
+        ));
+        assert!(msg.contains("2 at sectors 8192..9001"), "{msg}");
+    }
+
+    #[test]
+    fn a_corrupt_primary_gpt_is_no_table_to_the_kernel_and_the_backup_to_libfdisk() {
+        let mut d = device(&[(0, 0xEE, 1, 131071)], Some((34, &[(LINUX, 2048, 4095)])));
+        d[512 + 16] ^= 1; // the primary header's checksum
+        let msg = refusal(d);
+        assert!(msg.contains("the kernel reads no partition table"), "{msg}");
+        assert!(
+            msg.contains("reads a GPT (from its backup header at the last LBA) with partition 1"),
+            "{msg}"
+        );
+    }
 }
