@@ -964,7 +964,10 @@ mod tests {
     /// A 64 MiB device: `mbr` as (status, type, start, sectors) slots, and a
     /// GPT (primary and backup, 128 entries) with `parts` as (type, first,
     /// last) when `first_usable` is given.
-    fn device(mbr: &[(u8, u8, u32, u32)], gpt: Option<(u64, &[([u8; 16], u64, u64)])>) -> Vec<u8> {
+    /// A GPT entry: type, first LBA, last LBA.
+    type Entry = ([u8; 16], u64, u64);
+
+    fn device(mbr: &[(u8, u8, u32, u32)], gpt: Option<(u64, &[Entry])>) -> Vec<u8> {
         let n = 131072u64;
         let mut d = vec![0u8; (n * 512) as usize];
         d[510] = 0x55;
