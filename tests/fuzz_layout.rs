@@ -15,9 +15,18 @@
 //! - after applying it, the table reads back valid with the new entry, and
 //!   planning again finds no room before the new partition's end.
 //!
+//!
+//! A second oracle, the real `sfdisk --json` (libfdisk) run on the case
+//! written to a sparse image file: whenever the layout is accepted, it
+//! reads the same table (dos/gpt/none) and the same partitions (start,
+//! size) as `layout::kernel_reading`, what we take the kernel to use;
+//! tables the two read differently must be refused (512-byte sectors
+//! only: sfdisk reads a file with 512-byte sectors).
+//!
 //! Bounded here (`FUZZ_CASES`, default 400 per image and size in `cargo
-//! test`); the long run is documented in bench/README.md:
-//!   FUZZ_CASES=40000 CARGO_PROFILE_RELEASE_OVERFLOW_CHECKS=true \
+//! test`; `FUZZ_SFDISK_CASES`, default 12 accepted layouts per image and
+//! size, a process each); the long run is documented in bench/README.md:
+//!   FUZZ_CASES=40000 FUZZ_SFDISK_CASES=40000 CARGO_PROFILE_RELEASE_OVERFLOW_CHECKS=true \
 //!     cargo test --release --test fuzz_layout -- --nocapture
 
 mod common;
@@ -302,9 +311,74 @@ struct Stats {
     refused_layout: u64,
     refused_plan: u64,
     planned: u64,
+    sfdisk_checked: u64,
 }
 
-fn check_case(dev: &Dev, ss: u64, st: &mut Stats) {
+/// The image file `sfdisk` reads: the image as made, grown (sparse) to
+/// the device's size; each case's first MiB written over it.
+struct Sfdisk {
+    path: std::path::PathBuf,
+    file: std::fs::File,
+    left: u64,
+}
+
+impl Sfdisk {
+    fn new(path: std::path::PathBuf, img: &[u8], size: u64, left: u64) -> Sfdisk {
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        file.write_all(&img[..img.len().min(size as usize)])
+            .unwrap();
+        file.set_len(size).unwrap();
+        Sfdisk { path, file, left }
+    }
+
+    /// sfdisk's reading of the case: the label ("dos", "gpt", or "" when it
+    /// finds none) and the (start, size) of the primary (dos) or all (gpt)
+    /// partitions that hold sectors, sorted.
+    fn read(&mut self, dev: &Dev) -> (String, Vec<(u64, u64)>) {
+        self.file.seek(SeekFrom::Start(0)).unwrap();
+        self.file.write_all(dev.head).unwrap();
+        self.file.flush().unwrap();
+        let path = self.path.to_str().unwrap();
+        let o = std::process::Command::new("sfdisk")
+            .args(["--json", path])
+            .output()
+            .expect("running sfdisk (package fdisk)");
+        if !o.status.success() {
+            return (String::new(), vec![]);
+        }
+        // fdisk's notes ("Invalid flag ... of EBR") come before the JSON
+        let out = String::from_utf8_lossy(&o.stdout);
+        let json = &out[out.find('{').unwrap_or(0)..];
+        let v: serde_json::Value = serde_json::from_str(json)
+            .unwrap_or_else(|e| panic!("sfdisk --json printed {out:?}: {e}"));
+        let t = &v["partitiontable"];
+        let label = t["label"].as_str().unwrap_or("?").to_string();
+        let mut parts: Vec<(u64, u64)> = t["partitions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|p| {
+                let n: u32 = p["node"].as_str().unwrap()[path.len()..]
+                    .trim_start_matches('p')
+                    .parse()
+                    .unwrap();
+                label != "dos" || n <= 4
+            })
+            .map(|p| (p["start"].as_u64().unwrap(), p["size"].as_u64().unwrap()))
+            .filter(|&(_, n)| n > 0)
+            .collect();
+        parts.sort_unstable();
+        (label, parts)
+    }
+}
+
+fn check_case(dev: &Dev, ss: u64, st: &mut Stats, sfdisk: Option<&mut Sfdisk>) {
     st.cases += 1;
     // probing as find_persistence does: never panics, whatever the bytes
     let _ = superblock::probe(&mut dev.clone());
@@ -316,6 +390,22 @@ fn check_case(dev: &Dev, ss: u64, st: &mut Stats) {
             return;
         }
     };
+    // accepted: libfdisk reads what we take the kernel to read
+    if let Some(sf) = sfdisk.filter(|sf| sf.left > 0) {
+        sf.left -= 1;
+        st.sfdisk_checked += 1;
+        let k = layout::kernel_reading(&l);
+        let label = match k.table {
+            TableKind::Mbr => "dos",
+            TableKind::Gpt => "gpt",
+            TableKind::None => "",
+        };
+        assert_eq!(
+            sf.read(dev),
+            (label.to_string(), k.extents()),
+            "sfdisk --json reads another table than the kernel reading ({k}) of an accepted layout"
+        );
+    }
     for (_, start, len) in l.table_entries() {
         let mut w = superblock::Window::new(&mut d, start, len);
         let _ = superblock::probe(&mut w);
@@ -423,12 +513,17 @@ fn hostile_layouts_never_misplan() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(400);
+    let sfdisk_cases: u64 = std::env::var("FUZZ_SFDISK_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(12);
     let d = tmpdir("fuzz");
     let mut total = Stats {
         cases: 0,
         refused_layout: 0,
         refused_plan: 0,
         planned: 0,
+        sfdisk_checked: 0,
     };
     for (layout_name, ss) in [
         ("archiso", 512),
@@ -446,7 +541,11 @@ fn hostile_layouts_never_misplan() {
                 refused_layout: 0,
                 refused_plan: 0,
                 planned: 0,
+                sfdisk_checked: 0,
             };
+            // sfdisk reads an image file with 512-byte sectors only
+            let mut sf = (ss == 512)
+                .then(|| Sfdisk::new(d.join("sfdisk.img"), &img, size, sfdisk_cases + 1));
             // the unmutated image plans (when there is room) and checks out
             let clean = Dev {
                 head: &img,
@@ -456,7 +555,7 @@ fn hostile_layouts_never_misplan() {
                 written: HashMap::new(),
                 pos: 0,
             };
-            check_case(&clean, ss, &mut st);
+            check_case(&clean, ss, &mut st, sf.as_mut());
             let mut r = Rng(0x9E37_79B9_7F4A_7C15 ^ size ^ u64::from(layout_name.len() as u32));
             let mut buf = img[..img.len().min(1 << 20)].to_vec();
             let head = buf.len();
@@ -471,11 +570,11 @@ fn hostile_layouts_never_misplan() {
                     written: HashMap::new(),
                     pos: 0,
                 };
-                check_case(&dev, ss, &mut st);
+                check_case(&dev, ss, &mut st, sf.as_mut());
             }
             eprintln!(
-                "{layout_name:>12} {size:>14} bytes: {} cases, {} layouts refused, {} plans refused, {} planned and checked",
-                st.cases, st.refused_layout, st.refused_plan, st.planned
+                "{layout_name:>12} {size:>14} bytes: {} cases, {} layouts refused, {} plans refused, {} planned and checked, {} read by sfdisk too",
+                st.cases, st.refused_layout, st.refused_plan, st.planned, st.sfdisk_checked
             );
             if size > iso + 100 * MIB && size < 2 << 40 {
                 assert!(
@@ -487,12 +586,15 @@ fn hostile_layouts_never_misplan() {
             total.refused_layout += st.refused_layout;
             total.refused_plan += st.refused_plan;
             total.planned += st.planned;
+            total.sfdisk_checked += st.sfdisk_checked;
         }
     }
     eprintln!(
-        "total: {} cases, {} layouts refused, {} plans refused, {} planned and checked",
-        total.cases, total.refused_layout, total.refused_plan, total.planned
+        "total: {} cases, {} layouts refused, {} plans refused, {} planned and checked, {} read by sfdisk too",
+        total.cases, total.refused_layout, total.refused_plan, total.planned, total.sfdisk_checked
     );
+    let _ = std::fs::remove_file(d.join("sfdisk.img"));
+    assert!(total.sfdisk_checked > 0, "sfdisk checked no case");
     assert!(
         total.refused_layout > 0,
         "no mutation was refused: the mutator is not reaching the parser"

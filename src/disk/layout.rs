@@ -94,7 +94,8 @@ impl Gpt {
 #[serde(rename_all = "lowercase")]
 pub enum TableKind {
     /// An MBR without a protective (0xEE) entry: archiso, isohybrid. A GPT
-    /// next to it, if any, is ignored by firmware and kernel alike.
+    /// next to it, if any, is ignored by firmware, the kernel and libfdisk
+    /// alike (all three want an 0xEE entry before they look for a GPT).
     Mbr,
     /// A GPT behind a protective or hybrid MBR.
     Gpt,
@@ -122,6 +123,15 @@ pub struct Layout {
     pub kernel: Vec<KernelPart>,
     /// Isohybrid gaps and other things a partitioning tool could get wrong.
     pub findings: Vec<String>,
+    /// The first logical sector as read, whether or not it parsed as an
+    /// MBR (the kernel's and libfdisk's rules read it differently).
+    #[serde(skip)]
+    pub sector0: Vec<u8>,
+    /// The partitions of a GPT header at the device's last LBA that
+    /// libfdisk would take, read only when libfdisk takes the MBR as
+    /// protective and rejects the primary header (`gpt_probe_label`).
+    #[serde(skip)]
+    pub libfdisk_backup: Option<Vec<ReadPart>>,
 }
 
 fn le32(b: &[u8], o: usize) -> u32 {
@@ -317,6 +327,298 @@ fn has_apm<R: Read + Seek>(r: &mut R) -> bool {
 #[error("untrusted partition table: {0}")]
 pub struct Invalid(pub String);
 
+/// A partition as one reader of the tables lists it, in logical sectors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct ReadPart {
+    pub number: u32,
+    pub start_lba: u64,
+    pub sectors: u64,
+}
+
+/// What one reader of the tables (the Linux kernel, libfdisk) makes of a
+/// device: the table it takes and the partitions it lists.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Reading {
+    pub table: TableKind,
+    /// A GPT taken from the backup header at the device's last LBA.
+    pub from_backup: bool,
+    pub parts: Vec<ReadPart>,
+}
+
+impl Reading {
+    fn none() -> Reading {
+        Reading {
+            table: TableKind::None,
+            from_backup: false,
+            parts: vec![],
+        }
+    }
+    /// (start, sectors) of the partitions that hold sectors, in order (an
+    /// MBR entry of size 0 that libfdisk lists claims no space).
+    pub fn extents(&self) -> Vec<(u64, u64)> {
+        let mut x: Vec<(u64, u64)> = self
+            .parts
+            .iter()
+            .filter(|p| p.sectors > 0)
+            .map(|p| (p.start_lba, p.sectors))
+            .collect();
+        x.sort_unstable();
+        x
+    }
+    /// The same table, and the same space in partitions.
+    pub fn agrees_with(&self, o: &Reading) -> bool {
+        self.table == o.table && self.extents() == o.extents()
+    }
+}
+
+impl std::fmt::Display for Reading {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.table {
+            TableKind::None => return write!(f, "no partition table"),
+            TableKind::Mbr => write!(f, "an MBR")?,
+            TableKind::Gpt if self.from_backup => {
+                write!(f, "a GPT (from its backup header at the last LBA)")?
+            }
+            TableKind::Gpt => write!(f, "a GPT")?,
+        }
+        let parts: Vec<&ReadPart> = self.parts.iter().filter(|p| p.sectors > 0).collect();
+        if parts.is_empty() {
+            return write!(f, " with no partitions");
+        }
+        write!(f, " with partition")?;
+        if parts.len() > 1 {
+            write!(f, "s")?;
+        }
+        for (i, p) in parts.iter().take(8).enumerate() {
+            write!(
+                f,
+                "{} {} at sectors {}..{}",
+                if i == 0 { "" } else { "," },
+                p.number,
+                p.start_lba,
+                p.start_lba.saturating_add(p.sectors)
+            )?;
+        }
+        if parts.len() > 8 {
+            write!(f, " and {} more", parts.len() - 8)?;
+        }
+        Ok(())
+    }
+}
+
+/// The AIX label magic at the start of sector 0 (libfdisk's dos.c skips
+/// such a disk).
+const AIX_MAGIC: [u8; 4] = [0xC9, 0xC2, 0xD4, 0xC1];
+
+fn has_magic(s: &[u8]) -> bool {
+    s.len() >= 512 && s[510] == 0x55 && s[511] == 0xAA
+}
+
+/// Raw MBR slot `i` (0-based): status, type, start LBA, sectors, the 16 bytes.
+fn slot(s: &[u8], i: usize) -> (u8, u8, u64, u64, &[u8]) {
+    let e = &s[446 + 16 * i..462 + 16 * i];
+    (e[0], e[4], u64::from(le32(e, 8)), u64::from(le32(e, 12)), e)
+}
+
+/// libfdisk's `valid_pmbr` (libfdisk/src/gpt.c): the signature, and the
+/// first entry of type 0xEE starts at LBA 1 (other types next to it make
+/// it hybrid, which counts the same).
+fn libfdisk_pmbr(s: &[u8]) -> bool {
+    has_magic(s)
+        && (0..4)
+            .map(|i| slot(s, i))
+            .find(|e| e.1 == 0xEE)
+            .is_some_and(|e| e.2 == 1)
+}
+
+/// libfdisk's `gpt_read_header` on the primary header, beyond the checks
+/// `parse_gpt` already makes (size, LBA, usable range, 128-byte entries):
+/// both checksums, and `gpt_check_lba_sanity`'s "the header lies outside
+/// the usable range", which the kernel does not check.
+fn libfdisk_primary_ok(g: &Gpt) -> bool {
+    g.valid() && !(g.first_usable < 1 && 1 < g.last_usable)
+}
+
+/// The entries libfdisk lists (`gpt_get_partition`: a type GUID, or a
+/// non-zero first LBA; a start past the end is a size of 0).
+fn libfdisk_gpt_parts(arr: &[u8], entry_size: usize) -> Vec<ReadPart> {
+    arr.chunks_exact(entry_size)
+        .enumerate()
+        .filter_map(|(i, e)| {
+            let (first, last) = (le64(e, 32), le64(e, 40));
+            let used = e[..16].iter().any(|&b| b != 0) || first != 0;
+            used.then(|| ReadPart {
+                number: i as u32 + 1,
+                start_lba: first,
+                sectors: if first > last {
+                    0
+                } else {
+                    (last - first).saturating_add(1)
+                },
+            })
+        })
+        .collect()
+}
+
+/// A GPT header at `lba` as libfdisk's `gpt_read_header` takes it
+/// (signature, header size 92..=sector, header checksum, the array read
+/// whole and its checksum, `gpt_check_lba_sanity`, my LBA), and the
+/// entries it lists. Arrays above 1 MiB are not read here (then `None`).
+fn libfdisk_gpt_at<R: Read + Seek>(
+    r: &mut R,
+    lba: u64,
+    ss: u64,
+    size: u64,
+) -> Option<Vec<ReadPart>> {
+    let last = size / ss - 1;
+    let h = read_exact_at(r, lba.checked_mul(ss)?, ss as usize).ok()?;
+    if &h[..8] != GPT_SIGNATURE {
+        return None;
+    }
+    let hsz = le32(&h, 12) as usize;
+    if !(92..=ss as usize).contains(&hsz) {
+        return None;
+    }
+    let mut hc = h[..hsz].to_vec();
+    hc[16..20].fill(0);
+    if crc32fast::hash(&hc) != le32(&h, 16) {
+        return None;
+    }
+    let (n, es) = (u64::from(le32(&h, 80)), u64::from(le32(&h, 84)));
+    let bytes = n.checked_mul(es).filter(|&b| b > 0 && b <= 1 << 20)?;
+    if es < 128 {
+        return None;
+    }
+    let off = le64(&h, 72)
+        .checked_mul(ss)
+        .filter(|o| o.checked_add(bytes).is_some_and(|e| e <= size))?;
+    let ents = read_exact_at(r, off, bytes as usize).ok()?;
+    if crc32fast::hash(&ents) != le32(&h, 88) {
+        return None;
+    }
+    let (fu, lu) = (le64(&h, 40), le64(&h, 48));
+    if lu < fu || fu > last || lu > last || (fu < 1 && 1 < lu) || le64(&h, 24) != lba {
+        return None;
+    }
+    Some(libfdisk_gpt_parts(&ents, es as usize))
+}
+
+/// What the Linux kernel reads (without `gpt` on its command line), from
+/// block/partitions: `efi_partition` runs before `msdos_partition`
+/// (core.c). efi.c `is_pmbr_valid`: the signature and an entry of type
+/// 0xEE starting at LBA 1 (protective, or hybrid with other types: both
+/// count); then `find_valid_gpt`: the primary header and its array must be
+/// valid (`is_gpt_valid`; the backup is not tried without `gpt`);
+/// `is_pte_valid`: entries with a type, within the device. msdos.c
+/// `msdos_partition`: a status byte other than 0 or 0x80 is no table (a FAT
+/// boot sector at most); any 0xEE entry is left to efi (no table); else
+/// every entry with a size, type 0 included. (Its AIX check also needs an
+/// LVM record in sector 7, not read here: an AIX magic is read as an MBR.)
+pub fn kernel_reading(l: &Layout) -> Reading {
+    let s = &l.sector0;
+    if !has_magic(s) {
+        return Reading::none();
+    }
+    if (0..4).any(|i| slot(s, i).1 == 0xEE && slot(s, i).2 == 1) {
+        return match &l.gpt {
+            Some(g) if g.valid() => Reading {
+                table: TableKind::Gpt,
+                from_backup: false,
+                parts: g
+                    .entries
+                    .iter()
+                    .map(|e| ReadPart {
+                        number: e.number,
+                        start_lba: e.first_lba,
+                        sectors: e.last_lba - e.first_lba + 1,
+                    })
+                    .collect(),
+            },
+            _ => Reading::none(),
+        };
+    }
+    let bad_status = (0..4).any(|i| !matches!(slot(s, i).0, 0 | 0x80));
+    if bad_status || (0..4).any(|i| slot(s, i).1 == 0xEE) {
+        return Reading::none();
+    }
+    Reading {
+        table: TableKind::Mbr,
+        from_backup: false,
+        parts: (0..4)
+            .map(|i| (i, slot(s, i)))
+            .filter(|(_, e)| e.3 != 0)
+            .map(|(i, e)| ReadPart {
+                number: i as u32 + 1,
+                start_lba: e.2,
+                sectors: e.3,
+            })
+            .collect(),
+    }
+}
+
+/// What libfdisk (fdisk, sfdisk, cfdisk) reads: the GPT label is probed
+/// before the DOS one. gpt.c `gpt_probe_label`: `valid_pmbr` (the first
+/// 0xEE entry starts at LBA 1; status bytes are not looked at), then the
+/// primary header (`gpt_read_header`), else the backup at the last LBA;
+/// dos.c `dos_probe_label`: the signature and no AIX magic, nothing else;
+/// it lists every entry that is not all zeros (`dos_get_partition`), a
+/// size of 0 or type 0 included.
+pub fn libfdisk_reading(l: &Layout) -> Reading {
+    let s = &l.sector0;
+    if !has_magic(s) {
+        return Reading::none();
+    }
+    if libfdisk_pmbr(s) {
+        if let Some(g) = &l.gpt
+            && libfdisk_primary_ok(g)
+        {
+            return Reading {
+                table: TableKind::Gpt,
+                from_backup: false,
+                parts: libfdisk_gpt_parts(&g.entries_raw[..g.entries_bytes() as usize], 128),
+            };
+        }
+        if let Some(parts) = &l.libfdisk_backup {
+            return Reading {
+                table: TableKind::Gpt,
+                from_backup: true,
+                parts: parts.clone(),
+            };
+        }
+    }
+    if s[..4] == AIX_MAGIC {
+        return Reading::none();
+    }
+    Reading {
+        table: TableKind::Mbr,
+        from_backup: false,
+        parts: (0..4)
+            .map(|i| (i, slot(s, i)))
+            .filter(|(_, e)| e.4.iter().any(|&b| b != 0))
+            .map(|(i, e)| ReadPart {
+                number: i as u32 + 1,
+                start_lba: e.2,
+                sectors: e.3,
+            })
+            .collect(),
+    }
+}
+
+/// Why a device is refused when the kernel and libfdisk read its tables
+/// differently: a partitioning tool would then show other partitions than
+/// the running system uses (a new partition as free space, to be written
+/// over). `None` when they agree.
+pub fn disagreement(l: &Layout) -> Option<String> {
+    let (k, f) = (kernel_reading(l), libfdisk_reading(l));
+    (!k.agrees_with(&f)).then(|| {
+        format!(
+            "the kernel and libfdisk read the tables differently: the kernel reads {k}; \
+             libfdisk (fdisk, sfdisk, cfdisk) reads {f}; a partitioning tool would not see \
+             the partitions the running system uses"
+        )
+    })
+}
+
 /// Read the tables of a device of `size` bytes into a `Layout`, validated:
 /// every table value lies within the device, so nothing derived from a
 /// `Layout` can overflow. An I/O error or an `Invalid` table is an error.
@@ -421,6 +723,14 @@ pub fn read_layout<R: Read + Seek>(
         (Some(m), _) if !m.entries.is_empty() && !m.has_protective() => TableKind::Mbr,
         _ => TableKind::None,
     };
+    // libfdisk falls back to the backup at the last LBA when it takes the
+    // MBR as protective but not the primary header
+    let libfdisk_backup =
+        if libfdisk_pmbr(&sector0) && !gpt.as_ref().is_some_and(libfdisk_primary_ok) {
+            libfdisk_gpt_at(r, sectors - 1, sector_size, size)
+        } else {
+            None
+        };
     let mut l = Layout {
         size,
         sector_size,
@@ -431,7 +741,12 @@ pub fn read_layout<R: Read + Seek>(
         iso,
         kernel,
         findings: vec![],
+        sector0,
+        libfdisk_backup,
     };
+    if let Some(why) = disagreement(&l) {
+        return Err(Invalid(why).into());
+    }
     l.findings = findings(&l);
     Ok(l)
 }
@@ -459,7 +774,7 @@ fn findings(l: &Layout) -> Vec<String> {
             f.push("the GPT's checksums do not match: it is not used".into());
         }
         if l.table == TableKind::Mbr {
-            f.push("a GPT is present but the MBR has no protective entry: firmware and kernel use the MBR".into());
+            f.push("a GPT is present but the MBR has no protective entry: firmware, the kernel and libfdisk use the MBR".into());
         }
         let last = l.size / ss - 1;
         if g.alternate_lba != last {
@@ -644,5 +959,169 @@ mod tests {
         assert!(m.entries[0].bootable);
         s[446 + 16] = 0x29; // a FAT boot sector's byte, not a status
         assert!(parse_mbr(&s).is_none());
+    }
+
+    /// A 64 MiB device: `mbr` as (status, type, start, sectors) slots, and a
+    /// GPT (primary and backup, 128 entries) with `parts` as (type, first,
+    /// last) when `first_usable` is given.
+    /// A GPT entry: type, first LBA, last LBA.
+    type Entry = ([u8; 16], u64, u64);
+
+    fn device(mbr: &[(u8, u8, u32, u32)], gpt: Option<(u64, &[Entry])>) -> Vec<u8> {
+        let n = 131072u64;
+        let mut d = vec![0u8; (n * 512) as usize];
+        d[510] = 0x55;
+        d[511] = 0xAA;
+        for (i, &(st, t, start, len)) in mbr.iter().enumerate() {
+            let o = 446 + 16 * i;
+            d[o] = st;
+            d[o + 4] = t;
+            d[o + 8..o + 12].copy_from_slice(&start.to_le_bytes());
+            d[o + 12..o + 16].copy_from_slice(&len.to_le_bytes());
+        }
+        if let Some((fu, parts)) = gpt {
+            let mut arr = vec![0u8; 128 * 128];
+            for (i, (t, a, b)) in parts.iter().enumerate() {
+                let e = &mut arr[128 * i..128 * (i + 1)];
+                e[..16].copy_from_slice(t);
+                e[16..32].fill(i as u8 + 1);
+                e[32..40].copy_from_slice(&a.to_le_bytes());
+                e[40..48].copy_from_slice(&b.to_le_bytes());
+            }
+            let crc = crc32fast::hash(&arr);
+            for (my, alt, at) in [(1, n - 1, 2), (n - 1, 1, n - 33)] {
+                let mut h = vec![0u8; 92];
+                h[..8].copy_from_slice(GPT_SIGNATURE);
+                h[8..12].copy_from_slice(&0x10000u32.to_le_bytes());
+                h[12..16].copy_from_slice(&92u32.to_le_bytes());
+                for (o, v) in [(24, my), (32, alt), (40, fu), (48, n - 34), (72, at)] {
+                    h[o..o + 8].copy_from_slice(&v.to_le_bytes());
+                }
+                h[56..72].fill(0x11);
+                h[80..84].copy_from_slice(&128u32.to_le_bytes());
+                h[84..88].copy_from_slice(&128u32.to_le_bytes());
+                h[88..92].copy_from_slice(&crc.to_le_bytes());
+                let hc = crc32fast::hash(&h);
+                h[16..20].copy_from_slice(&hc.to_le_bytes());
+                let o = (my * 512) as usize;
+                d[o..o + 92].copy_from_slice(&h);
+                let o = (at * 512) as usize;
+                d[o..o + arr.len()].copy_from_slice(&arr);
+            }
+        }
+        d
+    }
+
+    fn read(d: Vec<u8>) -> anyhow::Result<Layout> {
+        let size = d.len() as u64;
+        read_layout(&mut io::Cursor::new(d), size, 512, vec![])
+    }
+
+    const LINUX: [u8; 16] = [
+        0xAF, 0x3D, 0xC6, 0x0F, 0x83, 0x84, 0x72, 0x47, 0x8E, 0x79, 0x3D, 0x69, 0xD8, 0x47, 0x7D,
+        0xE4,
+    ];
+
+    #[test]
+    fn mbr_without_0xee_and_a_valid_gpt_is_the_mbr_to_both() {
+        // archiso's layout: libfdisk's valid_pmbr wants an 0xEE entry
+        // before it looks for a GPT, as the kernel does
+        let l = read(device(
+            &[(0x80, 0x00, 64, 6080), (0, 0xEF, 6144, 16384)],
+            Some((34, &[(LINUX, 40000, 50000)])),
+        ))
+        .unwrap();
+        assert_eq!(l.table, TableKind::Mbr);
+        let (k, f) = (kernel_reading(&l), libfdisk_reading(&l));
+        assert_eq!(k.table, TableKind::Mbr);
+        assert!(k.agrees_with(&f), "{k} / {f}");
+        assert_eq!(k.extents(), vec![(64, 6080), (6144, 16384)]);
+    }
+
+    #[test]
+    fn protective_mbr_and_gpt_is_the_gpt() {
+        let l = read(device(
+            &[(0, 0xEE, 1, 131071)],
+            Some((34, &[(LINUX, 2048, 4095)])),
+        ))
+        .unwrap();
+        assert_eq!(l.table, TableKind::Gpt);
+        assert_eq!(kernel_reading(&l), libfdisk_reading(&l));
+        assert_eq!(kernel_reading(&l).extents(), vec![(2048, 2048)]);
+    }
+
+    #[test]
+    fn hybrid_mbr_is_the_gpt_to_both() {
+        // 0xEE at LBA 1 next to a FAT entry: is_pmbr_valid and valid_pmbr
+        // both say hybrid, and both then read the GPT
+        let l = read(device(
+            &[(0x80, 0x0C, 2048, 2048), (0, 0xEE, 1, 2047)],
+            Some((34, &[(LINUX, 2048, 4095)])),
+        ))
+        .unwrap();
+        assert_eq!(l.table, TableKind::Gpt);
+        assert!(kernel_reading(&l).agrees_with(&libfdisk_reading(&l)));
+    }
+
+    #[test]
+    fn plain_mbr_without_gpt_is_accepted() {
+        let l = read(device(&[(0, 0x83, 2048, 2048)], None)).unwrap();
+        assert_eq!(l.table, TableKind::Mbr);
+        assert!(kernel_reading(&l).agrees_with(&libfdisk_reading(&l)));
+    }
+
+    fn refusal(d: Vec<u8>) -> String {
+        let e = read(d).unwrap_err();
+        let msg = format!("{e:#}");
+        assert!(e.downcast_ref::<Invalid>().is_some(), "{msg}");
+        msg
+    }
+
+    #[test]
+    fn a_bad_status_byte_is_no_table_to_the_kernel_but_an_mbr_to_libfdisk() {
+        let msg = refusal(device(&[(0x12, 0x83, 2048, 2048)], None));
+        assert!(msg.contains("the kernel reads no partition table"), "{msg}");
+        assert!(
+            msg.contains("libfdisk (fdisk, sfdisk, cfdisk) reads an MBR with partition 1 at sectors 2048..4096"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn a_gpt_whose_usable_range_covers_its_header_is_refused() {
+        // the kernel takes it; libfdisk's gpt_check_lba_sanity does not,
+        // and reads the MBR with its 0xEE entry instead
+        let msg = refusal(device(
+            &[(0, 0xEE, 1, 131071)],
+            Some((0, &[(LINUX, 2048, 4095)])),
+        ));
+        assert!(
+            msg.contains("the kernel reads a GPT with partition 1 at sectors 2048..4096"),
+            "{msg}"
+        );
+        assert!(msg.contains("libfdisk (fdisk, sfdisk, cfdisk) reads an MBR with partition 1 at sectors 1..131072"), "{msg}");
+    }
+
+    #[test]
+    fn a_gpt_entry_without_type_but_with_a_start_is_refused() {
+        // libfdisk lists it, the kernel's is_pte_valid skips it: its
+        // space would be free to us and taken to fdisk
+        let msg = refusal(device(
+            &[(0, 0xEE, 1, 131071)],
+            Some((34, &[(LINUX, 2048, 4095), ([0; 16], 8192, 9000)])),
+        ));
+        assert!(msg.contains("2 at sectors 8192..9001"), "{msg}");
+    }
+
+    #[test]
+    fn a_corrupt_primary_gpt_is_no_table_to_the_kernel_and_the_backup_to_libfdisk() {
+        let mut d = device(&[(0, 0xEE, 1, 131071)], Some((34, &[(LINUX, 2048, 4095)])));
+        d[512 + 16] ^= 1; // the primary header's checksum
+        let msg = refusal(d);
+        assert!(msg.contains("the kernel reads no partition table"), "{msg}");
+        assert!(
+            msg.contains("reads a GPT (from its backup header at the last LBA) with partition 1"),
+            "{msg}"
+        );
     }
 }

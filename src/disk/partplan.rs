@@ -412,13 +412,15 @@ mod tests {
                     start_lba: 2048,
                     sectors: used / 512 - 2048,
                 }],
-                raw,
+                raw: raw.clone(),
             }),
             gpt: None,
             apm: false,
             iso: None,
             kernel: vec![],
             findings: vec![],
+            sector0: raw.clone(),
+            libfdisk_backup: None,
         }
     }
 
