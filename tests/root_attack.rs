@@ -308,3 +308,101 @@ fn a_stage_dir_swapped_for_a_symlink_never_passes_its_mode_on() {
     assert_eq!(mode, 0o755, "the root-owned program's mode became {mode:o}");
     fs::remove_dir_all(&r.d).ok();
 }
+
+/// A partition as boot sees it before layering: `/home` on it with the
+/// user's home, and a bind tier on `/home/u/proj` whose last sync (the
+/// stage) holds what the user wrote, `pam.d/su`.
+fn bind_tier_partition(tag: &str) -> (PathBuf, PathBuf) {
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).unwrap();
+    sh("mount --make-rprivate /");
+    let d = tmpdir(tag);
+    let pm = d.join("pm");
+    fs::create_dir_all(pm.join("overlays/etc/upper/pam.d")).unwrap();
+    fs::write(pm.join("overlays/etc/upper/pam.d/other"), "root's").unwrap();
+    fs::create_dir_all(pm.join("home/u/proj")).unwrap();
+    let stage = pm.join("tier/home-u-proj/stage");
+    fs::create_dir_all(stage.join("pam.d")).unwrap();
+    fs::write(
+        stage.join("pam.d/su"),
+        "auth sufficient pam_permit.so # the user's\n",
+    )
+    .unwrap();
+    fs::write(
+        pm.join("tier/home-u-proj/tier.json"),
+        r#"{"home": "bind", "dir": "/home/u/proj", "path": "home/u/proj"}"#,
+    )
+    .unwrap();
+    sh(&format!(
+        "chown -R {NOBODY}:{NOBODY} {} {}",
+        pm.join("home/u").display(),
+        stage.display()
+    ));
+    // the user swaps a parent of the tier for a symlink into /etc's upper
+    as_user(&format!(
+        "cd {} && mv proj proj.old && ln -s ../../overlays/etc/upper proj",
+        pm.join("home/u").display()
+    ));
+    (d, pm)
+}
+
+fn settings_with_tier(dirs: &[&str]) -> mados_persistence::settings::config::Settings {
+    let mut s = mados_persistence::settings::config::Settings::default();
+    s.tier.dirs = dirs.iter().map(|d| d.to_string()).collect();
+    s
+}
+
+#[test]
+fn the_boot_never_folds_a_bind_tier_through_a_swapped_parent() {
+    // Before util::safefs: boot resolved the bind tier's lower as
+    // pm/home/u/proj by path, through the user's symlink, and folded the
+    // user's pam.d/su into the persistent /etc upper.
+    if !require_root("the_boot_never_folds_a_bind_tier_through_a_swapped_parent") {
+        return;
+    }
+    let (d, pm) = bind_tier_partition("attack-fold");
+    let run = d.join("run");
+    fs::create_dir_all(&run).unwrap();
+    let p = mados_persistence::boot::tier::prepare(
+        &d.join("root"),
+        &pm,
+        &run,
+        &settings_with_tier(&["/home/u/proj"]),
+        1 << 30,
+    );
+    let warnings = p.warnings.clone();
+    mados_persistence::boot::tier::abandon(p);
+    assert!(
+        !pm.join("overlays/etc/upper/pam.d/su").exists(),
+        "the user's file was folded into /etc's upper"
+    );
+    assert!(
+        warnings.iter().any(|w| w.contains("/home/u/proj")),
+        "the tier not set up is not said: {warnings:?}"
+    );
+    fs::remove_dir_all(&d).ok();
+}
+
+#[test]
+fn a_tier_handed_back_never_goes_through_a_swapped_parent() {
+    // Before util::safefs: the tier turned off was handed back into
+    // pm/home/u/proj by path: the user's pam.d/su landed in /etc's upper.
+    if !require_root("a_tier_handed_back_never_goes_through_a_swapped_parent") {
+        return;
+    }
+    let (d, pm) = bind_tier_partition("attack-handback");
+    let run = d.join("run");
+    fs::create_dir_all(&run).unwrap();
+    let p = mados_persistence::boot::tier::prepare(
+        &d.join("root"),
+        &pm,
+        &run,
+        &settings_with_tier(&[]),
+        1 << 30,
+    );
+    mados_persistence::boot::tier::abandon(p);
+    assert!(
+        !pm.join("overlays/etc/upper/pam.d/su").exists(),
+        "the user's file was handed back into /etc's upper"
+    );
+    fs::remove_dir_all(&d).ok();
+}

@@ -21,7 +21,8 @@
 
 use crate::boot::mounts::{self, Mounted, escape};
 use crate::settings::config::Settings;
-use crate::util::overlayfs::{self, FoldOptions, fold};
+use crate::util::overlayfs::{self, FoldOptions, fold_at};
+use crate::util::safefs::Dir;
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -230,6 +231,17 @@ pub fn prepare(root: &Path, pm: &Path, run: &Path, s: &Settings, ram: u64) -> Pr
                 continue;
             };
             if !wanted.iter().any(|w| w.dir() == h.dir()) {
+                // tier.json is on the partition: untrusted. Handed back
+                // only where that dir lives by these settings, never
+                // where the record alone says
+                if home_of(h.dir(), s).ok().as_ref() != Some(&h) {
+                    p.warnings.push(format!(
+                        "RAM tier record {}: {h:?} is not where {} lives; left as it is",
+                        base.display(),
+                        h.dir()
+                    ));
+                    continue;
+                }
                 match hand_back(pm, &base, &h) {
                     Ok(()) => log::info!("RAM tier {} off: its data is back in place", h.dir()),
                     Err(e) => p
@@ -276,6 +288,24 @@ pub fn prepare(root: &Path, pm: &Path, run: &Path, s: &Settings, ram: u64) -> Pr
     p
 }
 
+/// The directory `rel` on the partition, reached by fd from its root
+/// without following a symlink (a user's home is on it: a parent swapped
+/// for a symlink must not lead elsewhere), created if `create`.
+fn on_partition(pm: &Path, rel: &Path, create: bool) -> Result<Dir> {
+    let root = Dir::open(pm).with_context(|| format!("opening {}", pm.display()))?;
+    if create {
+        root.dir_create(rel, 0o755)
+    } else {
+        root.dir(rel)
+    }
+    .with_context(|| {
+        format!(
+            "{} on the partition is not a plain directory below it (a symlink on the way?)",
+            rel.display()
+        )
+    })
+}
+
 fn prepare_one(root: &Path, pm: &Path, ram: &Path, s: &Settings, h: &Home) -> Result<Ready> {
     let dir = h.dir().to_string();
     let name = escape(&dir);
@@ -287,7 +317,13 @@ fn prepare_one(root: &Path, pm: &Path, ram: &Path, s: &Settings, h: &Home) -> Re
     let stage = base.join("stage");
     let tmp = base.join("tmp");
     std::fs::create_dir_all(&stage)?;
-    std::fs::create_dir_all(&lower)?;
+    // the lower: the tier's own dir, or (bind) a dir in a user's home,
+    // checked here by fd; the overlay is mounted on its path below, which
+    // no user can change before the boot ends (no user runs yet)
+    let lower_dir = match h {
+        Home::Overlay { .. } => Dir::open_or_create(&lower)?,
+        Home::Bind { path, .. } => on_partition(pm, Path::new(path), true)?,
+    };
     // what the tier is, for a later boot that no longer has it configured
     // (written once: no fsync on every boot)
     let record = serde_json::to_vec_pretty(h)?;
@@ -306,9 +342,10 @@ fn prepare_one(root: &Path, pm: &Path, ram: &Path, s: &Settings, h: &Home) -> Re
             .collect(),
         Home::Bind { .. } => vec![],
     };
-    let r = fold(
-        &stage,
-        &lower,
+    let stage_dir = Dir::open(&stage)?;
+    let r = fold_at(
+        &stage_dir,
+        &lower_dir,
         &FoldOptions {
             keep_whiteouts: keep,
             skip: &[],
@@ -324,10 +361,11 @@ fn prepare_one(root: &Path, pm: &Path, ram: &Path, s: &Settings, h: &Home) -> Re
     let mut below = None;
     if let Home::Overlay { parent, sub, .. } = h {
         let up = parent_upper(pm, parent, sub);
-        if up.is_dir() {
-            let r = fold(
-                &up,
-                &lower,
+        let up_dir = on_partition(pm, up.strip_prefix(pm)?, false).ok();
+        if let Some(up_dir) = &up_dir {
+            let r = fold_at(
+                up_dir,
+                &lower_dir,
                 &FoldOptions {
                     keep_whiteouts: true,
                     skip: &excluded,
@@ -341,7 +379,7 @@ fn prepare_one(root: &Path, pm: &Path, ram: &Path, s: &Settings, h: &Home) -> Re
                 );
             }
         }
-        let hidden = up.is_dir() && overlayfs::is_opaque(&up);
+        let hidden = up_dir.as_ref().is_some_and(|d| d.is_opaque());
         let live = under(root, &dir);
         if live.is_dir() && !hidden {
             let b = ram.join(&name).join("below");
@@ -358,7 +396,7 @@ fn prepare_one(root: &Path, pm: &Path, ram: &Path, s: &Settings, h: &Home) -> Re
         }
     }
     for e in &excluded {
-        std::fs::create_dir_all(lower.join(e))?;
+        lower_dir.dir_create(Path::new(e), 0o755)?;
     }
     let (upper, work) = (ram.join(&name).join("upper"), ram.join(&name).join("work"));
     std::fs::create_dir_all(&upper)?;
@@ -470,13 +508,14 @@ fn bind(from: &Path, to: &Path) -> Result<()> {
 /// directory lives without the tier, then its directory is removed.
 fn hand_back(pm: &Path, base: &Path, h: &Home) -> Result<()> {
     let stage = base.join("stage");
+    let stage_dir = Dir::open(&stage).ok();
     match h {
         Home::Overlay { parent, sub, .. } => {
             let lower = base.join("lower");
-            if stage.is_dir() {
-                fold(
-                    &stage,
-                    &lower,
+            if let Some(sd) = &stage_dir {
+                fold_at(
+                    sd,
+                    &Dir::open_or_create(&lower)?,
                     &FoldOptions {
                         keep_whiteouts: true,
                         skip: &[],
@@ -484,10 +523,10 @@ fn hand_back(pm: &Path, base: &Path, h: &Home) -> Result<()> {
                 )?;
             }
             let up = parent_upper(pm, parent, sub);
-            if lower.is_dir() {
-                fold(
-                    &lower,
-                    &up,
+            if let Ok(ld) = Dir::open(&lower) {
+                fold_at(
+                    &ld,
+                    &on_partition(pm, up.strip_prefix(pm)?, true)?,
                     &FoldOptions {
                         keep_whiteouts: true,
                         skip: &[],
@@ -496,10 +535,10 @@ fn hand_back(pm: &Path, base: &Path, h: &Home) -> Result<()> {
             }
         }
         Home::Bind { path, .. } => {
-            if stage.is_dir() {
-                fold(
-                    &stage,
-                    &pm.join(path),
+            if let Some(sd) = &stage_dir {
+                fold_at(
+                    sd,
+                    &on_partition(pm, Path::new(path), true)?,
                     &FoldOptions {
                         keep_whiteouts: false,
                         skip: &[],

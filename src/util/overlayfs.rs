@@ -16,9 +16,11 @@
 //! Written here, not taken from a crate: no crate applies overlayfs
 //! semantics (whiteouts, opaque dirs) to a directory tree.
 
+use crate::util::safefs::{self, Dir, Kind};
 use anyhow::{Context, Result};
+use nix::fcntl::RenameFlags;
 use std::fs;
-use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::Path;
 
 const WHITEOUT_XATTRS: [&str; 2] = ["trusted.overlay.whiteout", "user.overlay.whiteout"];
@@ -81,16 +83,6 @@ pub fn in_upper(upper: &Path, rel: &Path) -> InUpper {
     InUpper::Lower
 }
 
-fn clear_opaque(dir: &Path) -> Result<()> {
-    for n in OPAQUE_XATTRS {
-        if xattr::get(dir, n).ok().flatten().is_some() {
-            op()?;
-            xattr::remove(dir, n).with_context(|| format!("clearing {n} on {}", dir.display()))?;
-        }
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 thread_local! {
     /// Tests: fail (as a cut would stop) after this many changes.
@@ -109,43 +101,44 @@ fn op() -> Result<()> {
     Ok(())
 }
 
-/// Remove `p` whatever it is (a tree too, entry by entry, not following
-/// symlinks); absent is fine.
-pub fn remove_all(p: &Path) -> Result<()> {
-    let m = match fs::symlink_metadata(p) {
-        Ok(m) => m,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(e).with_context(|| format!("reading {}", p.display())),
-    };
-    if m.is_dir() {
-        for e in fs::read_dir(p).with_context(|| format!("listing {}", p.display()))? {
-            remove_all(&e?.path())?;
-        }
-        op()?;
-        fs::remove_dir(p)
-    } else {
-        op()?;
-        fs::remove_file(p)
-    }
-    .with_context(|| format!("removing {}", p.display()))
+/// The parent of a path root chose and its last name.
+fn parent_and_name(p: &Path) -> Result<(Dir, &std::ffi::OsStr)> {
+    let name = p
+        .file_name()
+        .with_context(|| format!("{} has no name", p.display()))?;
+    let parent = p.parent().unwrap_or(Path::new("/"));
+    let d = Dir::open(parent).with_context(|| format!("opening {}", parent.display()))?;
+    Ok((d, name))
 }
 
-fn rename(s: &Path, d: &Path) -> Result<()> {
+/// Remove `p` whatever it is (a tree too, entry by entry by fd, never
+/// following a symlink, never leaving its filesystem); absent is fine.
+/// `p`'s parent is a path root chose; below it nothing is trusted.
+pub fn remove_all(p: &Path) -> Result<()> {
+    let (d, name) = match parent_and_name(p) {
+        Ok(x) => x,
+        Err(_) if fs::symlink_metadata(p).is_err() => return Ok(()),
+        Err(e) => return Err(e),
+    };
     op()?;
-    fs::rename(s, d).with_context(|| format!("moving {} to {}", s.display(), d.display()))
+    d.remove_all(name)
+        .with_context(|| format!("removing {}", p.display()))
 }
 
 /// Create a whiteout (char device 0/0) at `p`, replacing what is there.
 pub fn make_whiteout(p: &Path) -> Result<()> {
-    use nix::sys::stat::{Mode, SFlag, mknod};
-    remove_all(p)?;
-    mknod(p, SFlag::S_IFCHR, Mode::empty(), 0)
+    let (d, name) = parent_and_name(p)?;
+    d.remove_all(name)
+        .with_context(|| format!("removing {}", p.display()))?;
+    d.make_whiteout(name)
         .with_context(|| format!("creating the whiteout {}", p.display()))
 }
 
+/// fsync the directory `p` (opened as a directory, never followed: a
+/// FIFO or a symlink there is an error, never a hang).
 pub fn fsync_dir(p: &Path) -> Result<()> {
-    fs::File::open(p)
-        .and_then(|d| d.sync_all())
+    Dir::open(p)
+        .and_then(|d| d.fsync())
         .with_context(|| format!("syncing the directory {}", p.display()))
 }
 
@@ -169,119 +162,145 @@ pub struct FoldOptions<'a> {
 
 /// Move every entry of the layer `src` down onto `dst` with overlayfs
 /// semantics, leaving `src` empty (its skipped entries and its own
-/// directory stay). Neither may be in use by a mounted overlay.
+/// directory stay). Neither may be in use by a mounted overlay. Both are
+/// paths root chose (`dst` is created if missing); below them, see
+/// `fold_at`.
 pub fn fold(src: &Path, dst: &Path, o: &FoldOptions) -> Result<FoldReport> {
+    let s = Dir::open(src).with_context(|| format!("opening {}", src.display()))?;
+    let d = Dir::open_or_create(dst).with_context(|| format!("opening {}", dst.display()))?;
+    fold_at(&s, &d, o).with_context(|| format!("folding {} into {}", src.display(), dst.display()))
+}
+
+/// `fold` on two open directories. Everything below them is reached by
+/// fd (`util::safefs`): a symlink on either side is moved or removed as
+/// itself, never followed, and no other filesystem is entered. Both may
+/// hold trees users wrote (a bind tier's lower is in a user's home).
+pub fn fold_at(src: &Dir, dst: &Dir, o: &FoldOptions) -> Result<FoldReport> {
     let mut r = FoldReport::default();
-    fs::create_dir_all(dst).with_context(|| format!("creating {}", dst.display()))?;
-    fold_dir(src, dst, "", o, &mut r)?;
+    fold_dir(src, dst, Path::new(""), o, &mut r)?;
     Ok(r)
 }
 
-fn fold_dir(src: &Path, dst: &Path, rel: &str, o: &FoldOptions, r: &mut FoldReport) -> Result<()> {
-    let mut names: Vec<_> = fs::read_dir(src)
-        .with_context(|| format!("listing {}", src.display()))?
-        .map(|e| e.map(|e| e.file_name()))
-        .collect::<std::io::Result<_>>()?;
-    names.sort();
+fn fold_dir(src: &Dir, dst: &Dir, rel: &Path, o: &FoldOptions, r: &mut FoldReport) -> Result<()> {
+    let names = src
+        .list()
+        .with_context(|| format!("listing {}", rel.display()))?;
     let mut changed = false;
     for name in names {
-        let rel_e = if rel.is_empty() {
-            name.to_string_lossy().into_owned()
-        } else {
-            format!("{rel}/{}", name.to_string_lossy())
-        };
-        if o.skip.contains(&rel_e) {
+        let rel_e = rel.join(&name);
+        let rel_s = rel_e.to_string_lossy();
+        if o.skip.iter().any(|k| *k == rel_s) {
             continue;
         }
-        let (s, d) = (src.join(&name), dst.join(&name));
-        let m = fs::symlink_metadata(&s).with_context(|| format!("reading {}", s.display()))?;
-        let below = fs::symlink_metadata(&d).ok();
+        let Some(st) = src
+            .lstat(&name)
+            .with_context(|| format!("reading {}", rel_e.display()))?
+        else {
+            continue;
+        };
+        let below = dst.lstat(&name)?;
+        let below_dir = below.is_some_and(|b| safefs::kind(&b) == Kind::Dir);
+        let is_dir = safefs::kind(&st) == Kind::Dir;
         changed = true;
-        if is_whiteout(&s, &m) {
-            if below.is_some() {
-                remove_all(&d)?;
-                r.removed += 1;
-            }
-            if o.keep_whiteouts {
-                rename(&s, &d)?;
-            } else {
-                remove_all(&s)?;
-            }
-        } else if m.is_dir() && (is_opaque(&s) || below.as_ref().is_none_or(|b| !b.is_dir())) {
-            // replaces what is below: remove that first, then (with nothing
-            // below to hide) drop the opaque mark, then one rename. A cut
-            // before the rename is finished by the next run the same way.
-            if below.is_some() {
-                remove_all(&d)?;
-                r.removed += 1;
-            }
-            if !o.keep_whiteouts {
-                clear_opaque(&s)?;
-            }
-            rename(&s, &d)?;
-            r.moved += 1;
-        } else if m.is_dir() {
-            fold_dir(&s, &d, &rel_e, o, r)?;
-            copy_dir_attrs(&s, &d, &m)?;
-            if o.skip.iter().any(|k| k.starts_with(&format!("{rel_e}/"))) {
-                continue; // a skipped entry stays inside
-            }
+        // a whiteout moved down is no entry moved
+        let mv = |r: &mut FoldReport, entry: bool| -> Result<()> {
             op()?;
-            fs::remove_dir(&s).with_context(|| format!("removing {}", s.display()))?;
-        } else {
-            if below.as_ref().is_some_and(|b| b.is_dir()) {
-                remove_all(&d)?;
+            src.rename(&name, dst, &name, RenameFlags::empty())
+                .with_context(|| format!("moving {} down", rel_e.display()))?;
+            r.moved += u64::from(entry);
+            Ok(())
+        };
+        let rm_below = |r: &mut FoldReport| -> Result<()> {
+            if below.is_some() {
+                op()?;
+                dst.remove_all(&name)
+                    .with_context(|| format!("removing {} below", rel_e.display()))?;
                 r.removed += 1;
             }
-            rename(&s, &d)?;
-            r.moved += 1;
+            Ok(())
+        };
+        if src.is_whiteout(&name, &st) {
+            rm_below(r)?;
+            if o.keep_whiteouts {
+                mv(r, false)?;
+            } else {
+                op()?;
+                src.remove_all(&name)?;
+            }
+        } else if is_dir {
+            let sd = src
+                .dir(Path::new(&name))
+                .with_context(|| format!("opening {}", rel_e.display()))?;
+            if sd.is_opaque() || !below_dir {
+                // replaces what is below: remove that first, then (with
+                // nothing below to hide) drop the opaque mark, then one
+                // rename. A cut before the rename is finished by the next
+                // run the same way.
+                rm_below(r)?;
+                if !o.keep_whiteouts && sd.is_opaque() {
+                    op()?;
+                    sd.set_opaque(false).with_context(|| {
+                        format!("clearing the opaque mark of {}", rel_e.display())
+                    })?;
+                }
+                mv(r, true)?;
+            } else {
+                let dd = dst
+                    .dir(Path::new(&name))
+                    .with_context(|| format!("opening {} below", rel_e.display()))?;
+                fold_dir(&sd, &dd, &rel_e, o, r)?;
+                copy_dir_attrs(&sd, &dd, &rel_e)?;
+                let prefix = format!("{rel_s}/");
+                if o.skip.iter().any(|k| k.starts_with(&prefix)) {
+                    continue; // a skipped entry stays inside
+                }
+                op()?;
+                src.rmdir(&name)
+                    .with_context(|| format!("removing {}", rel_e.display()))?;
+            }
+        } else {
+            if below_dir {
+                rm_below(r)?;
+            }
+            mv(r, true)?;
         }
     }
     if changed {
-        fsync_dir(dst)?;
-        fsync_dir(src)?;
+        dst.fsync()
+            .with_context(|| format!("syncing {} below", rel.display()))?;
+        src.fsync()
+            .with_context(|| format!("syncing {}", rel.display()))?;
     }
     Ok(())
 }
 
-/// A merged directory takes the layer's owner, mode, attributes and times.
-fn copy_dir_attrs(s: &Path, d: &Path, m: &fs::Metadata) -> Result<()> {
+/// A merged directory takes the layer's owner, mode, attributes (not the
+/// opaque mark: merged, not opaque) and times, by fd.
+fn copy_dir_attrs(s: &Dir, d: &Dir, rel: &Path) -> Result<()> {
     op()?;
-    std::os::unix::fs::lchown(d, Some(m.uid()), Some(m.gid()))
-        .with_context(|| format!("setting the owner of {}", d.display()))?;
-    fs::set_permissions(d, fs::Permissions::from_mode(m.mode() & 0o7777))
-        .with_context(|| format!("setting the mode of {}", d.display()))?;
-    if let Ok(names) = xattr::list(s) {
-        for n in names {
-            if OPAQUE_XATTRS.iter().any(|o| n == *o) {
-                continue; // merged, not opaque
-            }
-            if let Ok(Some(v)) = xattr::get(s, &n) {
-                xattr::set(d, &n, &v).with_context(|| {
-                    format!("setting {} on {}", n.to_string_lossy(), d.display())
-                })?;
-            }
-        }
+    let st = s.stat()?;
+    let xattrs: Vec<_> = s
+        .own_xattrs()
+        .with_context(|| format!("reading the attributes of {}", rel.display()))?
+        .into_iter()
+        .filter(|(n, _)| !safefs::OPAQUE_XATTRS.iter().any(|o| n == *o))
+        .collect();
+    let mut not = vec![];
+    d.set_own_attrs(&st, &xattrs, &mut not, &rel.display().to_string());
+    if !not.is_empty() {
+        anyhow::bail!(
+            "setting the attributes of {}: {}",
+            rel.display(),
+            not.join("; ")
+        );
     }
-    set_times(d, m)
-}
-
-pub fn set_times(p: &Path, m: &fs::Metadata) -> Result<()> {
-    use nix::sys::stat::{UtimensatFlags, utimensat};
-    use nix::sys::time::TimeSpec;
-    utimensat(
-        nix::fcntl::AT_FDCWD,
-        p,
-        &TimeSpec::new(m.atime(), m.atime_nsec()),
-        &TimeSpec::new(m.mtime(), m.mtime_nsec()),
-        UtimensatFlags::NoFollowSymlink,
-    )
-    .with_context(|| format!("setting the times of {}", p.display()))
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     use crate::util::testutil::is_root;
 
