@@ -94,12 +94,21 @@ fn kept_name(rel: &str) -> bool {
 /// a dir on device `dev`; `in_use` holds what processes use or lock.
 pub fn plan(entries: &[Entry], dev: u64, in_use: &InUse, now: i64, age: u64) -> Vec<Entry> {
     let age = i64::try_from(age).unwrap_or(i64::MAX);
-    let anchored: Vec<String> = entries
+    // the anchored dirs by path; an entry is below one when one of its
+    // ancestors is in the set: O(depth) look-ups an entry, whatever the
+    // number of anchors (a scan of every anchor per entry took seconds a
+    // pass at 200k files and 2,000 cwds)
+    let anchored: HashSet<&str> = entries
         .iter()
         .filter(|e| e.kind == Kind::Dir && in_use.anchors.contains(&(e.dev, e.ino)))
-        .map(|e| format!("{}/", e.rel))
+        .map(|e| e.rel.as_str())
         .collect();
-    let under_anchor = |rel: &str| anchored.iter().any(|a| rel.starts_with(a.as_str()));
+    let under_anchor = |rel: &str| {
+        !anchored.is_empty()
+            && rel
+                .match_indices('/')
+                .any(|(i, _)| anchored.contains(&rel[..i]))
+    };
     let old = |e: &Entry| now.saturating_sub(e.newest) >= age;
     let mut out: Vec<Entry> = vec![];
     // children removed per dir, to know which dirs end up empty
@@ -501,6 +510,39 @@ mod tests {
         used.anchors.insert((1, 4));
         let p = plan(&entries, 1, &used, now, 600);
         assert_eq!(rels(&p), vec!["a/x", "d"]);
+    }
+
+    #[test]
+    fn the_in_use_check_scales_with_many_files_and_anchors() {
+        // the review: 200k files and 2,000 cwd anchors took 2.4 s a pass
+        // (every file against every anchor). Fails without the fix: 2.7 s
+        // here in a debug build.
+        let now = 10_000;
+        let mut entries = vec![];
+        let mut used = InUse::default();
+        let mut ino = 10;
+        for d in 0..4000u64 {
+            ino += 1;
+            entries.push(e(&format!("d{d}"), Kind::Dir, ino, 100, 50));
+            if d % 2 == 0 {
+                used.anchors.insert((1, ino));
+                used.ids.insert((1, ino));
+            }
+            for f in 0..50 {
+                ino += 1;
+                entries.push(e(&format!("d{d}/f{f}"), Kind::File, ino, 100, 0));
+            }
+        }
+        let t0 = std::time::Instant::now();
+        let p = plan(&entries, 1, &used, now, 600);
+        let took = t0.elapsed();
+        // the unanchored dirs and their files go, nothing below an anchor
+        assert_eq!(p.len(), 2000 * 51);
+        assert!(p.iter().all(|e| {
+            let top: u64 = e.rel[1..].split('/').next().unwrap().parse().unwrap();
+            top % 2 == 1
+        }));
+        assert!(took < std::time::Duration::from_secs(2), "{took:?}");
     }
 
     #[test]

@@ -3,7 +3,11 @@
 //! tiers it syncs them on the interval, after `idle` seconds without tier
 //! writes (seen by `watch` and by the tmpfs use), when the tier tmpfs
 //! passes 90% of its budget, on SIGUSR1, and a final time on
-//! SIGTERM/SIGINT/SIGHUP before it exits 0. The tier's data
+//! SIGTERM/SIGINT/SIGHUP (one a process sent: a kernel's SIGHUP is a
+//! terminal hanging up, ignored) before it exits 0; the hot set is saved
+//! after that final sync, never before it. The sync lock is waited for
+//! 5 s in the loop (the next trigger tries again) and `SYNC_WAIT` at stop,
+//! never without end. The tier's data
 //! lives in its tmpfs, not in this process: a `kill -9` loses nothing, and
 //! a restarted daemon goes on from the manifests in /run.
 //!
@@ -145,7 +149,7 @@ fn cleanup_pass(s: &Settings, live: &mut Live) {
 pub fn run() -> Result<()> {
     crate::util::logging::init(false, log::LevelFilter::Info);
     let run = run_dir();
-    let _me = Lock::take(&run.join("daemon.lock"), false)
+    let _me = Lock::take(&run.join("daemon.lock"), None)
         .context("another mados-persistence daemon is running")?;
     let st = read_state(&run)?;
     let mut warnings = vec![];
@@ -259,17 +263,27 @@ pub fn run() -> Result<()> {
             && let Ok(Some(si)) = sfd.read_signal()
         {
             wake = Signal::try_from(si.ssi_signo as i32).ok();
+            // a hang-up from the kernel is a terminal's (the daemon has none
+            // of its own; one taken by mistake must not stop it): only a
+            // SIGHUP sent by a process (systemctl) stops it
+            if wake == Some(Signal::SIGHUP) && si.ssi_code == nix::libc::SI_KERNEL {
+                log::warn!("SIGHUP from a terminal hang-up, not from a process: ignored");
+                wake = None;
+            }
         }
         if matches!(
             wake,
             Some(Signal::SIGTERM | Signal::SIGINT | Signal::SIGHUP)
         ) {
             let _ = notify("STOPPING=1\nSTATUS=final sync");
+            log::info!("stopping: final sync");
+            // the tiers first: the hot set (a capture of many files) is
+            // worth less than the data, and must never delay it
+            let ok = tiers.is_empty()
+                || sync_once(&run, &tiers, &mut live, super::lock_wait(super::SYNC_WAIT));
             if let Some(p) = pinning.as_mut() {
                 p.save_now();
             }
-            log::info!("stopping: final sync");
-            let ok = tiers.is_empty() || sync_once(&run, &tiers, &mut live);
             live.refresh_dirty(&run, &tiers);
             live.stats.stopped = true;
             live.publish();
@@ -326,7 +340,8 @@ pub fn run() -> Result<()> {
                     "the RAM tier is above 90% of its budget: syncing; it cannot be emptied while mounted, so it fills up (see README)"
                 );
             }
-            if sync_once(&run, &tiers, &mut live) {
+            // a sync by hand in progress: the next trigger tries again
+            if sync_once(&run, &tiers, &mut live, super::lock_wait(LOOP_WAIT)) {
                 dirty = false;
                 last_write = None;
             }
@@ -345,9 +360,14 @@ pub fn run() -> Result<()> {
     }
 }
 
-/// Sync all tiers, log each outcome; whether all are durable.
-fn sync_once(run: &Path, tiers: &[Tier], live: &mut Live) -> bool {
-    match sync_all(run, tiers) {
+/// How long the loop's own syncs wait for the sync lock (a
+/// `mados-persistence sync` in progress): the loop is not held up longer.
+const LOOP_WAIT: Duration = Duration::from_secs(5);
+
+/// Sync all tiers (waiting at most `wait` for the sync lock), log each
+/// outcome; whether all are durable.
+fn sync_once(run: &Path, tiers: &[Tier], live: &mut Live, wait: Duration) -> bool {
+    match sync_all(run, tiers, wait) {
         Ok(all) => {
             live.read_sync_log(run);
             for (dir, r) in &all.reports {

@@ -45,12 +45,23 @@ pub struct Sink<'a> {
     pub first: &'a mut Vec<FileId>,
 }
 
+/// How the kernel opens each event's fd in the daemon: read-only, and
+/// `O_NONBLOCK`, so that the open of a FIFO a user opened on a marked
+/// filesystem (a FIFO in `/var/tmp`) never waits for a writer. `O_NOCTTY`
+/// is not accepted here (`fanotify_init` fails with EINVAL); the marks are
+/// on the overlays and the partition, where no user can make a terminal
+/// node, and an event fd is only `fstat`ed and named, never read.
+pub const EVENT_FLAGS: EventFFlags = EventFFlags::O_RDONLY
+    .union(EventFFlags::O_LARGEFILE)
+    .union(EventFFlags::O_CLOEXEC)
+    .union(EventFFlags::O_NONBLOCK);
+
 /// At most this many events a drain, so about a second: what the daemon
 /// spends on tracking stays bounded (each event costs the kernel an open
 /// and the daemon a `fstat`, about 4 µs natively) whatever the load. The
 /// rest wait in the queue; once it is full the kernel drops new events
 /// (counted as overflows): heat then samples the opens.
-const DRAIN_MAX: usize = 4096;
+pub const DRAIN_MAX: usize = 4096;
 
 impl Hot {
     /// Mark each of `marks`: the whole filesystem mounted there (`true`:
@@ -61,7 +72,7 @@ impl Hot {
     pub fn new(marks: &[(&Path, bool)]) -> Result<(Hot, Vec<String>)> {
         let fan = Fanotify::init(
             InitFlags::FAN_CLASS_NOTIF | InitFlags::FAN_CLOEXEC | InitFlags::FAN_NONBLOCK,
-            EventFFlags::O_RDONLY | EventFFlags::O_LARGEFILE | EventFFlags::O_CLOEXEC,
+            EVENT_FLAGS,
         )
         .context("fanotify_init")?;
         let mut failed = vec![];

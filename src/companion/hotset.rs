@@ -171,7 +171,7 @@ pub fn parse(bytes: &[u8]) -> Result<(HotSet, usize), String> {
 /// closest merged until at most `MAX_RANGES`. Nothing resident: the whole
 /// file (it was opened, and what it read is not known).
 pub fn ranges_from_residency(resident: &[bool], page: u64, size: u64) -> Vec<(u64, u64)> {
-    let mut runs: Vec<(u64, u64)> = vec![];
+    let mut b = Ranges::default();
     let mut i = 0usize;
     while i < resident.len() {
         if !resident[i] {
@@ -187,24 +187,51 @@ pub fn ranges_from_residency(resident: &[bool], page: u64, size: u64) -> Vec<(u6
         if off >= end {
             break;
         }
-        match runs.last_mut() {
-            Some(last) if off - (last.0 + last.1) <= GAP => last.1 = end - last.0,
-            _ => runs.push((off, end - off)),
+        b.push(off, end);
+    }
+    b.finish(size)
+}
+
+/// The hot ranges built as the resident runs come, in file order, in
+/// bounded memory whatever the file's size: at most `MAX_RANGES + 1` runs
+/// are held (the pair with the smallest gap merged as soon as there are
+/// more, which keeps the same ranges as merging at the end).
+#[derive(Debug, Default, Clone)]
+pub struct Ranges {
+    runs: Vec<(u64, u64)>,
+}
+
+impl Ranges {
+    /// A resident run `[off, end)`, after those pushed before.
+    pub fn push(&mut self, off: u64, end: u64) {
+        if end <= off {
+            return;
+        }
+        match self.runs.last_mut() {
+            Some(last) if off.saturating_sub(last.0 + last.1) <= GAP => {
+                last.1 = end.max(last.0 + last.1) - last.0
+            }
+            _ => self.runs.push((off, end - off)),
+        }
+        if self.runs.len() > MAX_RANGES {
+            // merge the pair with the smallest gap
+            let r = &mut self.runs;
+            let k = (1..r.len())
+                .min_by_key(|&k| r[k].0 - (r[k - 1].0 + r[k - 1].1))
+                .unwrap_or(1);
+            let end = r[k].0 + r[k].1;
+            r[k - 1].1 = end - r[k - 1].0;
+            r.remove(k);
         }
     }
-    while runs.len() > MAX_RANGES {
-        // merge the pair with the smallest gap
-        let k = (1..runs.len())
-            .min_by_key(|&k| runs[k].0 - (runs[k - 1].0 + runs[k - 1].1))
-            .unwrap_or(1);
-        let end = runs[k].0 + runs[k].1;
-        runs[k - 1].1 = end - runs[k - 1].0;
-        runs.remove(k);
+
+    /// The ranges of a file of `size` bytes (nothing resident: all of it).
+    pub fn finish(mut self, size: u64) -> Vec<(u64, u64)> {
+        if self.runs.is_empty() && size > 0 {
+            self.runs.push((0, size));
+        }
+        self.runs
     }
-    if runs.is_empty() && size > 0 {
-        runs.push((0, size));
-    }
-    runs
 }
 
 /// What to save: the hottest first, as many as fit in `budget` bytes and

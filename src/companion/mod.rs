@@ -40,6 +40,12 @@ use crate::boot::state::{self, State};
 use crate::boot::tier::Tier;
 use anyhow::{Context, Result};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// How long `mados-persistence sync` and the daemon's final sync wait for
+/// a sync in progress (`MADOS_PERSISTENCE_LOCK_WAIT` overrides it): well
+/// within the unit's `TimeoutStopSec=300`.
+pub const SYNC_WAIT: Duration = Duration::from_secs(120);
 
 pub const RUN_DIR: &str = "/run/mados-persistence";
 
@@ -139,9 +145,10 @@ impl SyncLog {
 }
 
 /// Sync every tier under the sync lock (the daemon and `sync` never run
-/// one at the same time). Each tier's manifest lives in `run`.
-pub fn sync_all(run: &Path, tiers: &[Tier]) -> Result<SyncAll> {
-    let _lock = Lock::take(&run.join("sync.lock"), true)?;
+/// one at the same time), waiting at most `wait` for it. Each tier's
+/// manifest lives in `run`.
+pub fn sync_all(run: &Path, tiers: &[Tier], wait: Duration) -> Result<SyncAll> {
+    let _lock = Lock::take(&run.join("sync.lock"), Some(wait))?;
     let t0 = std::time::Instant::now();
     let mut out = SyncAll::default();
     for t in tiers {
@@ -158,44 +165,131 @@ pub fn sync_all(run: &Path, tiers: &[Tier]) -> Result<SyncAll> {
     out.seconds = t0.elapsed().as_secs_f64();
     let mut log = SyncLog::load(run);
     log.record(&out, stats::now_ms());
+    // readable by all (`status` without root): tier dirs and counts only
     if let Err(e) = serde_json::to_vec(&log)
         .map_err(anyhow::Error::from)
-        .and_then(|b| crate::util::fsutil::write_atomic(&run.join(SYNC_LOG), &b))
+        .and_then(|b| crate::util::fsutil::write_atomic_mode(&run.join(SYNC_LOG), &b, 0o644))
     {
         log::warn!("counting the sync in {SYNC_LOG}: {e:#}");
     }
     Ok(out)
 }
 
+/// How long a lock is waited for: `default`, or
+/// `MADOS_PERSISTENCE_LOCK_WAIT` seconds (tests, and a slow stick).
+pub fn lock_wait(default: Duration) -> Duration {
+    std::env::var("MADOS_PERSISTENCE_LOCK_WAIT")
+        .ok()
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .filter(|s| s.is_finite() && *s >= 0.0)
+        .map_or(default, Duration::from_secs_f64)
+}
+
 /// An exclusive `flock` on a file in /run, released when dropped (or when
 /// the process dies, `kill -9` included).
+///
+/// The file is root's, mode 0600 (created so; an older file is
+/// `fchmod`ed): `flock` needs only a read-only fd, and a lock anyone can
+/// open is a lock anyone can hold. A lock held by someone else is waited
+/// for at most the given time, never forever; the error names the holder.
 pub struct Lock {
     _l: nix::fcntl::Flock<std::fs::File>,
 }
 
 impl Lock {
-    pub fn take(p: &Path, wait: bool) -> Result<Lock> {
+    /// Take the lock at `p`: at once or not at all (`wait` none), else
+    /// polling until `wait` has passed.
+    pub fn take(p: &Path, wait: Option<Duration>) -> Result<Lock> {
         use nix::fcntl::{Flock, FlockArg};
+        use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
         if let Some(d) = p.parent() {
             std::fs::create_dir_all(d)?;
         }
-        let f = std::fs::OpenOptions::new()
+        let mut f = std::fs::OpenOptions::new()
             .create(true)
             .truncate(false)
             .read(true)
             .write(true)
+            .mode(0o600)
+            .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NOCTTY | nix::libc::O_CLOEXEC)
             .open(p)
             .with_context(|| format!("opening {}", p.display()))?;
-        let arg = if wait {
-            FlockArg::LockExclusive
-        } else {
-            FlockArg::LockExclusiveNonblock
-        };
-        Flock::lock(f, arg)
-            .map(|l| Lock { _l: l })
-            .map_err(|(_, e)| e)
-            .with_context(|| format!("locking {}", p.display()))
+        let m = f.metadata()?;
+        if !m.is_file() {
+            anyhow::bail!("{} is not a regular file", p.display());
+        }
+        if m.mode() & 0o7777 != 0o600 {
+            // left by an earlier release: nobody else may open it from now
+            f.set_permissions(std::fs::Permissions::from_mode(0o600))
+                .with_context(|| format!("making {} private", p.display()))?;
+        }
+        let deadline = wait.map(|w| Instant::now() + w);
+        loop {
+            match Flock::lock(f, FlockArg::LockExclusiveNonblock) {
+                Ok(l) => return Ok(Lock { _l: l }),
+                Err((back, nix::errno::Errno::EWOULDBLOCK)) => {
+                    f = back;
+                    if deadline.is_none_or(|d| Instant::now() >= d) {
+                        let who = holders(&m);
+                        anyhow::bail!(
+                            "locking {}: held by {}{}",
+                            p.display(),
+                            if who.is_empty() {
+                                "another process".to_string()
+                            } else {
+                                who.join(", ")
+                            },
+                            wait.map_or(String::new(), |w| format!(
+                                " for longer than {:.1} s",
+                                w.as_secs_f64()
+                            ))
+                        );
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Err((_, e)) => {
+                    return Err(e).with_context(|| format!("locking {}", p.display()));
+                }
+            }
+        }
     }
+}
+
+/// Who holds a lock on the file `m` describes, from `/proc/locks`:
+/// "pid N (comm)" each.
+fn holders(m: &std::fs::Metadata) -> Vec<String> {
+    use std::os::unix::fs::MetadataExt;
+    let text = std::fs::read_to_string("/proc/locks").unwrap_or_default();
+    parse_lock_holders(&text, m.dev(), m.ino())
+        .into_iter()
+        .map(|pid| {
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            format!("pid {pid} ({})", comm.trim())
+        })
+        .collect()
+}
+
+/// The pids holding (not waiting for) a lock on `dev`/`ino` in
+/// `/proc/locks` text (pure).
+pub fn parse_lock_holders(text: &str, dev: u64, ino: u64) -> Vec<u32> {
+    let want = format!(
+        "{:02x}:{:02x}:{ino}",
+        nix::sys::stat::major(dev),
+        nix::sys::stat::minor(dev)
+    );
+    let mut v: Vec<u32> = text
+        .lines()
+        .filter(|l| !l.contains("->"))
+        .filter_map(|l| {
+            // "1: FLOCK  ADVISORY  WRITE 1234 00:1a:77 0 EOF"
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.get(5) == Some(&want.as_str()))
+                .then(|| f.get(4)?.parse().ok())
+                .flatten()
+        })
+        .collect();
+    v.dedup();
+    v
 }
 
 /// `mados-persistence sync`: every tier durable on the stick now.
@@ -218,7 +312,7 @@ pub fn sync_command(json: bool) -> Result<bool> {
         }
         return Ok(true);
     }
-    let all = sync_all(&run, &st.tiers)?;
+    let all = sync_all(&run, &st.tiers, lock_wait(SYNC_WAIT))?;
     let mut ok = true;
     let mut out = vec![];
     for (dir, r) in &all.reports {
@@ -262,6 +356,17 @@ pub fn sync_command(json: bool) -> Result<bool> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lock_holders_are_read_from_proc_locks() {
+        let dev = nix::sys::stat::makedev(0, 0x1a);
+        let text = "1: FLOCK  ADVISORY  WRITE 1234 00:1a:77 0 EOF\n\
+                    1: -> FLOCK  ADVISORY  WRITE 99 00:1a:77 0 EOF\n\
+                    2: POSIX  ADVISORY  WRITE 55 00:1a:78 0 EOF\n\
+                    3: FLOCK  ADVISORY  WRITE 66 08:01:77 0 EOF\n";
+        assert_eq!(parse_lock_holders(text, dev, 77), vec![1234]);
+        assert!(parse_lock_holders("garbage\n", dev, 77).is_empty());
+    }
 
     #[test]
     fn the_sync_log_counts_every_sync_per_tier() {

@@ -10,6 +10,11 @@
 //! changed content (size or mtime), so the caller can pin the new one and
 //! release the old pages.
 //!
+//! Every path here is one users can change (their files, their dirs):
+//! `open_regular` never follows a symlink in any component and never opens
+//! anything but a regular file (the review's pty trick: a parent dir
+//! swapped for a symlink to /dev/pts made the daemon take a terminal).
+//!
 //! Driven by `companion::pinset` in the daemon (`companion::pinning`).
 
 use crate::companion::heat::FileId;
@@ -17,6 +22,7 @@ use anyhow::{Context, Result, bail};
 use nix::sys::mman::{MapFlags, ProtFlags, mlock, mmap, munlock, munmap};
 use std::ffi::c_void;
 use std::num::NonZeroUsize;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
@@ -43,21 +49,81 @@ fn ident(m: &std::fs::Metadata) -> (FileId, u64, i128) {
     )
 }
 
+/// Resolve `path` without following any symlink, in any component
+/// (`openat2` with `RESOLVE_NO_SYMLINKS`, which also refuses /proc's magic
+/// links), to an `O_PATH` fd: nothing is opened yet, no device's `open`
+/// runs. Linux 5.6 or later; an older kernel is a clear error, never a
+/// fallback to a path that follows symlinks.
+fn resolve(path: &Path) -> Result<OwnedFd> {
+    use nix::fcntl::{OFlag, OpenHow, ResolveFlag, openat2};
+    let how = OpenHow::new()
+        .flags(OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC)
+        .resolve(ResolveFlag::RESOLVE_NO_SYMLINKS);
+    match openat2(nix::fcntl::AT_FDCWD, path, how) {
+        Ok(fd) => Ok(fd),
+        Err(nix::errno::Errno::ENOSYS) => bail!(
+            "opening {}: openat2 is not available (Linux 5.6 or later is needed to open a path users can change safely)",
+            path.display()
+        ),
+        Err(nix::errno::Errno::ELOOP) => bail!(
+            "opening {}: a symlink on the way (not followed)",
+            path.display()
+        ),
+        Err(e) => Err(e).with_context(|| format!("opening {}", path.display())),
+    }
+}
+
+/// What `path` names now, without following a symlink anywhere on the
+/// way and without opening it.
+pub fn stat_nofollow(path: &Path) -> Result<std::fs::Metadata> {
+    let fd = resolve(path)?;
+    Ok(std::fs::File::from(fd).metadata()?)
+}
+
+/// Open the regular file at `path` for reading, as the daemon must open
+/// any path users can change (a hot path, a hot-set entry read from the
+/// partition): resolved with no symlink followed in any component, checked
+/// to be a regular file by `fstat` of what was resolved, and only then
+/// opened, through that very inode (`/proc/self/fd`), with
+/// `O_RDONLY|O_NOCTTY|O_NONBLOCK|O_CLOEXEC`. A device node, a FIFO or a
+/// socket is never opened (no driver's `open` runs, no terminal becomes
+/// the daemon's, no FIFO waits); a swapped parent dir is refused.
+pub fn open_regular(path: &Path) -> Result<(std::fs::File, std::fs::Metadata)> {
+    let o = std::fs::File::from(resolve(path)?);
+    let m = o.metadata()?;
+    if !m.is_file() {
+        bail!("{} is not a regular file", path.display());
+    }
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NOCTTY | nix::libc::O_NONBLOCK | nix::libc::O_CLOEXEC)
+        .open(format!("/proc/self/fd/{}", o.as_raw_fd()))
+        .with_context(|| format!("opening {}", path.display()))?;
+    let m2 = f.metadata()?;
+    if !m2.is_file() || (m2.dev(), m2.ino()) != (m.dev(), m.ino()) {
+        bail!("{} changed while it was opened", path.display());
+    }
+    Ok((f, m2))
+}
+
 impl Pin {
-    /// Map and lock the regular file at `path` (not following a symlink).
+    /// Map and lock the regular file at `path` (`open_regular`), whatever
+    /// its size. The daemon uses `new_within`.
     pub fn new(path: &Path) -> Result<Pin> {
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            // O_NONBLOCK: a path that names a FIFO by now (replaced by
-            // anyone who can write there) must not hang the daemon
-            .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_CLOEXEC | nix::libc::O_NONBLOCK)
-            .open(path)
-            .with_context(|| format!("opening {}", path.display()))?;
-        let m = f.metadata()?;
-        if !m.is_file() {
-            bail!("{} is not a regular file", path.display());
-        }
+        Pin::new_within(path, u64::MAX)?
+            .with_context(|| format!("{} is too large to map", path.display()))
+    }
+
+    /// Map and lock the regular file at `path` if its size (`fstat` of the
+    /// open file) is at most `max` bytes; `None` when it is larger. What is
+    /// mapped and locked is that size: a file grown since is not mapped
+    /// past it, so the locked bytes never exceed `max`.
+    pub fn new_within(path: &Path, max: u64) -> Result<Option<Pin>> {
+        let (f, m) = open_regular(path)?;
         let (id, size, mtime_ns) = ident(&m);
+        if size > max {
+            return Ok(None);
+        }
         let len = usize::try_from(size).context("file too large to map")?;
         let Some(nz) = NonZeroUsize::new(len) else {
             bail!("{} is empty", path.display());
@@ -72,20 +138,20 @@ impl Pin {
             let _ = unsafe { munmap(addr, len) };
             return Err(e).with_context(|| format!("locking {} ({len} bytes)", path.display()));
         }
-        Ok(Pin {
+        Ok(Some(Pin {
             path: path.to_path_buf(),
             id,
             size,
             mtime_ns,
             addr,
             len,
-        })
+        }))
     }
 
     /// Whether `path` still names the pinned content (same inode, size and
     /// mtime). A file replaced or rewritten needs a new pin.
     pub fn current(&self) -> bool {
-        std::fs::symlink_metadata(&self.path)
+        stat_nofollow(&self.path)
             .is_ok_and(|m| m.is_file() && ident(&m) == (self.id, self.size, self.mtime_ns))
     }
 

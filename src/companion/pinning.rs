@@ -28,7 +28,8 @@ use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
 pub const PINNED_FILE: &str = "pinned.json";
-/// The hot set's state for `status` (no paths: mode 0644).
+/// The hot set's state for `status`, mode 0600: the tier suggestions name
+/// users' dirs, so only root sees it.
 pub const HOT_FILE: &str = "hot.json";
 /// Hot-set files saved at most (the hottest).
 const SAVED_MAX: usize = 4096;
@@ -408,7 +409,7 @@ impl Pinning {
         v
     }
 
-    /// Save now (at stop).
+    /// Save now (at stop, after the final sync).
     pub fn save_now(&mut self) {
         let now = self.now();
         self.drain(now);
@@ -429,7 +430,7 @@ impl Pinning {
         self.state.measure = self.measure();
         self.state.writes = self.dirs.writes;
         if let Ok(b) = serde_json::to_vec_pretty(&self.state) {
-            let _ = crate::util::fsutil::write_atomic_mode(&self.run.join(HOT_FILE), &b, 0o644);
+            let _ = crate::util::fsutil::write_atomic_mode(&self.run.join(HOT_FILE), &b, 0o600);
         }
     }
 
@@ -465,7 +466,8 @@ impl Pinning {
             })
             .and_then(|()| {
                 let b = serde_json::to_vec_pretty(&sug)?;
-                crate::util::fsutil::write_atomic(&pm.join(tier::SUGGESTED_FILE), &b)
+                // users' dirs: root only
+                crate::util::fsutil::write_atomic_mode(&pm.join(tier::SUGGESTED_FILE), &b, 0o600)
             });
         match r {
             Ok(()) => {

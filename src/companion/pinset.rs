@@ -67,14 +67,16 @@ impl PinSet {
     /// is the file's identity now (it may differ from what was planned when
     /// the file was replaced since).
     fn pin_path(&mut self, path: &Path, budget: u64) -> Option<FileId> {
-        match Pin::new(path) {
-            Ok(p) if self.bytes().saturating_add(p.size) <= budget => {
+        // the size checked before anything is mapped: a file grown since
+        // the plan (by its owner, on purpose) never locks past the budget
+        match Pin::new_within(path, budget.saturating_sub(self.bytes())) {
+            Ok(Some(p)) => {
                 let id = p.id;
                 // the same file under a second name: one pin is enough
                 self.pins.entry(id).or_insert(p);
                 Some(id)
             }
-            Ok(_) => None, // grew past the budget since it was planned
+            Ok(None) => None, // grew past the budget since it was planned
             Err(e) => {
                 self.fail(format!("{e:#}"));
                 None
@@ -131,7 +133,7 @@ impl PinSet {
         let mut out = vec![];
         for (old, path) in stale {
             self.pins.remove(&old);
-            let new = match std::fs::symlink_metadata(&path) {
+            let new = match crate::companion::pin::stat_nofollow(&path) {
                 Ok(m) if m.is_file() && m.len() > 0 => self.pin_path(&path, budget),
                 _ => None, // gone or emptied: nothing to pin
             };

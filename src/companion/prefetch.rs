@@ -12,7 +12,7 @@ use crate::companion::hotset::{self, HotFile, Measure};
 use std::collections::HashMap;
 use std::num::NonZeroUsize;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::Path;
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
@@ -31,12 +31,17 @@ pub struct Shared {
 
 pub type SharedRef = Arc<Mutex<Shared>>;
 
-fn open_ro(path: &Path) -> std::io::Result<std::fs::File> {
-    std::fs::OpenOptions::new()
-        .read(true)
-        // a FIFO by now must not hang us; a symlink is not followed
-        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_CLOEXEC | nix::libc::O_NONBLOCK)
-        .open(path)
+/// A hot-set path opened: no symlink followed anywhere on the way, only a
+/// regular file, never a device or a FIFO (`pin::open_regular`). The set is
+/// read from the partition: untrusted.
+fn open_ro(path: &Path) -> Option<(std::fs::File, std::fs::Metadata)> {
+    match crate::companion::pin::open_regular(path) {
+        Ok(x) => Some(x),
+        Err(e) => {
+            log::debug!("hot set: {e:#}");
+            None
+        }
+    }
 }
 
 fn mtime_ns(m: &std::fs::Metadata) -> i64 {
@@ -52,47 +57,101 @@ fn page_size() -> u64 {
         .map_or(4096, |p| p as u64)
 }
 
-/// Which pages of `f` (`size` bytes) are resident now.
-fn residency(f: &std::fs::File, size: u64) -> Option<Vec<bool>> {
-    let len = usize::try_from(size).ok()?;
-    let nz = NonZeroUsize::new(len)?;
-    // SAFETY: a fresh shared read-only mapping; nothing is read through it.
-    let addr = unsafe {
-        nix::sys::mman::mmap(
-            None,
-            nz,
-            nix::sys::mman::ProtFlags::PROT_READ,
-            nix::sys::mman::MapFlags::MAP_SHARED,
-            f,
-            0,
-        )
+/// Pages looked at a step: the `mincore` vector is this many bytes.
+const WINDOW_PAGES: usize = 4096;
+
+/// The resident runs of `f` (`size` bytes), in file order, each passed to
+/// `run` as `[off, end)`: only the file's data (`SEEK_DATA`/`SEEK_HOLE`:
+/// a hole costs no read, and a huge sparse file no time), one window of
+/// `WINDOW_PAGES` mapped at a time, so the memory used is the same
+/// whatever the file's size. False when a window could not be mapped.
+fn resident_runs(f: &std::fs::File, size: u64, mut run: impl FnMut(u64, u64)) -> bool {
+    use nix::unistd::{Whence, lseek};
+    let page = page_size();
+    let window = WINDOW_PAGES as u64 * page;
+    let mut vec = vec![0u8; WINDOW_PAGES];
+    let mut open_run: Option<u64> = None;
+    let mut at = 0u64;
+    while at < size {
+        let Ok(off) = i64::try_from(at) else { break };
+        // the next data at or after `at`, and where it ends
+        let data = match lseek(f, off, Whence::SeekData) {
+            Ok(d) => d as u64,
+            Err(nix::errno::Errno::ENXIO) => break, // only holes left
+            Err(_) => at,                           // no SEEK_DATA: all data
+        };
+        let hole = lseek(f, data as i64, Whence::SeekHole).map_or(size, |h| (h as u64).min(size));
+        let mut w = data / page * page;
+        while w < hole {
+            let len = window.min(size - w);
+            let Some(nz) = usize::try_from(len).ok().and_then(NonZeroUsize::new) else {
+                return false;
+            };
+            // SAFETY: a fresh shared read-only mapping of one window;
+            // nothing is read through it.
+            let Ok(addr) = (unsafe {
+                nix::sys::mman::mmap(
+                    None,
+                    nz,
+                    nix::sys::mman::ProtFlags::PROT_READ,
+                    nix::sys::mman::MapFlags::MAP_SHARED,
+                    f,
+                    w as i64,
+                )
+            }) else {
+                return false;
+            };
+            // SAFETY: `vec` has a byte for each page of the window.
+            let r = unsafe { nix::libc::mincore(addr.as_ptr(), nz.get(), vec.as_mut_ptr()) };
+            // SAFETY: the mapping made above, unmapped once.
+            let _ = unsafe { nix::sys::mman::munmap(addr, nz.get()) };
+            if r != 0 {
+                return false;
+            }
+            for (i, b) in vec[..(len.div_ceil(page) as usize)].iter().enumerate() {
+                let p = w + i as u64 * page;
+                match (b & 1 == 1, open_run) {
+                    (true, None) => open_run = Some(p),
+                    (false, Some(s)) => {
+                        run(s, p.min(size));
+                        open_run = None;
+                    }
+                    _ => {}
+                }
+            }
+            w += len;
+        }
+        // a hole ends any run
+        if let Some(s) = open_run.take() {
+            run(s, w.min(size));
+        }
+        at = w.max(hole);
     }
-    .ok()?;
-    let page = page_size() as usize;
-    let mut vec = vec![0u8; len.div_ceil(page)];
-    // SAFETY: `vec` has one byte per page of the mapping just made.
-    let r = unsafe { nix::libc::mincore(addr.as_ptr(), len, vec.as_mut_ptr()) };
-    // SAFETY: the mapping made above, unmapped once.
-    let _ = unsafe { nix::sys::mman::munmap(addr, len) };
-    (r == 0).then(|| vec.iter().map(|b| b & 1 == 1).collect())
+    if let Some(s) = open_run {
+        run(s, size);
+    }
+    true
 }
 
 /// A tracked file as the hot set keeps it: its identity now and the ranges
-/// of it in RAM now. None: gone, not a regular file, empty.
+/// of it in RAM now. None: gone, not a regular file, empty. Its memory is
+/// bounded whatever the file's size (`resident_runs`).
 pub fn capture(path: &str, heat: f64) -> Option<HotFile> {
-    let f = open_ro(Path::new(path)).ok()?;
-    let m = f.metadata().ok()?;
-    if !m.is_file() || m.len() == 0 {
+    let (f, m) = open_ro(Path::new(path))?;
+    if m.len() == 0 {
         return None;
     }
-    let res = residency(&f, m.len())?;
+    let mut ranges = hotset::Ranges::default();
+    if !resident_runs(&f, m.len(), |a, b| ranges.push(a, b)) {
+        return None;
+    }
     Some(HotFile {
         path: path.to_string(),
         ino: m.ino(),
         size: m.len(),
         mtime_ns: mtime_ns(&m),
         heat,
-        ranges: hotset::ranges_from_residency(&res, page_size(), m.len()),
+        ranges: ranges.finish(m.len()),
     })
 }
 
@@ -201,10 +260,7 @@ pub fn start_pass(
         let mut phys = vec![None; files.len()];
         let mut skipped = 0u64;
         for (i, h) in files.iter().enumerate() {
-            match open_ro(Path::new(&h.path))
-                .ok()
-                .and_then(|f| Some((same(&f, h)?, f)))
-            {
+            match open_ro(Path::new(&h.path)).and_then(|(f, _)| Some((same(&f, h)?, f))) {
                 Some((id, f)) => {
                     phys[i] = physical(&f);
                     ids.insert(i, id);
@@ -223,7 +279,7 @@ pub fn start_pass(
             let mut cold = None;
             if read && t0.elapsed() < time {
                 let f = match open_ro(Path::new(&files[i].path)) {
-                    Ok(f) if same(&f, &files[i]) == Some(id) => f,
+                    Some((f, _)) if same(&f, &files[i]) == Some(id) => f,
                     _ => {
                         skipped += 1;
                         continue;
@@ -267,27 +323,23 @@ pub fn start_probe(shared: SharedRef, cap: u64) -> mpsc::Sender<FirstUse> {
         let mut buf = vec![0u8; 1 << 20];
         let mut spent = 0u64;
         for (path, ranges, cold) in rx {
-            let Ok(f) = open_ro(Path::new(&path)) else {
+            let Some((f, meta)) = open_ro(Path::new(&path)) else {
                 continue;
             };
-            let Ok(meta) = f.metadata() else { continue };
             let want: u64 = ranges.iter().map(|r| r.1).sum();
             if spent.saturating_add(want) > cap {
                 continue;
             }
-            let res = residency(&f, meta.len()).unwrap_or_default();
-            let page = page_size();
-            let resident: u64 = ranges
-                .iter()
-                .map(|&(off, len)| {
-                    let (a, b) = (off / page, off.saturating_add(len).div_ceil(page));
-                    (a..b)
-                        .filter(|p| res.get(*p as usize).copied().unwrap_or(false))
-                        .count() as u64
-                        * page
-                })
-                .sum::<u64>()
-                .min(want);
+            // what of the hot ranges is resident: the overlap of each
+            // resident run with them (at most `MAX_RANGES` each)
+            let mut resident = 0u64;
+            resident_runs(&f, meta.len(), |a, b| {
+                for &(off, len) in &ranges {
+                    let (lo, hi) = (a.max(off), b.min(off.saturating_add(len)));
+                    resident += hi.saturating_sub(lo);
+                }
+            });
+            let resident = resident.min(want);
             let t = Instant::now();
             let n = read_ranges(&f, &ranges, &mut buf);
             let us = t.elapsed().as_micros() as u64;
@@ -314,6 +366,7 @@ pub fn boot_id() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::PathBuf;
 
     #[test]
     fn capture_reads_identity_and_resident_ranges() {
@@ -364,6 +417,133 @@ mod tests {
         idx.sort();
         assert_eq!(idx, vec![0, 2]);
         assert!(s.found.iter().all(|f| f.2.is_some()));
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    /// Opens of `p` (inotify `IN_OPEN`) counted until dropped.
+    struct Opens(i32);
+
+    impl Opens {
+        fn watch(p: &Path) -> Opens {
+            use std::os::unix::ffi::OsStrExt;
+            let c = std::ffi::CString::new(p.as_os_str().as_bytes()).unwrap();
+            // SAFETY: plain syscalls on a fresh fd and a C string.
+            unsafe {
+                let fd = nix::libc::inotify_init1(nix::libc::IN_NONBLOCK | nix::libc::IN_CLOEXEC);
+                assert!(fd >= 0);
+                assert!(nix::libc::inotify_add_watch(fd, c.as_ptr(), nix::libc::IN_OPEN) >= 0);
+                Opens(fd)
+            }
+        }
+
+        fn count(&self) -> usize {
+            let mut n = 0;
+            let mut buf = [0u8; 4096];
+            loop {
+                // SAFETY: into a buffer we own.
+                let r = unsafe { nix::libc::read(self.0, buf.as_mut_ptr().cast(), buf.len()) };
+                if r <= 0 {
+                    return n;
+                }
+                let mut at = 0usize;
+                while at + 16 <= r as usize {
+                    n += 1;
+                    at +=
+                        16 + u32::from_ne_bytes(buf[at + 12..at + 16].try_into().unwrap()) as usize;
+                }
+            }
+        }
+    }
+
+    impl Drop for Opens {
+        fn drop(&mut self) {
+            // SAFETY: our fd, closed once.
+            unsafe { nix::libc::close(self.0) };
+        }
+    }
+
+    /// The review: `hotset.json` lies on the partition (untrusted) and the
+    /// read-ahead opened what it named (`O_NOFOLLOW` on the last component
+    /// only; `O_NONBLOCK` and `fstat` kept a FIFO or a node from being
+    /// waited on or read, not from being opened). Fails without the fix:
+    /// `capture` of `<d>/linkdir/file` (a symlinked dir on the way)
+    /// returned the file behind it (the test stopped at that check).
+    #[test]
+    fn a_crafted_hot_set_opens_no_device_fifo_or_symlink() {
+        let d = tempfile_dir();
+        std::fs::create_dir(d.join("real")).unwrap();
+        let file = d.join("real/file");
+        std::fs::write(&file, vec![1u8; 8192]).unwrap();
+        std::os::unix::fs::symlink(d.join("real"), d.join("linkdir")).unwrap();
+        std::os::unix::fs::symlink(&file, d.join("link")).unwrap();
+        // a FIFO nobody writes to: an open without O_NONBLOCK never returns
+        let fifo = d.join("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let mut named = vec![
+            d.join("linkdir/file"),
+            d.join("link"),
+            fifo.clone(),
+            PathBuf::from("/dev/null"),
+        ];
+        let mut watched = vec![Opens::watch(&file), Opens::watch(&fifo)];
+        // a device node of our own (mknod needs root)
+        let node = d.join("node");
+        if nix::sys::stat::mknod(
+            &node,
+            nix::sys::stat::SFlag::S_IFCHR,
+            nix::sys::stat::Mode::from_bits_truncate(0o600),
+            nix::sys::stat::makedev(1, 3),
+        )
+        .is_ok()
+        {
+            watched.push(Opens::watch(&node));
+            named.push(node);
+        }
+        let ino = std::fs::metadata(&file).unwrap().ino();
+        let set = hotset::HotSet {
+            version: hotset::VERSION,
+            files: named
+                .iter()
+                .map(|p| HotFile {
+                    path: p.display().to_string(),
+                    ino,
+                    size: 8192,
+                    mtime_ns: 0,
+                    heat: 1.0,
+                    ranges: vec![(0, 8192)],
+                })
+                .collect(),
+            ..Default::default()
+        };
+        let (set, dropped) = hotset::parse(&serde_json::to_vec(&set).unwrap()).unwrap();
+        assert_eq!((set.files.len(), dropped), (named.len(), 0));
+        let shared: SharedRef = Default::default();
+        start_pass(
+            Arc::new(set.files.clone()),
+            true,
+            1 << 30,
+            Duration::from_secs(10),
+            shared.clone(),
+        )
+        .join()
+        .unwrap();
+        for p in &named {
+            assert!(
+                capture(p.to_str().unwrap(), 1.0).is_none(),
+                "{}",
+                p.display()
+            );
+        }
+        for (w, what) in watched
+            .iter()
+            .zip(["the file behind a symlink", "the FIFO", "the node"])
+        {
+            assert_eq!(w.count(), 0, "{what} was opened");
+        }
+        let s = shared.lock().unwrap();
+        assert_eq!(s.measure.read_files, 0);
+        assert_eq!(s.measure.skipped, named.len() as u64);
+        drop(s);
         std::fs::remove_dir_all(&d).unwrap();
     }
 

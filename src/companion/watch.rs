@@ -13,7 +13,7 @@
 //! `new` fails and the daemon samples only.
 
 use anyhow::{Context, Result};
-use nix::sys::fanotify::{EventFFlags, Fanotify, InitFlags, MarkFlags, MaskFlags};
+use nix::sys::fanotify::{Fanotify, InitFlags, MarkFlags, MaskFlags};
 use std::path::Path;
 
 pub struct Watch {
@@ -25,7 +25,7 @@ impl Watch {
     pub fn new(dirs: &[&Path]) -> Result<Watch> {
         let fan = Fanotify::init(
             InitFlags::FAN_CLASS_NOTIF | InitFlags::FAN_CLOEXEC | InitFlags::FAN_NONBLOCK,
-            EventFFlags::O_RDONLY | EventFFlags::O_LARGEFILE | EventFFlags::O_CLOEXEC,
+            super::hot::EVENT_FLAGS,
         )
         .context("fanotify_init")?;
         for d in dirs {
@@ -40,14 +40,19 @@ impl Watch {
         Ok(Watch { fan })
     }
 
-    /// Whether a write was seen since the last call; drains the queue (each
-    /// event's file descriptor is closed as it is dropped).
+    /// Whether a write was seen since the last call; drains the queue, at
+    /// most `hot::DRAIN_MAX` events a call (each event's file descriptor
+    /// is closed as it is dropped): a user writing without pause cannot
+    /// hold the daemon's loop here. What is left is read at the next call;
+    /// a queue that overflows meanwhile counts as a write.
     pub fn wrote(&self) -> bool {
         let mut any = false;
-        loop {
+        let mut seen = 0;
+        while seen < super::hot::DRAIN_MAX {
             match self.fan.read_events() {
                 Ok(ev) if ev.is_empty() => return any,
                 Ok(ev) => {
+                    seen += ev.len();
                     any |= ev.iter().any(|e| {
                         e.mask()
                             .intersects(MaskFlags::FAN_MODIFY | MaskFlags::FAN_Q_OVERFLOW)
@@ -62,5 +67,7 @@ impl Watch {
                 }
             }
         }
+        // more queued: a write in any case (only FAN_MODIFY is marked)
+        true
     }
 }

@@ -83,6 +83,9 @@ pub struct Companion {
     /// The hot set's read-ahead this boot, the verdict on the last, and
     /// the RAM-tier suggestions (null: no daemon published them).
     pub hot: Option<crate::companion::pinning::HotState>,
+    /// Set when run without root: what is not shown (the files that name
+    /// users' files are root's, mode 0600) and how to see it.
+    pub root_only: Option<String>,
 }
 
 pub const FULL_PERCENT: u64 = 90;
@@ -335,7 +338,9 @@ pub fn render_companion(c: &Companion) -> String {
                 format!("{:>9}  {}  (heat {:.1})", h(f.bytes), f.path, f.heat),
             );
         }
-        if p.pinned_files > 0 && c.pinned.is_empty() {
+        if let Some(n) = &c.root_only {
+            line("", format!("({n})"));
+        } else if p.pinned_files > 0 && c.pinned.is_empty() {
             // pinned.json is root's: the files are any user's
             line("", "(run as root to see which files)".into());
         }
@@ -643,6 +648,9 @@ pub fn gather() -> Status {
     s
 }
 
+/// What `status` run without root cannot show.
+pub const ROOT_ONLY: &str = "not shown without root: which files are pinned, the hot set's read-ahead and the RAM-tier suggestions (they name users' files, so they are root's); run `sudo mados-persistence status` to see them";
+
 /// The companion's stats block and the deleted-but-open files, read now.
 fn gather_companion(st: Option<&State>) -> Companion {
     use crate::companion::{cleanup, run_dir, stats};
@@ -661,6 +669,7 @@ fn gather_companion(st: Option<&State>) -> Companion {
         now_unix_ms: stats::now_ms(),
         pinned: crate::companion::pinning::PinnedList::load(&run_dir()).files,
         hot: crate::companion::pinning::HotState::load(&run_dir()),
+        root_only: (!nix::unistd::geteuid().is_root()).then(|| ROOT_ONLY.to_string()),
     }
 }
 
@@ -870,6 +879,7 @@ mod tests {
                 }],
                 adopt_suggested: false,
             }),
+            root_only: None,
         }
     }
 
@@ -925,6 +935,11 @@ mod tests {
         c.pinned.clear();
         let text = render_companion(&c);
         assert!(text.contains("(run as root to see which files)"), "{text}");
+        // status without root says what it cannot show and how to see it
+        c.root_only = Some(ROOT_ONLY.into());
+        let text = render_companion(&c);
+        assert!(text.contains("sudo mados-persistence status"), "{text}");
+        assert!(!text.contains("(run as root to see which files)"), "{text}");
         let mut c = companion(true, false);
         c.deleted_open = vec![crate::companion::cleanup::DeletedOpen {
             path: "/tmp/big".into(),

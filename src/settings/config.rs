@@ -84,7 +84,7 @@ impl TierSettings {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct CleanupSettings {
     pub dirs: Vec<String>,
-    /// Seconds between passes.
+    /// Seconds between passes (0: no cleanup).
     pub every: u64,
     /// A file unused (mtime, atime and ctime) for longer is removed.
     pub age: u64,
@@ -480,8 +480,15 @@ fn apply_cleanup(c: &mut CleanupSettings, table: &toml::Table, warnings: &mut Ve
                     "config cleanup.dirs = {v}: expected a list of absolute directory paths; using the default"
                 )),
             },
-            "every" | "age" => match seconds(v) {
-                Some(x) if k == "every" => c.every = x,
+            // every = 0 turns the cleanup off (as documented); age = 0
+            // (everything not in use, at once) stays refused
+            "every" => match v.as_integer().and_then(|i| u64::try_from(i).ok()) {
+                Some(x) => c.every = x,
+                None => warnings.push(format!(
+                    "config cleanup.every = {v}: expected a number of seconds (0: off); using the default"
+                )),
+            },
+            "age" => match seconds(v) {
                 Some(x) => c.age = x,
                 None => warnings.push(format!(
                     "config cleanup.{k} = {v}: expected a number of seconds; using the default"
@@ -842,6 +849,21 @@ age = 3600
         assert_eq!(w.len(), 2, "{w:?}");
         merge_params(&mut s, &cmdline::parse("mados.tier=off"));
         assert!(!s.tier.enabled);
+    }
+
+    #[test]
+    fn cleanup_every_0_turns_the_cleanup_off() {
+        // the README: `[cleanup] every` 0 is off (the daemon skips the
+        // passes); it was refused as "not a number of seconds" before
+        let mut w = vec![];
+        let mut s = Settings::default();
+        apply_toml(&mut s, "[cleanup]\nevery = 0\n", &mut w);
+        assert_eq!(s.cleanup.every, 0);
+        assert!(w.is_empty(), "{w:?}");
+        // age 0 stays refused (it would remove every file not in use)
+        apply_toml(&mut s, "[cleanup]\nage = 0\nevery = -1\n", &mut w);
+        assert_eq!((s.cleanup.age, s.cleanup.every), (600, 0));
+        assert_eq!(w.len(), 2, "{w:?}");
     }
 
     #[test]
