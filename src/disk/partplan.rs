@@ -421,6 +421,7 @@ mod tests {
             findings: vec![],
             sector0: raw.clone(),
             libfdisk_backup: None,
+            disagreement: None,
         }
     }
 

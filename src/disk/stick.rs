@@ -78,6 +78,11 @@ pub struct Existing {
 
 /// The ext4 filesystem labelled `label` among the table's entries.
 pub fn find_persistence(o: &mut Opened, label: &str) -> Option<Existing> {
+    // tables read differently by the kernel and by partitioning tools are
+    // not used (`prepare` refuses them with both readings)
+    if o.layout.disagreement.is_some() {
+        return None;
+    }
     o.layout
         .table_entries()
         .into_iter()
@@ -445,6 +450,11 @@ pub fn prepare(o: &mut Opened, s: &Settings) -> Result<Prepared> {
             return Err(partplan::Refusal::TableChanged { number: c.number }.into());
         }
         return Ok(Prepared::Resume(c));
+    }
+    // only our own interrupted creation may leave tables that the kernel
+    // and libfdisk read differently; anything else is refused
+    if let Some(why) = &o.layout.disagreement {
+        return Err(layout::Invalid(why.clone()).into());
     }
     let opts = plan_options(s, random_guid());
     let planned = partplan::plan(&o.layout, &opts).map_err(|r| anyhow!(r))?;

@@ -40,6 +40,14 @@ pub fn plan_device(path: &Path, s: &Settings) -> Result<serde_json::Value> {
         Some(_) => None,
         None => Some(stick::prepare(&mut o, s)),
     };
+    // tables the kernel and libfdisk read differently: refused (exit 3),
+    // naming both readings, unless our own interrupted creation is there
+    // to be resumed
+    if let Some(why) = &o.layout.disagreement
+        && !matches!(prepared, Some(Ok(stick::Prepared::Resume(_))))
+    {
+        return Err(crate::disk::layout::Invalid(why.clone()).into());
+    }
     let (l, size, ss) = (&o.layout, o.layout.size, o.layout.sector_size);
     let action = match (&existing, prepared) {
         (Some(e), _) => serde_json::json!({"action": "use", "partition": e}),
