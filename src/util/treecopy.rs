@@ -11,10 +11,10 @@
 //! copy_dir) copy contents and permissions only, with no xattrs, device
 //! nodes or hardlinks. Extended attributes go through the `xattr` crate.
 
+use crate::util::safefs::{self, Dir, Kind, Stat};
 use anyhow::{Context, Result};
 use std::collections::HashMap;
-use std::fs;
-use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, Default)]
@@ -26,182 +26,178 @@ pub struct Report {
     pub not_carried: Vec<String>,
 }
 
-/// Whether `dir` is an opaque overlay directory (hides what is below it).
-fn opaque(dir: &Path) -> bool {
-    ["trusted.overlay.opaque", "user.overlay.opaque"]
-        .iter()
-        .any(|n| xattr::get(dir, n).ok().flatten().as_deref() == Some(b"y"))
+struct Ctx<'a> {
+    from: &'a Path,
+    /// The copy's root: a hardlink's other names are linked from it.
+    to: &'a Dir,
+    /// (dev, ino) of a multiply-linked source → its first copy's path.
+    links: HashMap<(u64, u64), PathBuf>,
+    r: Report,
+}
+
+impl Ctx<'_> {
+    fn label(&self, rel: &Path) -> String {
+        self.from.join(rel).display().to_string()
+    }
+    fn raced(&mut self, rel: &Path, e: impl std::fmt::Display) {
+        let l = self.label(rel);
+        self.r
+            .not_carried
+            .push(format!("{l}: changed while it was saved ({e})"));
+    }
+}
+
+/// An error that says the entry is not (any more) what the walk saw.
+fn gone(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(nix::libc::ENOENT | nix::libc::ENOTDIR | nix::libc::ELOOP)
+    ) || e.to_string().contains("changed while")
+        || e.to_string().contains("not a regular file")
 }
 
 /// Copy the tree `from` into `to` (created if missing), merging over what
 /// `to` holds: an entry replaces one of another type at the same path, and
-/// an opaque directory replaces the directory it lands on.
+/// an opaque directory replaces the directory it lands on. `from` may be
+/// a tree users write while it is copied (a RAM session's uppers, `/home`):
+/// it is read by fd through `util::safefs` (no symlink followed, a file
+/// read only if it is still the regular file listed, its attributes from
+/// that fd, never a FIFO or device opened); what changed meanwhile, and a
+/// filesystem mounted inside it, is reported as not carried.
 pub fn copy(from: &Path, to: &Path) -> Result<Report> {
-    let mut r = Report::default();
-    let mut links = HashMap::new();
-    let meta = fs::metadata(from).with_context(|| format!("reading {}", from.display()))?;
-    fs::create_dir_all(to).with_context(|| format!("creating {}", to.display()))?;
-    copy_dir(from, to, &meta, &mut links, &mut r)?;
-    Ok(r)
+    let s = Dir::open(from).with_context(|| format!("opening {}", from.display()))?;
+    let d = Dir::open_or_create(to).with_context(|| format!("opening {}", to.display()))?;
+    let mut c = Ctx {
+        from,
+        to: &d,
+        links: HashMap::new(),
+        r: Report::default(),
+    };
+    copy_dir(&mut c, &s, &d, Path::new(""))?;
+    Ok(c.r)
 }
 
-fn copy_dir(
-    from: &Path,
-    to: &Path,
-    meta: &fs::Metadata,
-    links: &mut HashMap<(u64, u64), PathBuf>,
-    r: &mut Report,
-) -> Result<()> {
-    let mut names: Vec<_> = fs::read_dir(from)
-        .with_context(|| format!("listing {}", from.display()))?
-        .collect::<std::io::Result<_>>()?;
-    names.sort_by_key(|e| e.file_name());
-    for e in names {
-        let (src, dst) = (e.path(), to.join(e.file_name()));
-        let m = fs::symlink_metadata(&src).with_context(|| format!("reading {}", src.display()))?;
-        copy_entry(&src, &dst, &m, links, r)?;
+fn copy_dir(c: &mut Ctx, s: &Dir, d: &Dir, rel: &Path) -> Result<()> {
+    let names = s
+        .list()
+        .with_context(|| format!("listing {}", c.label(rel)))?;
+    for name in names {
+        let r = rel.join(&name);
+        match s.lstat(&name) {
+            Ok(Some(st)) => copy_entry(c, s, d, &name, &st, &r)?,
+            Ok(None) => c.raced(&r, "removed"),
+            Err(e) => return Err(e).with_context(|| format!("reading {}", c.label(&r))),
+        }
     }
-    attrs(from, to, meta, &mut r.not_carried);
-    r.entries += 1;
+    let st = s.stat()?;
+    let xattrs = match s.own_xattrs() {
+        Ok(x) => x,
+        Err(e) => {
+            let l = c.label(rel);
+            c.r.not_carried.push(format!("{l}: attributes ({e})"));
+            vec![]
+        }
+    };
+    let l = c.label(rel);
+    d.set_own_attrs(&st, &xattrs, &mut c.r.not_carried, &l);
+    c.r.entries += 1;
     Ok(())
 }
 
-fn clear(dst: &Path) -> Result<()> {
-    match fs::symlink_metadata(dst) {
-        Ok(m) if m.is_dir() => fs::remove_dir_all(dst),
-        Ok(_) => fs::remove_file(dst),
-        Err(_) => Ok(()),
-    }
-    .with_context(|| format!("replacing {}", dst.display()))
-}
-
-fn copy_entry(
-    src: &Path,
-    dst: &Path,
-    m: &fs::Metadata,
-    links: &mut HashMap<(u64, u64), PathBuf>,
-    r: &mut Report,
-) -> Result<()> {
-    let ft = m.file_type();
-    if ft.is_dir() {
-        let existing = fs::symlink_metadata(dst).ok();
-        if existing.as_ref().is_some_and(|x| !x.is_dir()) || (existing.is_some() && opaque(src)) {
-            clear(dst)?;
+fn copy_entry(c: &mut Ctx, s: &Dir, d: &Dir, name: &OsStr, st: &Stat, rel: &Path) -> Result<()> {
+    let k = safefs::kind(st);
+    let label = c.label(rel);
+    if k == Kind::Dir {
+        let sd = match s.dir(Path::new(name)) {
+            Ok(sd) => sd,
+            Err(e) if e.raw_os_error() == Some(nix::libc::EXDEV) => {
+                c.r.not_carried.push(format!(
+                    "{label}: another filesystem is mounted there (not saved)"
+                ));
+                return Ok(());
+            }
+            Err(e) if gone(&e) => {
+                c.raced(rel, e);
+                return Ok(());
+            }
+            Err(e) => return Err(e).with_context(|| format!("opening {label}")),
+        };
+        let existing = d.lstat(name)?;
+        if existing.is_some_and(|x| safefs::kind(&x) != Kind::Dir)
+            || (existing.is_some() && sd.is_opaque())
+        {
+            d.remove_all(name)
+                .with_context(|| format!("replacing {}", rel.display()))?;
         }
-        if fs::symlink_metadata(dst).is_err() {
-            fs::create_dir(dst).with_context(|| format!("creating {}", dst.display()))?;
+        if d.lstat(name)?.is_none() {
+            d.mkdir(name, 0o700)
+                .with_context(|| format!("creating {}", rel.display()))?;
         }
-        return copy_dir(src, dst, m, links, r);
+        let dd = d
+            .dir(Path::new(name))
+            .with_context(|| format!("opening the copy of {}", rel.display()))?;
+        return copy_dir(c, &sd, &dd, rel);
     }
-    clear(dst)?;
-    if m.nlink() > 1 && !ft.is_dir() {
-        if let Some(first) = links.get(&(m.dev(), m.ino())) {
-            fs::hard_link(first, dst)
-                .with_context(|| format!("linking {} to {}", dst.display(), first.display()))?;
-            r.entries += 1;
+    d.remove_all(name)
+        .with_context(|| format!("replacing {}", rel.display()))?;
+    if st.st_nlink > 1 {
+        if let Some(first) = c.links.get(&(st.st_dev, st.st_ino)).cloned() {
+            let (fp, fname) = safefs::split(&first).expect("a linked entry has a name");
+            c.to.dir(fp)
+                .and_then(|fd| fd.link(fname, d, name))
+                .with_context(|| format!("linking {} to {}", rel.display(), first.display()))?;
+            c.r.entries += 1;
             return Ok(());
         }
-        links.insert((m.dev(), m.ino()), dst.to_path_buf());
+        c.links.insert((st.st_dev, st.st_ino), rel.to_path_buf());
     }
-    if ft.is_file() {
-        fs::copy(src, dst).with_context(|| format!("copying {}", src.display()))?;
-        r.bytes += m.len();
-    } else if ft.is_symlink() {
-        std::os::unix::fs::symlink(fs::read_link(src)?, dst)
-            .with_context(|| format!("creating the symlink {}", dst.display()))?;
-    } else if ft.is_char_device() || ft.is_block_device() || ft.is_fifo() {
-        make_node(dst, m)?;
-    } else {
-        r.not_carried.push(format!(
-            "{}: a socket (recreated by its program)",
-            src.display()
-        ));
-        return Ok(());
-    }
-    attrs(src, dst, m, &mut r.not_carried);
-    r.entries += 1;
-    Ok(())
-}
-
-/// A char/block device or FIFO at `dst` like the one `m` describes (a
-/// char device 0/0 is an overlay whiteout).
-pub fn make_node(dst: &Path, m: &fs::Metadata) -> Result<()> {
-    use nix::sys::stat::{Mode, SFlag, mknod};
-    let ft = m.file_type();
-    let kind = if ft.is_char_device() {
-        SFlag::S_IFCHR
-    } else if ft.is_block_device() {
-        SFlag::S_IFBLK
-    } else {
-        SFlag::S_IFIFO
-    };
-    mknod(
-        dst,
-        kind,
-        Mode::from_bits_truncate(m.mode() & 0o7777),
-        m.rdev() as nix::libc::dev_t,
-    )
-    .with_context(|| format!("creating the node {}", dst.display()))
-}
-
-/// Owner, then mode (chown clears set-id bits), then extended attributes
-/// (`security.capability` too is cleared by chown), then times.
-/// What cannot be carried is pushed to `not_carried`, never fatal.
-pub fn attrs(src: &Path, dst: &Path, m: &fs::Metadata, not_carried: &mut Vec<String>) {
-    let link = m.file_type().is_symlink();
-    if let Err(e) = std::os::unix::fs::lchown(dst, Some(m.uid()), Some(m.gid())) {
-        not_carried.push(format!(
-            "{}: owner {}:{} ({e})",
-            src.display(),
-            m.uid(),
-            m.gid()
-        ));
-    }
-    if !link && let Err(e) = fs::set_permissions(dst, fs::Permissions::from_mode(m.mode() & 0o7777))
-    {
-        not_carried.push(format!(
-            "{}: mode {:o} ({e})",
-            src.display(),
-            m.mode() & 0o7777
-        ));
-    }
-    match xattr::list(src) {
-        Ok(names) => {
-            for n in names {
-                let v = match xattr::get(src, &n) {
-                    Ok(Some(v)) => v,
-                    Ok(None) => continue,
-                    Err(e) => {
-                        not_carried.push(format!(
-                            "{}: attribute {} ({e})",
-                            src.display(),
-                            n.to_string_lossy()
-                        ));
-                        continue;
-                    }
-                };
-                if let Err(e) = xattr::set(dst, &n, &v) {
-                    not_carried.push(format!(
-                        "{}: attribute {} ({e})",
-                        src.display(),
-                        n.to_string_lossy()
-                    ));
+    match k {
+        Kind::File => {
+            let (mut f, fst) = match s.open_read(name, Some(st)) {
+                Ok(x) => x,
+                Err(e) if gone(&e) => {
+                    c.raced(rel, e);
+                    return Ok(());
                 }
-            }
+                Err(e) => return Err(e).with_context(|| format!("opening {label}")),
+            };
+            let xattrs = safefs::file_xattrs(&f).unwrap_or_else(|e| {
+                c.r.not_carried.push(format!("{label}: attributes ({e})"));
+                vec![]
+            });
+            let mut to = d
+                .create(name, 0o600)
+                .with_context(|| format!("creating the copy of {}", rel.display()))?;
+            let n = std::io::copy(&mut f, &mut to).with_context(|| format!("copying {label}"))?;
+            safefs::set_attrs_fd(&to, &fst, &xattrs, &mut c.r.not_carried, &label);
+            c.r.bytes += n;
         }
-        Err(e) => not_carried.push(format!("{}: attributes ({e})", src.display())),
+        Kind::Symlink => {
+            let target = match s.readlink(name) {
+                Ok(t) => t,
+                Err(e) if gone(&e) || e.raw_os_error() == Some(nix::libc::EINVAL) => {
+                    c.raced(rel, e);
+                    return Ok(());
+                }
+                Err(e) => return Err(e).with_context(|| format!("reading the link {label}")),
+            };
+            d.symlink(&target, name)
+                .with_context(|| format!("creating the symlink {}", rel.display()))?;
+            let xattrs = s.xattrs(name).unwrap_or_default();
+            d.set_entry_attrs(name, st, &xattrs, &mut c.r.not_carried, &label);
+        }
+        Kind::Char | Kind::Block | Kind::Fifo => {
+            d.mknod(name, st)
+                .with_context(|| format!("creating the node {}", rel.display()))?;
+            let xattrs = s.xattrs(name).unwrap_or_default();
+            d.set_entry_attrs(name, st, &xattrs, &mut c.r.not_carried, &label);
+        }
+        Kind::Socket | Kind::Dir => {
+            c.r.not_carried
+                .push(format!("{label}: a socket (recreated by its program)"));
+            return Ok(());
+        }
     }
-    use nix::sys::stat::{UtimensatFlags, utimensat};
-    use nix::sys::time::TimeSpec;
-    let at = TimeSpec::new(m.atime(), m.atime_nsec());
-    let mt = TimeSpec::new(m.mtime(), m.mtime_nsec());
-    if let Err(e) = utimensat(
-        nix::fcntl::AT_FDCWD,
-        dst,
-        &at,
-        &mt,
-        UtimensatFlags::NoFollowSymlink,
-    ) {
-        not_carried.push(format!("{}: times ({e})", src.display()));
-    }
+    c.r.entries += 1;
+    Ok(())
 }
