@@ -135,7 +135,8 @@ fn create_on_a_loop_device_then_layer_in_a_private_namespace() {
         "set -e
         {bin} boot --root {r} --run {run} --cmdline 'mados.persistence.device={lo}p3' >/dev/null
         cat {r}/var/log/app.log {r}/var/log/journal/j
-        ls {run}/mados/persistence/tier/var-log/stage | wc -l",
+        ls {run}/mados/persistence/tier/var-log/stage | wc -l
+        stat -c '%a %U' {run}/mados/persistence {run}/mados/tier",
         r = root.display(),
         run = run_dir.display(),
         lo = lo.0
@@ -143,7 +144,8 @@ fn create_on_a_loop_device_then_layer_in_a_private_namespace() {
     let out = in_namespace(&again);
     assert_eq!(
         String::from_utf8_lossy(&out.stdout),
-        "tiered\ndirect\n0\n",
+        // the partition and the tier's RAM are root's only
+        "tiered\ndirect\n0\n700 root\n700 root\n",
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );

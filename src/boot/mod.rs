@@ -411,6 +411,12 @@ fn mount_persistence(
         .map_err(anyhow::Error::from)
         .and_then(|_| mounts::mount(&tg.via.display().to_string(), &pm, "ext4", &opts))
         .map_err(|e| Reason::new("mount_failed", format!("{e:#}")))?;
+    // root's only: below lie the tiers' stages with dirs users own, which
+    // a user who could reach them could rearrange under the companion
+    // (users reach /home through its bind, never through this path)
+    if let Err(e) = private_root(&pm) {
+        log::warn!("making {} root's only: {e:#}", pm.display());
+    }
     t.lap("mount persistence");
     // Requests left for this boot by `disable` and `remove`.
     let f = flags::read(&pm);
@@ -703,4 +709,16 @@ fn finish(o: &BootOptions, st: &mut State, mut t: Timer) {
         ),
         Some(r) => log::warn!("running in RAM mode: {}", r.message),
     }
+}
+
+/// The partition's root directory mode 0700, owned by root (written only
+/// when it is not so already: no journal write on every boot).
+fn private_root(pm: &Path) -> Result<()> {
+    let d = crate::util::safefs::Dir::open(pm)?;
+    let st = d.stat()?;
+    if st.st_mode & 0o7777 != 0o700 || st.st_uid != 0 {
+        nix::unistd::fchown(&d, Some(0.into()), Some(0.into()))?;
+        nix::sys::stat::fchmod(&d, nix::sys::stat::Mode::from_bits_truncate(0o700))?;
+    }
+    Ok(())
 }

@@ -174,7 +174,7 @@ pub fn ram_plan(
             source: "cow".into(),
             target: cow.to_path_buf(),
             fstype: "tmpfs".into(),
-            options: format!("size={},mode=0755", s.cow_spacesize.resolve(ram)),
+            options: format!("size={},mode=0700", s.cow_spacesize.resolve(ram)),
         });
         for d in s.overlay_dirs.iter().chain(&s.bind_dirs) {
             if exists(&under(root, d)) {
@@ -450,7 +450,7 @@ mod tests {
                 source: "cow".into(),
                 target: p("/run/mados/cow"),
                 fstype: "tmpfs".into(),
-                options: format!("size={},mode=0755", 64 << 20)
+                options: format!("size={},mode=0700", 64 << 20)
             }
         );
         let overlays: Vec<_> = plan

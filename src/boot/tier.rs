@@ -261,7 +261,7 @@ pub fn prepare(root: &Path, pm: &Path, run: &Path, s: &Settings, ram: u64) -> Pr
             "mados-tier",
             &p.ram,
             "tmpfs",
-            &format!("size={budget},mode=0755"),
+            &format!("size={budget},mode=0700"),
         )
     })();
     if let Err(e) = tmpfs {
@@ -274,7 +274,7 @@ pub fn prepare(root: &Path, pm: &Path, run: &Path, s: &Settings, ram: u64) -> Pr
         target: p.ram.clone(),
         fstype: "tmpfs".into(),
         source: "mados-tier".into(),
-        options: format!("size={budget},mode=0755"),
+        options: format!("size={budget},mode=0700"),
     });
     for h in wanted {
         match prepare_one(root, pm, &p.ram, s, &h) {

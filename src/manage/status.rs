@@ -649,7 +649,7 @@ pub fn gather() -> Status {
 }
 
 /// What `status` run without root cannot show.
-pub const ROOT_ONLY: &str = "not shown without root: which files are pinned, the hot set's read-ahead and the RAM-tier suggestions (they name users' files, so they are root's); run `sudo mados-persistence status` to see them";
+pub const ROOT_ONLY: &str = "not shown without root: which files are pinned, the hot set's read-ahead and the RAM-tier suggestions (they name users' files, so they are root's), and a `disable` or `remove` left on the partition for the next boot (its root is root's only); run `sudo mados-persistence status` to see them";
 
 /// The companion's stats block and the deleted-but-open files, read now.
 fn gather_companion(st: Option<&State>) -> Companion {
