@@ -8,6 +8,7 @@
 
 use crate::settings::cmdline::DataMode;
 use crate::settings::config::Settings;
+use crate::util::safefs::Dir;
 use anyhow::{Context, Result};
 use nix::mount::{MntFlags, MsFlags};
 use serde::Serialize;
@@ -314,24 +315,44 @@ fn execute_one(step: &Step, done: &mut Vec<Mounted>) -> Result<()> {
             gid,
             mode,
         } => mkdir_as(path, *uid, *gid, *mode),
-        Step::Rename { from, to } => nix::fcntl::renameat2(
-            nix::fcntl::AT_FDCWD,
-            from.as_path(),
-            nix::fcntl::AT_FDCWD,
-            to.as_path(),
-            nix::fcntl::RenameFlags::RENAME_NOREPLACE,
-        )
-        .with_context(|| format!("moving {} to {}", from.display(), to.display())),
+        Step::Rename { from, to } => rename_noreplace(from, to)
+            .with_context(|| format!("moving {} to {}", from.display(), to.display())),
     }
 }
 
+/// A path's parent directory, opened without following its last
+/// component, and the path's name (a step names one entry in a directory
+/// the boot checked: it is acted on by that directory's fd).
+fn parent_dir(path: &Path) -> Result<(Dir, &std::ffi::OsStr)> {
+    let name = path
+        .file_name()
+        .with_context(|| format!("{} has no name", path.display()))?;
+    let parent = path.parent().unwrap_or(Path::new("/"));
+    Ok((Dir::open(parent)?, name))
+}
+
+/// Move `from` to `to` without replacing anything there, by the two
+/// parents' fds (neither name followed).
+fn rename_noreplace(from: &Path, to: &Path) -> Result<()> {
+    let (fd, fname) = parent_dir(from)?;
+    let (td, tname) = parent_dir(to)?;
+    fd.rename(fname, &td, tname, nix::fcntl::RenameFlags::RENAME_NOREPLACE)?;
+    Ok(())
+}
+
+/// Create the directory `path` owned by `uid:gid` with `mode`: made by
+/// its parent's fd, given away through its own fd (never a symlink's
+/// target). An existing directory is left as it is; anything else there
+/// is an error.
 fn mkdir_as(path: &Path, uid: u32, gid: u32, mode: u32) -> Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    match std::fs::create_dir(path) {
+    let (pd, name) = parent_dir(path)?;
+    match pd.mkdir(name, 0o700) {
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-            let m = std::fs::symlink_metadata(path)?;
+            let st = pd.lstat(name)?;
             anyhow::ensure!(
-                m.is_dir(),
+                st.is_some_and(
+                    |st| crate::util::safefs::kind(&st) == crate::util::safefs::Kind::Dir
+                ),
                 "{} exists and is not a directory",
                 path.display()
             );
@@ -339,8 +360,9 @@ fn mkdir_as(path: &Path, uid: u32, gid: u32, mode: u32) -> Result<()> {
         }
         r => r.with_context(|| format!("creating {}", path.display()))?,
     }
-    std::os::unix::fs::lchown(path, Some(uid), Some(gid))
-        .and_then(|_| std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)))
+    let d = pd.dir(Path::new(name))?;
+    nix::unistd::fchown(&d, Some(uid.into()), Some(gid.into()))
+        .and_then(|_| nix::sys::stat::fchmod(&d, nix::sys::stat::Mode::from_bits_truncate(mode)))
         .with_context(|| format!("giving {} to {uid}:{gid}", path.display()))
 }
 

@@ -4,61 +4,34 @@
 
 use anyhow::{Context, Result};
 use std::fs;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+
 use std::path::Path;
 
 /// Create `to` as a copy of the directory `from`, all or nothing: the copy
 /// goes to a temporary sibling (`.NAME.seeding`, a stale one from a cut is
 /// removed first), is synced, and is renamed to `to`. `to` must not exist.
 /// Its owner and mode are those of the real directory `from` names (when
-/// `from` is a symlink, of its target, never the link's 0777).
+/// `from` is a symlink, of its target, never the link's 0777). The copy
+/// is `util::treecopy`'s (by fd, owners, modes, links, attributes).
 pub fn copy_tree_atomic(from: &Path, to: &Path) -> Result<()> {
     let name = to
         .file_name()
         .with_context(|| format!("{} has no name", to.display()))?;
     let tmp = to.with_file_name(format!(".{}.seeding", name.to_string_lossy()));
-    if fs::symlink_metadata(&tmp).is_ok() {
-        // remove_dir_all does not follow symlinks inside it
-        fs::remove_dir_all(&tmp)
-            .with_context(|| format!("removing the stale {}", tmp.display()))?;
+    crate::util::overlayfs::remove_all(&tmp)
+        .with_context(|| format!("removing the stale {}", tmp.display()))?;
+    // the live image's dir itself may be a symlink: its target is copied
+    let real = fs::canonicalize(from).with_context(|| format!("reading {}", from.display()))?;
+    let r = crate::util::treecopy::copy(&real, &tmp)?;
+    for n in &r.not_carried {
+        log::warn!("seeding {}: {n}", to.display());
     }
-    fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-    copy_tree(from, &tmp)?;
     let d = fs::File::open(&tmp)?;
     nix::unistd::syncfs(&d).context("syncing the copy")?;
     fs::rename(&tmp, to)
         .with_context(|| format!("renaming {} to {}", tmp.display(), to.display()))?;
     if let Some(parent) = to.parent() {
         fs::File::open(parent).and_then(|d| d.sync_all()).ok();
-    }
-    Ok(())
-}
-
-/// Copy `from`'s contents into the existing dir `to`. The top directory's
-/// owner and mode come from what `from` resolves to.
-pub fn copy_tree(from: &Path, to: &Path) -> Result<()> {
-    let meta = fs::metadata(from).with_context(|| format!("reading {}", from.display()))?;
-    fs::set_permissions(to, fs::Permissions::from_mode(meta.mode() & 0o7777))?;
-    let _ = std::os::unix::fs::lchown(to, Some(meta.uid()), Some(meta.gid()));
-    for e in fs::read_dir(from).with_context(|| format!("listing {}", from.display()))? {
-        let e = e?;
-        let (src, dst) = (e.path(), to.join(e.file_name()));
-        let m = fs::symlink_metadata(&src)?;
-        let ft = m.file_type();
-        if ft.is_dir() {
-            fs::create_dir_all(&dst)?;
-            copy_tree(&src, &dst)?;
-            continue;
-        } else if ft.is_symlink() {
-            let _ = fs::remove_file(&dst);
-            std::os::unix::fs::symlink(fs::read_link(&src)?, &dst)?;
-        } else if ft.is_file() {
-            fs::copy(&src, &dst).with_context(|| format!("copying {}", src.display()))?;
-            fs::set_permissions(&dst, fs::Permissions::from_mode(m.mode() & 0o7777))?;
-        } else {
-            continue; // sockets, fifos, devices: not seeded
-        }
-        let _ = std::os::unix::fs::lchown(&dst, Some(m.uid()), Some(m.gid()));
     }
     Ok(())
 }
@@ -180,6 +153,7 @@ pub fn start_writeback(f: &fs::File) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
 
     #[test]
     fn a_file_for_root_only_is_never_readable_by_others() {
@@ -293,8 +267,7 @@ mod tests {
         fs::write(a.join("live/.config/x"), "hello").unwrap();
         fs::set_permissions(a.join("live"), fs::Permissions::from_mode(0o700)).unwrap();
         std::os::unix::fs::symlink(".config/x", a.join("live/link")).unwrap();
-        fs::create_dir_all(&b).unwrap();
-        copy_tree(&a, &b).unwrap();
+        copy_tree_atomic(&a, &b).unwrap();
         assert_eq!(
             fs::read_to_string(b.join("live/.config/x")).unwrap(),
             "hello"
