@@ -272,8 +272,8 @@ impl Ctx<'_> {
     }
 
     /// Put tmp's `tname` at `dst` in the stage: a rename, or an atomic
-    /// exchange when `dst` is a directory (then the old tree is removed
-    /// from tmp). Neither side is followed.
+    /// exchange when `dst` or `tname` is a directory (then the old entry
+    /// is removed from tmp). Neither side is followed.
     fn install(&mut self, tname: &OsStr, dst: &Path) -> Result<()> {
         let (parent, name) = split(dst);
         self.stage.forget();
@@ -282,10 +282,13 @@ impl Ctx<'_> {
             .root
             .dir(parent)
             .with_context(|| format!("opening {} in the stage", parent.display()))?;
-        let below_dir = pd
-            .lstat(name)?
-            .is_some_and(|b| safefs::kind(&b) == Kind::Dir);
-        if below_dir {
+        // rename(2) puts a file over a file, a dir over an empty dir; a
+        // dir over a non-dir or anything over a dir is an exchange, then
+        // the old entry leaves from tmp
+        let below = pd.lstat(name)?;
+        let is_dir = |st: &Stat| safefs::kind(st) == Kind::Dir;
+        let new_dir = self.tmp.lstat(tname)?.is_some_and(|t| is_dir(&t));
+        if below.is_some_and(|b| is_dir(&b) || new_dir) {
             self.tmp
                 .rename(tname, &pd, name, RenameFlags::RENAME_EXCHANGE)
                 .with_context(|| format!("swapping a new {} into the stage", dst.display()))?;
