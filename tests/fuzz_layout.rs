@@ -136,20 +136,6 @@ impl Seek for Dev<'_> {
     }
 }
 
-/// xorshift64*: a fixed seed gives the same cases on every machine.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-}
-
 fn le32(b: &[u8], o: usize) -> u64 {
     u64::from(u32::from_le_bytes(b[o..o + 4].try_into().unwrap()))
 }

@@ -15,22 +15,12 @@ use mados_persistence::companion::sync::{Manifest, sync_tier};
 use std::fs;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::process::Child;
 use std::time::{Duration, Instant};
-
-const NOBODY: u32 = 65534;
 
 /// Run a shell script as the unprivileged user; it must succeed.
 fn as_user(script: &str) {
-    let o = Command::new("setpriv")
-        .args([
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            "sh",
-            "-c",
-            script,
-        ])
+    let o = as_nobody_cmd(&["sh", "-c", script])
         .output()
         .expect("setpriv (util-linux)");
     assert!(
@@ -45,18 +35,8 @@ struct Racer(Child);
 
 impl Racer {
     fn start(perl: &str, args: &[&Path]) -> Racer {
-        let mut c = Command::new("setpriv");
-        c.args([
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            "perl",
-            "-e",
-            perl,
-        ]);
-        for a in args {
-            c.arg(a);
-        }
+        let mut c = as_nobody_cmd(&["perl", "-e", perl]);
+        c.args(args);
         Racer(c.spawn().expect("perl as uid 65534"))
     }
 }
@@ -345,10 +325,24 @@ fn bind_tier_partition(tag: &str) -> (PathBuf, PathBuf) {
     (d, pm)
 }
 
-fn settings_with_tier(dirs: &[&str]) -> mados_persistence::settings::config::Settings {
+/// Boot's tier preparation on that partition with `dirs` as the tier's
+/// dirs; its warnings. Whatever it did, `/etc`'s upper must not have the
+/// user's `pam.d/su`.
+fn prepare_tiers(tag: &str, dirs: &[&str]) -> Vec<String> {
+    let (d, pm) = bind_tier_partition(tag);
+    let run = d.join("run");
+    fs::create_dir_all(&run).unwrap();
     let mut s = mados_persistence::settings::config::Settings::default();
     s.tier.dirs = dirs.iter().map(|d| d.to_string()).collect();
-    s
+    let p = mados_persistence::boot::tier::prepare(&d.join("root"), &pm, &run, &s, 1 << 30);
+    let warnings = p.warnings.clone();
+    mados_persistence::boot::tier::abandon(p);
+    assert!(
+        !pm.join("overlays/etc/upper/pam.d/su").exists(),
+        "the user's file reached /etc's upper (tier dirs {dirs:?})"
+    );
+    fs::remove_dir_all(&d).ok();
+    warnings
 }
 
 #[test]
@@ -359,27 +353,11 @@ fn the_boot_never_folds_a_bind_tier_through_a_swapped_parent() {
     if !require_root("the_boot_never_folds_a_bind_tier_through_a_swapped_parent") {
         return;
     }
-    let (d, pm) = bind_tier_partition("attack-fold");
-    let run = d.join("run");
-    fs::create_dir_all(&run).unwrap();
-    let p = mados_persistence::boot::tier::prepare(
-        &d.join("root"),
-        &pm,
-        &run,
-        &settings_with_tier(&["/home/u/proj"]),
-        1 << 30,
-    );
-    let warnings = p.warnings.clone();
-    mados_persistence::boot::tier::abandon(p);
-    assert!(
-        !pm.join("overlays/etc/upper/pam.d/su").exists(),
-        "the user's file was folded into /etc's upper"
-    );
+    let warnings = prepare_tiers("attack-fold", &["/home/u/proj"]);
     assert!(
         warnings.iter().any(|w| w.contains("/home/u/proj")),
         "the tier not set up is not said: {warnings:?}"
     );
-    fs::remove_dir_all(&d).ok();
 }
 
 #[test]
@@ -389,22 +367,11 @@ fn a_tier_handed_back_never_goes_through_a_swapped_parent() {
     if !require_root("a_tier_handed_back_never_goes_through_a_swapped_parent") {
         return;
     }
-    let (d, pm) = bind_tier_partition("attack-handback");
-    let run = d.join("run");
-    fs::create_dir_all(&run).unwrap();
-    let p = mados_persistence::boot::tier::prepare(
-        &d.join("root"),
-        &pm,
-        &run,
-        &settings_with_tier(&[]),
-        1 << 30,
-    );
-    mados_persistence::boot::tier::abandon(p);
+    let warnings = prepare_tiers("attack-handback", &[]);
     assert!(
-        !pm.join("overlays/etc/upper/pam.d/su").exists(),
-        "the user's file was handed back into /etc's upper"
+        warnings.iter().any(|w| w.contains("/home/u/proj")),
+        "the hand-back refused is not said: {warnings:?}"
     );
-    fs::remove_dir_all(&d).ok();
 }
 
 #[test]

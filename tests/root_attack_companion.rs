@@ -26,23 +26,12 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-const NOBODY: u32 = 65534;
-
 /// Tests that measure this process's locked or resident memory run one at
 /// a time.
 static MEM: Mutex<()> = Mutex::new(());
 
 fn setpriv(script: &str) -> Command {
-    let mut c = Command::new("setpriv");
-    c.args([
-        "--reuid=65534",
-        "--regid=65534",
-        "--clear-groups",
-        "sh",
-        "-c",
-        script,
-    ]);
-    c
+    as_nobody_cmd(&["sh", "-c", script])
 }
 
 /// Run `script` as uid 65534; its output.

@@ -101,3 +101,29 @@ pub fn in_namespace(script: &str) -> std::process::Output {
         .output()
         .expect("running unshare")
 }
+
+/// xorshift64*: a fixed seed gives the same cases on every machine.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+}
+
+/// The unprivileged user the attack tests act as.
+pub const NOBODY: u32 = 65534;
+
+/// `args` run as uid/gid 65534 without supplementary groups (`setpriv`).
+pub fn as_nobody_cmd(args: &[&str]) -> Command {
+    let mut c = Command::new("setpriv");
+    c.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .args(args);
+    c
+}
