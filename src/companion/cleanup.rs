@@ -10,10 +10,11 @@
 //! them). The walk never crosses a mount point and never follows a symlink
 //! (a symlink itself is removed when old). `/proc` is read twice for all dirs, before
 //! and after the walk, and only what was unused both times goes; the
-//! removal re-opens each parent one component at a time with `O_NOFOLLOW`
-//! on the same filesystem, checks the entry is still the same inode and
-//! still old, then `unlinkat`s it: a directory swapped for a symlink meanwhile
-//! makes the removal stop, not follow.
+//! walk and the removal go through `util::safefs`: each parent re-opened
+//! by fd below the root (no symlink followed, no mount crossed), the entry
+//! checked to be still the same inode and still old, then `unlinkat`ed: a
+//! directory swapped for a symlink meanwhile makes the removal stop, not
+//! follow.
 //!
 //! `plan` is pure (entries, the in-use set, the clock → what to remove) and
 //! unit-tested; `in_use` and `deleted_open` read /proc; `run` executes.
@@ -26,14 +27,11 @@
 //! Also here: the space held by deleted-but-open files, with the processes
 //! holding it (the "df says full, du says empty" complaint).
 
+use crate::util::safefs::{self, Dir};
 use anyhow::{Context, Result};
-use nix::fcntl::{AtFlags, OFlag, openat};
-use nix::sys::stat::{Mode, fstatat};
-use nix::unistd::{UnlinkatFlags, unlinkat};
 use serde::Serialize;
 use std::collections::{BTreeMap, HashSet};
 use std::fs;
-use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
@@ -60,7 +58,10 @@ impl InUse {
 /// One entry found under a cleanup dir (paths relative to it).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {
+    /// The path below the root as text (for the plan's kept names and
+    /// in-use subtrees) and as the bytes it is (for the removal).
     pub rel: String,
+    pub path: std::path::PathBuf,
     pub kind: Kind,
     pub dev: u64,
     pub ino: u64,
@@ -144,50 +145,41 @@ pub fn plan(entries: &[Entry], dev: u64, in_use: &InUse, now: i64, age: u64) -> 
     out
 }
 
-/// Walk `root` without crossing mounts or following symlinks.
+/// Walk `root` without crossing mounts or following symlinks: each dir
+/// opened by fd below the root (`util::safefs`), its entries lstat'ed
+/// through that fd.
 pub fn walk(root: &Path) -> Result<(u64, Vec<Entry>)> {
-    let rm = fs::symlink_metadata(root).with_context(|| format!("reading {}", root.display()))?;
-    let dev = rm.dev();
+    let rd = Dir::open(root).with_context(|| format!("opening {}", root.display()))?;
+    let dev = rd.stat()?.st_dev;
     let mut out = vec![];
-    let mut stack = vec![String::new()];
+    let mut stack = vec![std::path::PathBuf::new()];
     while let Some(rel) = stack.pop() {
-        let dir = if rel.is_empty() {
-            root.to_path_buf()
-        } else {
-            root.join(&rel)
-        };
-        let Ok(rd) = fs::read_dir(&dir) else { continue };
-        for de in rd.flatten() {
-            let name = de.file_name().to_string_lossy().into_owned();
-            let r = if rel.is_empty() {
-                name
-            } else {
-                format!("{rel}/{name}")
-            };
-            let Ok(m) = fs::symlink_metadata(root.join(&r)) else {
+        // gone, swapped for a symlink, or a mount point: not entered
+        let Ok(d) = rd.dir(&rel) else { continue };
+        let Ok(names) = d.list() else { continue };
+        for name in names {
+            let Ok(Some(st)) = d.lstat(&name) else {
                 continue;
             };
-            let ft = m.file_type();
-            let kind = if ft.is_dir() {
-                Kind::Dir
-            } else if ft.is_symlink() {
-                Kind::Symlink
-            } else if ft.is_file() {
-                Kind::File
-            } else {
-                Kind::Special
+            let path = rel.join(&name);
+            let kind = match safefs::kind(&st) {
+                safefs::Kind::Dir => Kind::Dir,
+                safefs::Kind::Symlink => Kind::Symlink,
+                safefs::Kind::File => Kind::File,
+                _ => Kind::Special,
             };
             // a mount point: another device; neither entered nor removed
-            if kind == Kind::Dir && m.dev() == dev {
-                stack.push(r.clone());
+            if kind == Kind::Dir && st.st_dev == dev {
+                stack.push(path.clone());
             }
             out.push(Entry {
-                rel: r,
+                rel: path.to_string_lossy().into_owned(),
+                path,
                 kind,
-                dev: m.dev(),
-                ino: m.ino(),
-                size: m.len(),
-                newest: m.mtime().max(m.atime()).max(m.ctime()),
+                dev: st.st_dev,
+                ino: st.st_ino,
+                size: u64::try_from(st.st_size).unwrap_or(0),
+                newest: st.st_mtime.max(st.st_atime).max(st.st_ctime),
                 children: 0,
             });
         }
@@ -354,26 +346,6 @@ pub struct Pass {
     pub errors: Vec<String>,
 }
 
-/// Open `rel`'s parent under `root_fd` one component at a time, never
-/// following a symlink and never leaving device `dev`.
-fn open_parent(root_fd: &OwnedFd, rel: &str, dev: u64) -> nix::Result<OwnedFd> {
-    let mut cur = root_fd.try_clone().map_err(|_| nix::errno::Errno::EBADF)?;
-    let comps: Vec<&str> = rel.split('/').collect();
-    for c in &comps[..comps.len() - 1] {
-        let next = openat(
-            cur.as_fd(),
-            *c,
-            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
-            Mode::empty(),
-        )?;
-        if nix::sys::stat::fstat(next.as_fd())?.st_dev != dev {
-            return Err(nix::errno::Errno::EXDEV);
-        }
-        cur = next;
-    }
-    Ok(cur)
-}
-
 /// One pass over each of `roots`: walk, plan against two reads of /proc
 /// (before and after all the walks), remove.
 pub fn run(roots: &[&Path], proc_: &Path, now: i64, age: u64) -> Vec<Result<Pass>> {
@@ -407,28 +379,33 @@ pub fn in_ram(dir: &Path) -> std::result::Result<(), String> {
     }
 }
 
-/// Remove what `plan` chose under `root`, each entry checked again first.
+/// Remove what `plan` chose under `root`, each entry checked again first:
+/// its parent reached by fd below the root (`util::safefs`: no symlink
+/// followed, no mount crossed), the entry still the same inode and still
+/// old, then removed by the parent's fd.
 fn remove(root: &Path, dev: u64, todo: &[Entry], now: i64, age: u64) -> Result<Pass> {
-    let root_fd: OwnedFd = fs::File::open(root)
-        .with_context(|| format!("opening {}", root.display()))?
-        .into();
+    let rd = Dir::open(root).with_context(|| format!("opening {}", root.display()))?;
     let mut pass = Pass::default();
     let agei = i64::try_from(age).unwrap_or(i64::MAX);
     for e in todo {
-        let name = e.rel.rsplit('/').next().unwrap_or(&e.rel);
-        let r = open_parent(&root_fd, &e.rel, dev).and_then(|p| {
-            let st = fstatat(p.as_fd(), name, AtFlags::AT_SYMLINK_NOFOLLOW)?;
+        let Some((parent, name)) = safefs::split(&e.path) else {
+            continue;
+        };
+        let r = rd.dir(parent).and_then(|p| {
+            let Some(st) = p.lstat(name)? else {
+                return Ok(false);
+            };
             let newest = st.st_mtime.max(st.st_atime).max(st.st_ctime);
             if st.st_ino != e.ino || st.st_dev != dev || now.saturating_sub(newest) < agei {
                 // replaced or touched since the walk: not old any more
                 return Ok(false);
             }
-            let how = if e.kind == Kind::Dir {
-                UnlinkatFlags::RemoveDir
+            if e.kind == Kind::Dir {
+                p.rmdir(name)
             } else {
-                UnlinkatFlags::NoRemoveDir
-            };
-            unlinkat(p.as_fd(), name, how).map(|_| true)
+                p.unlink(name)
+            }
+            .map(|_| true)
         });
         match r {
             Ok(true) => {
@@ -438,11 +415,22 @@ fn remove(root: &Path, dev: u64, todo: &[Entry], now: i64, age: u64) -> Result<P
                 }
             }
             Ok(false) => {}
-            // a dir that got a new entry, or a race with its owner
-            Err(nix::errno::Errno::ENOTEMPTY | nix::errno::Errno::ENOENT) => {}
+            // a dir that got a new entry, or a race with its owner (its
+            // parent gone or swapped for a symlink)
+            Err(err)
+                if matches!(
+                    err.raw_os_error(),
+                    Some(
+                        nix::libc::ENOTEMPTY
+                            | nix::libc::ENOENT
+                            | nix::libc::ELOOP
+                            | nix::libc::ENOTDIR
+                            | nix::libc::EXDEV
+                    )
+                ) => {}
             Err(err) => pass
                 .errors
-                .push(format!("{}: {err}", root.join(&e.rel).display())),
+                .push(format!("{}: {err}", root.join(&e.path).display())),
         }
     }
     Ok(pass)
@@ -454,6 +442,7 @@ mod tests {
 
     fn e(rel: &str, kind: Kind, ino: u64, newest: i64, children: usize) -> Entry {
         Entry {
+            path: rel.into(),
             rel: rel.into(),
             kind,
             dev: 1,
