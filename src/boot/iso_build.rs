@@ -14,7 +14,7 @@ use crate::settings::config::OnIsoChange;
 use crate::util::fsutil;
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 pub const RECORD: &str = ".mados/iso-build.json";
 pub const SET_ASIDE: &str = "set-aside";
@@ -86,19 +86,35 @@ pub fn reconcile(pm: &Path, current: &IsoBuild, policy: OnIsoChange) -> Result<O
         set_aside: None,
     };
     if policy == OnIsoChange::SetAside {
-        let overlays = pm.join("overlays");
-        if std::fs::symlink_metadata(&overlays).is_ok_and(|m| m.is_dir()) {
-            let base = pm.join(SET_ASIDE);
-            std::fs::create_dir_all(&base)
-                .with_context(|| format!("creating {}", base.display()))?;
-            let dest = free_name(&base.join(dir_name(&previous)));
-            std::fs::create_dir_all(&dest)
-                .with_context(|| format!("creating {}", dest.display()))?;
-            let to = dest.join("overlays");
-            std::fs::rename(&overlays, &to)
-                .with_context(|| format!("moving {} to {}", overlays.display(), to.display()))?;
-            std::fs::File::open(pm).and_then(|d| d.sync_all()).ok();
-            change.set_aside = Some(to.display().to_string());
+        // by fd from the partition's root: a crafted stick's symlink at
+        // `set-aside` (or below) leads nowhere else
+        let root = crate::util::safefs::Dir::open(pm)?;
+        let is_dir = |st: Option<crate::util::safefs::Stat>| {
+            st.is_some_and(|st| crate::util::safefs::kind(&st) == crate::util::safefs::Kind::Dir)
+        };
+        if is_dir(root.lstat("overlays".as_ref())?) {
+            let base = root
+                .dir_create(Path::new(SET_ASIDE), 0o700)
+                .with_context(|| format!("creating {}", pm.join(SET_ASIDE).display()))?;
+            let name = free_name(&base, &dir_name(&previous))?;
+            base.mkdir(name.as_ref(), 0o700)
+                .with_context(|| format!("creating {SET_ASIDE}/{name}"))?;
+            let dest = base.dir(Path::new(&name))?;
+            root.rename(
+                "overlays".as_ref(),
+                &dest,
+                "overlays".as_ref(),
+                nix::fcntl::RenameFlags::RENAME_NOREPLACE,
+            )
+            .with_context(|| format!("moving the overlays to {SET_ASIDE}/{name}"))?;
+            root.fsync().ok();
+            change.set_aside = Some(
+                pm.join(SET_ASIDE)
+                    .join(&name)
+                    .join("overlays")
+                    .display()
+                    .to_string(),
+            );
         }
     }
     write(pm, current)?;
@@ -124,19 +140,25 @@ pub fn describe(ch: &IsoChange) -> String {
 }
 
 /// `p`, or `p-2`, `p-3`, … whichever does not exist yet.
-fn free_name(p: &Path) -> PathBuf {
-    if std::fs::symlink_metadata(p).is_err() {
-        return p.to_path_buf();
+/// `name`, or `name-2`, `name-3`, … : the first not taken in `base`.
+fn free_name(base: &crate::util::safefs::Dir, name: &str) -> Result<String> {
+    for i in 1u32.. {
+        let cand = if i == 1 {
+            name.to_string()
+        } else {
+            format!("{name}-{i}")
+        };
+        if base.lstat(cand.as_ref())?.is_none() {
+            return Ok(cand);
+        }
     }
-    (2..)
-        .map(|i| PathBuf::from(format!("{}-{i}", p.display())))
-        .find(|c| std::fs::symlink_metadata(c).is_err())
-        .expect("a free name")
+    unreachable!("a free name")
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::PathBuf;
 
     fn build(label: &str, uuid: &str) -> IsoBuild {
         IsoBuild {
@@ -184,6 +206,20 @@ mod tests {
         assert_eq!((ch.policy.as_str(), ch.set_aside), ("keep", None));
         assert!(pm.join("overlays/etc").is_dir());
         std::fs::remove_dir_all(&pm).unwrap();
+    }
+
+    #[test]
+    fn a_crafted_set_aside_symlink_leads_nowhere() {
+        let t = crate::util::testutil::tmp("isobuild-link");
+        let (pm, outside) = (t.join("pm"), t.join("outside"));
+        std::fs::create_dir_all(pm.join("overlays/etc")).unwrap();
+        std::fs::create_dir_all(&outside).unwrap();
+        std::os::unix::fs::symlink(&outside, pm.join("set-aside")).unwrap();
+        reconcile(&pm, &build("A", "1"), OnIsoChange::SetAside).unwrap();
+        assert!(reconcile(&pm, &build("B", "2"), OnIsoChange::SetAside).is_err());
+        assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 0);
+        assert!(pm.join("overlays/etc").is_dir(), "the overlays stay");
+        std::fs::remove_dir_all(&t).unwrap();
     }
 
     #[test]
