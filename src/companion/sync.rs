@@ -37,6 +37,7 @@
 //! in `safefs::encode`'s lossless text form.
 
 use crate::boot::tier::Tier;
+use crate::util::fsutil::copy_sparse;
 use crate::util::safefs::{self, Dir, Kind, Stat};
 use anyhow::{Context, Result, bail};
 use nix::fcntl::RenameFlags;
@@ -44,7 +45,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ffi::{OsStr, OsString};
 use std::fs;
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 /// What the last sync left in the stage, per path relative to the tier.
@@ -173,10 +174,16 @@ fn gone(e: &std::io::Error) -> bool {
         || e.to_string().contains("not a regular file")
 }
 
+/// The longest path below the tier the sync carries: a path is resolved
+/// by one `openat2`, which takes at most `PATH_MAX` (4096) bytes. What
+/// lies deeper is reported, not carried (it failed every sync before).
+const MAX_REL: usize = 4000;
+
 /// The upper's entries, parents before children, each listed and
-/// lstat'ed through its directory's fd.
-fn walk(up: &Dir) -> Result<Vec<Ent>> {
+/// lstat'ed through its directory's fd; and what is too deep to carry.
+fn walk(up: &Dir) -> Result<(Vec<Ent>, Vec<String>)> {
     let mut out = vec![];
+    let mut too_deep = vec![];
     let mut stack = vec![PathBuf::new()];
     while let Some(rel) = stack.pop() {
         let d = match up.dir(&rel) {
@@ -193,10 +200,17 @@ fn walk(up: &Dir) -> Result<Vec<Ent>> {
         };
         let mut subdirs = vec![];
         for n in names {
+            let r = rel.join(&n);
+            if r.as_os_str().len() > MAX_REL {
+                too_deep.push(format!(
+                    "{}/…: a path too long (more than {MAX_REL} bytes; not carried, with what is below it)",
+                    rel.display()
+                ));
+                break;
+            }
             let Ok(Some(st)) = d.lstat(&n) else {
                 continue;
             };
-            let r = rel.join(&n);
             let kind = kind_char(&d, &n, &st);
             if kind == 'd' {
                 subdirs.push(r.clone());
@@ -213,7 +227,7 @@ fn walk(up: &Dir) -> Result<Vec<Ent>> {
     }
     // parents first (a parent's path is a prefix of its children's)
     out.sort_by(|a, b| a.rel.cmp(&b.rel));
-    Ok(out)
+    Ok((out, too_deep))
 }
 
 /// The last directory opened below a root, kept for the next entry (the
@@ -334,7 +348,7 @@ pub fn sync_tier(t: &Tier, manifest: &mut Manifest) -> Result<Report> {
     // leftovers of an interrupted sync; an empty tmp dir stays (removing
     // and making it again would cost a journal commit on every sync)
     let tmp = open_tmp(Path::new(&t.tmp))?;
-    let entries = walk(&up)?;
+    let (entries, too_deep) = walk(&up)?;
     let now: BTreeSet<&str> = entries.iter().map(|e| e.key.as_str()).collect();
     let mut c = Ctx {
         up: DirCache::new(&up),
@@ -347,6 +361,7 @@ pub fn sync_tier(t: &Tier, manifest: &mut Manifest) -> Result<Report> {
         seq: 0,
         r: Report {
             entries: entries.len() as u64,
+            not_carried: too_deep,
             ..Default::default()
         },
     };
@@ -473,12 +488,18 @@ pub fn sync_tier(t: &Tier, manifest: &mut Manifest) -> Result<Report> {
                 }
             }
             'f' => match copy_file(&mut c, t, e, old)? {
-                Some((len, crc)) => {
+                Copied::Done(len, crc) => {
                     rec.synced_len = len;
                     rec.crc = crc;
                     true
                 }
-                None => false,
+                Copied::Raced => false,
+                Copied::NotCarried => {
+                    if let Some(o) = old {
+                        next.insert(e.key.clone(), o.clone());
+                    }
+                    continue;
+                }
             },
             'l' | 'w' | 'n' => {
                 let tn = c.tmp_name();
@@ -716,7 +737,7 @@ pub struct Pending {
 
 pub fn pending(t: &Tier, manifest: &Manifest) -> Result<Pending> {
     let up = Dir::open(Path::new(&t.upper)).with_context(|| format!("opening {}", t.upper))?;
-    let entries = walk(&up)?;
+    let (entries, _) = walk(&up)?;
     let mut p = Pending::default();
     let mut seen = BTreeSet::new();
     for e in &entries {
@@ -766,150 +787,107 @@ fn stage_matches(stage: &mut DirCache, rel: &Path, o: &Rec) -> bool {
     }
 }
 
-const CHUNK: usize = 1 << 20;
+/// What became of a changed file.
+enum Copied {
+    /// In the stage (or in tmp, to be renamed in): its synced length and
+    /// the CRC-32 of those bytes.
+    Done(u64, u32),
+    /// It changed since the walk: the next sync carries it.
+    Raced,
+    /// It cannot be carried (reported): the stage keeps what it had.
+    NotCarried,
+}
+
+/// The CRC-32 of `f`'s first `len` bytes (holes hashed as zeros without
+/// reading them); `None` when it is shorter.
+fn crc_prefix(f: &fs::File, len: u64) -> std::io::Result<Option<u32>> {
+    let mut h = crc32fast::Hasher::new();
+    let (pos, _) = copy_sparse(f, None, 0, len, Some(&mut h))?;
+    Ok((pos == len).then(|| h.finalize()))
+}
 
 /// Copy a changed file: only the new tail when it grew and its synced
-/// bytes are unchanged, else the whole file (holes kept) through tmp.
-/// The source is read from the fd `open_src` checked; `None` when it
-/// changed since the walk.
-fn copy_file(c: &mut Ctx, t: &Tier, e: &Ent, old: Option<&Rec>) -> Result<Option<(u64, u32)>> {
-    let Some((mut from, st)) = open_src(c, e)? else {
-        return Ok(None);
+/// bytes are unchanged, else the whole file through tmp; holes stay
+/// holes either way and cost nothing (a user's exabyte-long sparse file
+/// is as quick as an empty one). The source is read from the fd
+/// `open_src` checked.
+fn copy_file(c: &mut Ctx, t: &Tier, e: &Ent, old: Option<&Rec>) -> Result<Copied> {
+    let Some((from, st)) = open_src(c, e)? else {
+        return Ok(Copied::Raced);
     };
     let len = st.st_size as u64;
     let xattrs = safefs::file_xattrs(&from).unwrap_or_default();
     let label = what(t, e);
     let (parent, name) = split(&e.rel);
+    let too_big = |c: &mut Ctx, err: &std::io::Error| {
+        let big = err.raw_os_error() == Some(nix::libc::EFBIG);
+        if big {
+            c.r.not_carried.push(format!(
+                "{label}: {len} bytes long, more than a file on the partition may be"
+            ));
+        }
+        big
+    };
     if let Some(o) = old
         && o.kind == 'f'
         && o.ino == st.st_ino
         && o.synced_len > 0
         && len >= o.synced_len
         && stage_matches(&mut c.stage, &e.rel, o)
-        && crc_of(&mut from, o.synced_len)? == o.crc
+        && crc_prefix(&from, o.synced_len)? == Some(o.crc)
     {
         // an append: the tail only, into the stage's own file
-        let (mut to, tst) = c
+        let (to, tst) = c
             .stage
             .get(parent)
-            .and_then(|d| d.open_append(name))
+            .and_then(|d| d.open_write(name))
             .with_context(|| format!("opening {} in the stage", e.rel.display()))?;
         if tst.st_size as u64 == o.synced_len {
-            from.seek(SeekFrom::Start(o.synced_len))?;
             let mut h = crc32fast::Hasher::new_with_initial_len(o.crc, o.synced_len);
             // durable with the rest at the syncfs below, before the
             // generation switches (an fdatasync each would cost a commit each)
-            let n = pump(&mut from, &mut to, len - o.synced_len, &mut h)?;
+            let (pos, written) =
+                match copy_sparse(&from, Some(&to), o.synced_len, len, Some(&mut h)) {
+                    Ok(x) => x,
+                    Err(err) if too_big(c, &err) => {
+                        // the stage's file back to what was synced
+                        to.set_len(o.synced_len)?;
+                        return Ok(Copied::NotCarried);
+                    }
+                    Err(err) => return Err(err).with_context(|| format!("appending {label}")),
+                };
             crate::util::fsutil::start_writeback(&to);
             safefs::set_attrs_fd(&to, &st, &xattrs, &mut c.r.not_carried, &label);
-            if n > 0 || len != o.size {
+            if pos > o.synced_len || len != o.size {
                 c.r.appended += 1;
-                c.r.bytes += n;
+                c.r.bytes += written;
                 c.r.changed += 1;
             }
-            return Ok(Some((o.synced_len + n, h.finalize())));
+            return Ok(Copied::Done(pos, h.finalize()));
         }
     }
     let tn = c.tmp_name();
-    let mut to = c
+    let to = c
         .tmp
         .create(&tn, 0o600)
         .with_context(|| format!("creating a file in {}", t.tmp))?;
     let mut h = crc32fast::Hasher::new();
-    from.seek(SeekFrom::Start(0))?;
-    let (n, written) = copy_sparse(&mut from, &mut to, len, &mut h)?;
+    let (n, written) = match copy_sparse(&from, Some(&to), 0, len, Some(&mut h)) {
+        Ok(x) => x,
+        Err(err) if too_big(c, &err) => {
+            drop(to);
+            c.tmp.remove_all(&tn)?;
+            return Ok(Copied::NotCarried);
+        }
+        Err(err) => return Err(err).with_context(|| format!("copying {label}")),
+    };
     crate::util::fsutil::start_writeback(&to);
     safefs::set_attrs_fd(&to, &st, &xattrs, &mut c.r.not_carried, &label);
     drop(to);
     c.defer(tn, &e.rel);
     c.r.bytes += written;
     c.r.changed += 1;
-    Ok(Some((n, h.finalize())))
-}
-
-fn crc_of(f: &mut fs::File, len: u64) -> Result<u32> {
-    f.seek(SeekFrom::Start(0))?;
-    let mut h = crc32fast::Hasher::new();
-    let mut buf = vec![0u8; CHUNK];
-    let mut left = len;
-    while left > 0 {
-        let want = left.min(CHUNK as u64) as usize;
-        let n = f.read(&mut buf[..want])?;
-        if n == 0 {
-            return Ok(!h.clone().finalize()); // shorter than synced: not an append
-        }
-        h.update(&buf[..n]);
-        left -= n as u64;
-    }
-    Ok(h.finalize())
-}
-
-fn pump(
-    from: &mut fs::File,
-    to: &mut fs::File,
-    max: u64,
-    h: &mut crc32fast::Hasher,
-) -> Result<u64> {
-    let mut buf = vec![0u8; CHUNK];
-    let mut done = 0u64;
-    while done < max {
-        let want = (max - done).min(CHUNK as u64) as usize;
-        let n = from.read(&mut buf[..want])?;
-        if n == 0 {
-            break;
-        }
-        to.write_all(&buf[..n])?;
-        h.update(&buf[..n]);
-        done += n as u64;
-    }
-    Ok(done)
-}
-
-/// Copy the data regions of `from` (SEEK_DATA/SEEK_HOLE), leave holes as
-/// holes, and set the length. Returns the length copied and the bytes
-/// written.
-fn copy_sparse(
-    from: &mut fs::File,
-    to: &mut fs::File,
-    len: u64,
-    h: &mut crc32fast::Hasher,
-) -> Result<(u64, u64)> {
-    use nix::unistd::{Whence, lseek};
-    let mut pos: u64 = 0;
-    let mut written = 0u64;
-    let zeros = vec![0u8; CHUNK];
-    while pos < len {
-        let data = match lseek(&*from, pos as i64, Whence::SeekData) {
-            Ok(d) => (d as u64).min(len),
-            Err(nix::errno::Errno::ENXIO) => len, // only a hole to the end
-            Err(_) => pos,                        // no SEEK_DATA: copy it all
-        };
-        // the hole [pos, data): hashed as zeros, not written
-        let mut z = data - pos;
-        while z > 0 {
-            let k = z.min(CHUNK as u64) as usize;
-            h.update(&zeros[..k]);
-            z -= k as u64;
-        }
-        if data >= len {
-            pos = len;
-            break;
-        }
-        let hole = match lseek(&*from, data as i64, Whence::SeekHole) {
-            Ok(e) => (e as u64).min(len),
-            Err(_) => len,
-        };
-        from.seek(SeekFrom::Start(data))?;
-        to.seek(SeekFrom::Start(data))?;
-        let n = pump(from, to, hole - data, h)?;
-        written += n;
-        pos = data + n;
-        if n < hole - data {
-            break; // the file shrank while we read it
-        }
-    }
-    to.set_len(pos)?;
-    Ok((pos, written))
+    Ok(Copied::Done(n, h.finalize()))
 }
 
 /// A symlink, a whiteout, a FIFO, a device node or a socket's stand-in

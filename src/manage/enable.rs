@@ -187,7 +187,7 @@ pub fn enable(
         crate::util::fsutil::write_atomic(&pending_path(), b"enabled\n")?;
         nix::unistd::syncfs(std::fs::File::open(&m.dir)?).context("syncing the partition")?;
         println!(
-            "      saved {} entries ({}) of this session",
+            "      saved {} entries ({}B) of this session",
             saved.entries,
             human(saved.bytes)
         );

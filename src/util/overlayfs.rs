@@ -3,7 +3,9 @@
 //!
 //! What an entry in a layer means (kernel `Documentation/filesystems/
 //! overlayfs.rst`): a whiteout hides the name below (a char device 0/0, or
-//! a zero-size file with `trusted.overlay.whiteout` / `user.overlay.whiteout`);
+//! a zero-size file with `trusted.overlay.whiteout`; the `user.overlay.*`
+//! forms count only on overlays mounted with `userxattr`, which ours are
+//! not: there they are a user's ordinary attributes, never marks);
 //! an opaque directory (`overlay.opaque=y`) hides everything below it; any
 //! other entry replaces the one below, and a plain directory merges.
 //!
@@ -23,8 +25,7 @@ use std::fs;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::Path;
 
-const WHITEOUT_XATTRS: [&str; 2] = ["trusted.overlay.whiteout", "user.overlay.whiteout"];
-const OPAQUE_XATTRS: [&str; 2] = ["trusted.overlay.opaque", "user.overlay.opaque"];
+use crate::util::safefs::{OPAQUE_XATTRS, WHITEOUT_XATTRS};
 
 /// Whether the entry at `p` (with `m` its lstat) is an overlayfs whiteout.
 pub fn is_whiteout(p: &Path, m: &fs::Metadata) -> bool {

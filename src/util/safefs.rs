@@ -69,8 +69,14 @@ pub fn mode_bits(st: &Stat) -> u32 {
     st.st_mode & 0o7777
 }
 
-const WHITEOUT_XATTRS: [&str; 2] = ["trusted.overlay.whiteout", "user.overlay.whiteout"];
-pub const OPAQUE_XATTRS: [&str; 2] = ["trusted.overlay.opaque", "user.overlay.opaque"];
+/// The overlay marks that count: only the `trusted.` forms. Our overlays
+/// are mounted without `userxattr`, where the kernel takes a
+/// `user.overlay.*` attribute for an ordinary one a user may set on their
+/// own file: honouring it would let a user whiteout or make opaque what a
+/// fold then deletes below (another user's or root's data). Such an
+/// attribute is carried as the plain attribute it is.
+pub const WHITEOUT_XATTRS: [&str; 1] = ["trusted.overlay.whiteout"];
+pub const OPAQUE_XATTRS: [&str; 1] = ["trusted.overlay.opaque"];
 
 /// The flags of every open of an entry in a tree a user may write.
 fn entry_flags() -> OFlag {
@@ -284,13 +290,14 @@ impl Dir {
         Ok(File::from(fd))
     }
 
-    /// Open the existing regular file `name` to append to it.
-    pub fn open_append(&self, name: &OsStr) -> io::Result<(File, Stat)> {
+    /// Open the existing regular file `name` to write into it (at the
+    /// offsets the caller gives: holes stay holes).
+    pub fn open_write(&self, name: &OsStr) -> io::Result<(File, Stat)> {
         check_name(name)?;
         let fd = nix::fcntl::openat(
             &self.fd,
             name,
-            OFlag::O_WRONLY | OFlag::O_APPEND | entry_flags(),
+            OFlag::O_WRONLY | entry_flags(),
             Mode::empty(),
         )
         .map_err(io_err)?;

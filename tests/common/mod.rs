@@ -127,3 +127,33 @@ pub fn as_nobody_cmd(args: &[&str]) -> Command {
         .args(args);
     c
 }
+
+/// `setxattr(path, name, value)` done by uid/gid 65534 (a forked child
+/// that drops its ids first; only raw syscalls after the fork). Whether
+/// the kernel let it.
+pub fn setxattr_as_nobody(path: &Path, name: &str, value: &[u8]) -> bool {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    let p = CString::new(path.as_os_str().as_bytes()).unwrap();
+    let n = CString::new(name).unwrap();
+    // SAFETY: the child makes raw syscalls only (no allocation) and exits.
+    match unsafe { nix::unistd::fork() }.expect("fork") {
+        nix::unistd::ForkResult::Child => unsafe {
+            let ok = nix::libc::setgroups(0, std::ptr::null()) == 0
+                && nix::libc::setresgid(NOBODY, NOBODY, NOBODY) == 0
+                && nix::libc::setresuid(NOBODY, NOBODY, NOBODY) == 0
+                && nix::libc::setxattr(
+                    p.as_ptr(),
+                    n.as_ptr(),
+                    value.as_ptr().cast(),
+                    value.len(),
+                    0,
+                ) == 0;
+            nix::libc::_exit(if ok { 0 } else { 1 })
+        },
+        nix::unistd::ForkResult::Parent { child } => matches!(
+            nix::sys::wait::waitpid(child, None),
+            Ok(nix::sys::wait::WaitStatus::Exited(_, 0))
+        ),
+    }
+}
