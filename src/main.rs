@@ -168,6 +168,15 @@ fn main() -> ExitCode {
             );
         }
     }
+    // the walks by directory fd (util::safefs) hold an fd per level of a
+    // tree a user may make deep: the soft open-file limit (often 1024)
+    // raised to the hard one
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
+        && soft < hard
+    {
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+    }
     match run(cli) {
         Ok(code) => code,
         Err(e)

@@ -533,3 +533,99 @@ fn a_tree_deeper_than_path_max_is_left_out_not_fatal() {
     );
     fs::remove_dir_all(&r.d).ok();
 }
+
+#[test]
+fn a_tier_below_var_is_never_mounted_through_a_users_symlink() {
+    // Found by review: a tier below an overlay dir (/var/tmp/a/b here,
+    // possible by config or by adopting suggestions) was mounted by path
+    // through the persistent /var, where the user had made /var/tmp/a a
+    // symlink leading to /etc: the next boot mounted the tier, with the
+    // user's pam.d/su, on the live root's /etc.
+    if !require_root("a_tier_below_var_is_never_mounted_through_a_users_symlink") {
+        return;
+    }
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).unwrap();
+    sh("mount --make-rprivate /");
+    let d = tmpdir("attack-vartier");
+    let (root, pm, run) = (d.join("root"), d.join("pm"), d.join("run"));
+    fs::create_dir_all(root.join("var/tmp")).unwrap();
+    fs::create_dir_all(root.join("etc/pam.d")).unwrap();
+    fs::write(root.join("etc/pam.d/other"), "root's").unwrap();
+    let vup = pm.join("overlays/var/upper");
+    fs::create_dir_all(vup.join("tmp")).unwrap();
+    fs::create_dir_all(pm.join("overlays/var/work")).unwrap();
+    fs::create_dir_all(&run).unwrap();
+    sh(&format!("chmod 1777 {}", vup.join("tmp").display()));
+    let stage = pm.join("tier/var-tmp-a-b/stage");
+    fs::create_dir_all(stage.join("pam.d")).unwrap();
+    fs::write(
+        stage.join("pam.d/su"),
+        "auth sufficient pam_permit.so # the user's\n",
+    )
+    .unwrap();
+    // what the user left in their part of the persistent /var
+    as_user(&format!(
+        "cd {} && mkdir x && ln -s x a && ln -s ../../../etc x/b",
+        vup.join("tmp").display()
+    ));
+    let mut s = mados_persistence::settings::config::Settings::default();
+    s.tier.dirs = vec!["/var/tmp/a/b".into()];
+    let p = mados_persistence::boot::tier::prepare(&root, &pm, &run, &s, 1 << 30);
+    sh(&format!(
+        "mount -t overlay -o lowerdir={0}/var,upperdir={1}/upper,workdir={1}/work var {0}/var",
+        root.display(),
+        pm.join("overlays/var").display()
+    ));
+    let mut done = vec![];
+    let (tiers, warnings) = mados_persistence::boot::tier::mount(&root, p, &mut done);
+    assert!(
+        !root.join("etc/pam.d/su").exists(),
+        "the tier was mounted on /etc: {done:?}"
+    );
+    assert!(tiers.is_empty(), "{tiers:?}");
+    assert!(
+        warnings.iter().any(|w| w.contains("/var/tmp/a/b")),
+        "{warnings:?}"
+    );
+    fs::remove_dir_all(&d).ok();
+}
+
+#[test]
+fn a_bind_tiers_root_stays_its_owners() {
+    // Found by review: the tier overlay's root took the fresh RAM upper's
+    // owner and mode (root, 0755): a user's own dir in the tier (a build
+    // dir in their home) became root's, unwritable for them and listable
+    // by others.
+    if !require_root("a_bind_tiers_root_stays_its_owners") {
+        return;
+    }
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).unwrap();
+    sh("mount --make-rprivate /");
+    let d = tmpdir("tier-owner");
+    let (root, pm, run) = (d.join("root"), d.join("pm"), d.join("run"));
+    for p in [root.join("home"), pm.join("home/u/proj"), run.clone()] {
+        fs::create_dir_all(p).unwrap();
+    }
+    sh(&format!(
+        "chown -R {NOBODY}:{NOBODY} {0} && chmod 0700 {0}/proj",
+        pm.join("home/u").display()
+    ));
+    let mut s = mados_persistence::settings::config::Settings::default();
+    s.tier.dirs = vec!["/home/u/proj".into()];
+    let p = mados_persistence::boot::tier::prepare(&root, &pm, &run, &s, 1 << 30);
+    sh(&format!(
+        "mount --bind {} {}",
+        pm.join("home").display(),
+        root.join("home").display()
+    ));
+    let mut done = vec![];
+    let (tiers, warnings) = mados_persistence::boot::tier::mount(&root, p, &mut done);
+    assert_eq!(tiers.len(), 1, "{warnings:?}");
+    let m = fs::metadata(root.join("home/u/proj")).unwrap();
+    assert_eq!((m.uid(), m.mode() & 0o7777), (NOBODY, 0o700));
+    as_user(&format!(
+        "echo built > {}",
+        root.join("home/u/proj/out").display()
+    ));
+    fs::remove_dir_all(&d).ok();
+}

@@ -359,9 +359,27 @@ fn prepare_one(root: &Path, pm: &Path, ram: &Path, s: &Settings, h: &Home) -> Re
         );
     }
     let mut below = None;
+    // whose dir the tier's root is, and its mode: the overlay's root takes
+    // them from its upper (a fresh dir of root's, 0755, would take a
+    // user's own dir away from them)
+    let mut root_attrs = None;
     if let Home::Overlay { parent, sub, .. } = h {
         let up = parent_upper(pm, parent, sub);
-        let up_dir = on_partition(pm, up.strip_prefix(pm)?, false).ok();
+        // the persistent overlay's part of the dir: absent is fine; there
+        // but reached through a symlink (a user's, in their part of /var)
+        // is refused, or the tier would be mounted where it leads
+        let up_dir = match Dir::open(pm)?.dir(up.strip_prefix(pm)?) {
+            Ok(d) => Some(d),
+            Err(e) if e.raw_os_error() == Some(nix::libc::ENOENT) => None,
+            Err(e) => {
+                return Err(e).with_context(|| {
+                    format!(
+                        "{} on the partition is not a plain directory below it (a symlink on the way?)",
+                        up.display()
+                    )
+                });
+            }
+        };
         if let Some(up_dir) = &up_dir {
             let r = fold_at(
                 up_dir,
@@ -381,6 +399,12 @@ fn prepare_one(root: &Path, pm: &Path, ram: &Path, s: &Settings, h: &Home) -> Re
         }
         let hidden = up_dir.as_ref().is_some_and(|d| d.is_opaque());
         let live = under(root, &dir);
+        root_attrs = up_dir.as_ref().and_then(|d| d.stat().ok()).or_else(|| {
+            Dir::open(&live)
+                .and_then(|d| d.stat())
+                .ok()
+                .filter(|_| !hidden)
+        });
         if live.is_dir() && !hidden {
             let b = ram.join(&name).join("below");
             std::fs::create_dir_all(&b)?;
@@ -401,6 +425,17 @@ fn prepare_one(root: &Path, pm: &Path, ram: &Path, s: &Settings, h: &Home) -> Re
     let (upper, work) = (ram.join(&name).join("upper"), ram.join(&name).join("work"));
     std::fs::create_dir_all(&upper)?;
     std::fs::create_dir_all(&work)?;
+    if let Some(st) = root_attrs.or_else(|| lower_dir.stat().ok()) {
+        let u = Dir::open(&upper)?;
+        nix::unistd::fchown(&u, Some(st.st_uid.into()), Some(st.st_gid.into()))
+            .and_then(|_| {
+                nix::sys::stat::fchmod(
+                    &u,
+                    nix::sys::stat::Mode::from_bits_truncate(st.st_mode & 0o7777),
+                )
+            })
+            .with_context(|| format!("giving the tier's root the owner and mode of {dir}"))?;
+    }
     let t = Tier {
         dir: dir.clone(),
         base: base.display().to_string(),
@@ -423,16 +458,23 @@ pub fn mount(root: &Path, p: Prepared, done: &mut Vec<Mounted>) -> (Vec<Tier>, V
     for (t, below) in p.tiers {
         let target = under(root, &t.dir);
         let r = (|| -> Result<()> {
-            std::fs::create_dir_all(&target)
-                .with_context(|| format!("creating {}", target.display()))?;
+            // every dir mounted on is reached from the live root's fd,
+            // never through a symlink (the persistent overlays below hold
+            // what users left there), and mounted on through its own fd
+            let root_dir = Dir::open(root)?;
+            let rel = |d: &str| PathBuf::from(d.trim_start_matches('/'));
+            let target_dir = root_dir
+                .dir_through_mounts(&rel(&t.dir), true)
+                .with_context(|| format!("{} (a symlink on the way?)", target.display()))?;
             // the excluded subdirs as the persistent overlay shows them
             let mut aside = vec![];
             for (i, e) in t.excluded.iter().enumerate() {
-                let view = under(root, e);
-                std::fs::create_dir_all(&view)?;
+                let view = root_dir
+                    .dir_through_mounts(&rel(e), true)
+                    .with_context(|| format!("{e} (a symlink on the way?)"))?;
                 let a = Path::new(&t.upper).with_file_name(format!("excluded-{i}"));
                 std::fs::create_dir_all(&a)?;
-                bind(&view, &a)?;
+                bind(&view.fd_path(), &a)?;
                 aside.push((a, e.clone()));
             }
             let lowers = match &below {
@@ -443,7 +485,7 @@ pub fn mount(root: &Path, p: Prepared, done: &mut Vec<Mounted>) -> (Vec<Tier>, V
                 "lowerdir={lowers},upperdir={},workdir={},{OVERLAY_OPTIONS}",
                 t.upper, t.work
             );
-            mounts::mount("mados-tier", &target, "overlay", &opts)?;
+            mounts::mount("mados-tier", &target_dir.fd_path(), "overlay", &opts)?;
             done.push(Mounted {
                 target: target.clone(),
                 fstype: "overlay".into(),
@@ -451,11 +493,13 @@ pub fn mount(root: &Path, p: Prepared, done: &mut Vec<Mounted>) -> (Vec<Tier>, V
                 options: opts,
             });
             for (a, e) in aside {
-                let view = under(root, &e);
-                bind(&a, &view)?;
+                let view = root_dir
+                    .dir_through_mounts(&rel(&e), false)
+                    .with_context(|| format!("{e} in the tier (a symlink on the way?)"))?;
+                bind(&a, &view.fd_path())?;
                 let _ = nix::mount::umount2(&a, nix::mount::MntFlags::MNT_DETACH);
                 done.push(Mounted {
-                    target: view,
+                    target: under(root, &e),
                     fstype: "bind".into(),
                     source: format!("{e} (persistent)"),
                     options: "bind".into(),

@@ -323,7 +323,11 @@ impl History {
                 self.without = Some(last.clone());
             }
             if let Some((helped, text)) = judge(&last, self.without.as_ref()) {
-                self.misses = if helped { 0 } else { self.misses + 1 };
+                self.misses = if helped {
+                    0
+                } else {
+                    self.misses.saturating_add(1)
+                };
                 self.verdict = Some(text.clone());
                 if self.misses >= MISSES_OFF && self.off.is_none() {
                     self.off = Some(format!(
@@ -334,7 +338,7 @@ impl History {
                 }
             }
             if self.off.is_some() {
-                self.off_boots += 1;
+                self.off_boots = self.off_boots.saturating_add(1);
                 if self.off_boots > RETRY_AFTER {
                     self.off = None;
                     self.misses = 0;

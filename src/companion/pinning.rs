@@ -508,22 +508,25 @@ impl Pinning {
 /// The bytes of the regular files under `dir`, counting at most `max`
 /// entries (a suggestion's size, not an audit).
 fn dir_bytes(dir: &Path, max: usize) -> u64 {
+    use crate::util::safefs::{Dir, Kind, kind};
+    // by fd (`util::safefs`): a subdir a user swaps for a symlink is not
+    // followed, a mount inside is not entered
+    let Ok(root) = Dir::open(dir) else { return 0 };
     let mut total = 0u64;
     let mut seen = 0usize;
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let Ok(rd) = std::fs::read_dir(&d) else {
-            continue;
-        };
-        for e in rd.flatten() {
+    let mut stack = vec![std::path::PathBuf::new()];
+    while let Some(rel) = stack.pop() {
+        let Ok(d) = root.dir(&rel) else { continue };
+        let Ok(names) = d.list() else { continue };
+        for n in names {
             seen += 1;
             if seen > max {
                 return total;
             }
-            match e.file_type() {
-                Ok(t) if t.is_dir() => stack.push(e.path()),
-                Ok(t) if t.is_file() => {
-                    total = total.saturating_add(e.metadata().map_or(0, |m| m.len()))
+            match d.lstat(&n) {
+                Ok(Some(st)) if kind(&st) == Kind::Dir => stack.push(rel.join(&n)),
+                Ok(Some(st)) if kind(&st) == Kind::File => {
+                    total = total.saturating_add(u64::try_from(st.st_size).unwrap_or(0))
                 }
                 _ => {}
             }

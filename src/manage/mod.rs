@@ -91,6 +91,9 @@ impl TempMount {
         };
         let dir = PathBuf::from(RUN_DIR).join(format!("mnt-{}", std::process::id()));
         std::fs::create_dir_all(&dir)?;
+        // root's only while mounted: the partition's own root is 0755
+        // until the next boot makes it 0700
+        std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
         mounts::mount(
             &via.display().to_string(),
             &dir,

@@ -199,6 +199,37 @@ impl Dir {
         Ok(cur)
     }
 
+    /// The directory `rel` below this one, each component opened from the
+    /// last without following a symlink or leaving by `..`, but entering
+    /// mounts (a mount target in the live root, below the persistent
+    /// overlays); each missing component created first when `create`.
+    /// The caller mounts on it through `proc_path`.
+    pub fn dir_through_mounts(&self, rel: &Path, create: bool) -> io::Result<Dir> {
+        check_rel(rel)?;
+        let mut cur = self.try_clone()?;
+        for c in rel.components() {
+            let Component::Normal(n) = c else { continue };
+            if create {
+                match cur.mkdir(n, 0o755) {
+                    Err(e) if e.raw_os_error() != Some(nix::libc::EEXIST) => return Err(e),
+                    _ => {}
+                }
+            }
+            let how = OpenHow::new()
+                .flags(OFlag::O_RDONLY | OFlag::O_DIRECTORY | entry_flags())
+                .resolve(ResolveFlag::RESOLVE_BENEATH | ResolveFlag::RESOLVE_NO_SYMLINKS);
+            let fd = nix::fcntl::openat2(&cur.fd, n, how).map_err(io_err)?;
+            cur = Dir { fd };
+        }
+        Ok(cur)
+    }
+
+    /// `/proc/self/fd/N` for this directory: what `mount(2)` is given to
+    /// act on exactly this directory, whatever its path shows now.
+    pub fn fd_path(&self) -> PathBuf {
+        PathBuf::from(format!("/proc/self/fd/{}", self.fd.as_raw_fd()))
+    }
+
     /// The names in this directory (without `.` and `..`), sorted.
     pub fn list(&self) -> io::Result<Vec<OsString>> {
         // a fresh open description of the same dir: its own offset

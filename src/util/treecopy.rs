@@ -153,7 +153,7 @@ fn copy_entry(c: &mut Ctx, s: &Dir, d: &Dir, name: &OsStr, st: &Stat, rel: &Path
     }
     match k {
         Kind::File => {
-            let (mut f, fst) = match s.open_read(name, Some(st)) {
+            let (f, fst) = match s.open_read(name, Some(st)) {
                 Ok(x) => x,
                 Err(e) if gone(&e) => {
                     c.raced(rel, e);
@@ -165,10 +165,13 @@ fn copy_entry(c: &mut Ctx, s: &Dir, d: &Dir, name: &OsStr, st: &Stat, rel: &Path
                 c.r.not_carried.push(format!("{label}: attributes ({e})"));
                 vec![]
             });
-            let mut to = d
+            let to = d
                 .create(name, 0o600)
                 .with_context(|| format!("creating the copy of {}", rel.display()))?;
-            let n = std::io::copy(&mut f, &mut to).with_context(|| format!("copying {label}"))?;
+            // holes stay holes (a user's sparse file would fill the stick)
+            let (n, _) =
+                crate::util::fsutil::copy_sparse(&f, Some(&to), 0, fst.st_size as u64, None)
+                    .with_context(|| format!("copying {label}"))?;
             safefs::set_attrs_fd(&to, &fst, &xattrs, &mut c.r.not_carried, &label);
             c.r.bytes += n;
         }
