@@ -269,7 +269,7 @@ build_dracut() {
 	kv=$(kernel_version)
 	rm -rf "$base" "$WORK/dracut-bin"
 	cp -a /usr/lib/dracut "$base"
-	cp -r "$DRACUT_MODULE" "$base/modules.d/90mados-persistence"
+	cp -rT "$DRACUT_MODULE" "$base/modules.d/90mados-persistence"
 	mkdir -p "$WORK/dracut-bin"
 	cp "$BIN" "$WORK/dracut-bin/mados-persistence"
 	DRACUT_PATH="$WORK/dracut-bin /sbin /bin /usr/sbin /usr/bin" dracutbasedir=$base dracut --quiet --force --no-hostonly --no-hostonly-cmdline \
