@@ -43,6 +43,19 @@ kernel_version() {
 # Where cargo puts the release build (CARGO_TARGET_DIR is honoured).
 RELEASE=${CARGO_TARGET_DIR:-$REPO/target}/x86_64-unknown-linux-gnu/release
 BIN=$RELEASE/mados-persistence
+# MADOS_PKG_ROOT: a root the Arch package was installed into
+# (packaging/arch/check; tests/run sets it): then what is booted is what
+# users install -- the package's binary, mkinitcpio hooks, dracut module
+# and units -- else the build's binary and the repo's files.
+# shellcheck disable=SC2034 # INITCPIO_DIR: qemu/real-archiso; UNIT_DIR: for a live root with systemd
+INITCPIO_DIR=$REPO/mkinitcpio-hook DRACUT_MODULE=$REPO/dracut-module/90mados-persistence UNIT_DIR=$REPO/systemd
+# shellcheck disable=SC2034
+if [[ -n ${MADOS_PKG_ROOT:-} ]]; then
+	BIN=$MADOS_PKG_ROOT/usr/bin/mados-persistence
+	INITCPIO_DIR=$MADOS_PKG_ROOT/usr/lib/initcpio
+	DRACUT_MODULE=$MADOS_PKG_ROOT/usr/lib/dracut/modules.d/90mados-persistence
+	UNIT_DIR=$MADOS_PKG_ROOT/usr/lib/systemd/system
+fi
 
 # build_binary: build everything the demo, the scenarios, bench/* and
 # qemu/real-archiso copy into an image -- the binary itself, the test tool
@@ -53,7 +66,8 @@ build_binary() {
 	local examples=(--example tierbench)
 	if [[ -n ${BENCH:-} ]]; then examples+=(--example fanprobe); fi
 	(cd "$REPO" && cargo build --release --quiet --bin mados-persistence "${examples[@]}")
-	[[ -x $BIN ]] || { echo "qemu: cargo built no $BIN" >&2; return 1; }
+	[[ -z ${MADOS_PKG_ROOT:-} ]] || log "booting the package's files from $MADOS_PKG_ROOT"
+	[[ -x $BIN ]] || { echo "qemu: no $BIN" >&2; return 1; }
 	file "$BIN" | grep -Eq 'static(-pie)? linked|statically linked' || { echo "qemu: $BIN is not static" >&2; return 1; }
 }
 
@@ -255,7 +269,7 @@ build_dracut() {
 	kv=$(kernel_version)
 	rm -rf "$base" "$WORK/dracut-bin"
 	cp -a /usr/lib/dracut "$base"
-	cp -r "$REPO/dracut-module/90mados-persistence" "$base/modules.d/"
+	cp -rT "$DRACUT_MODULE" "$base/modules.d/90mados-persistence"
 	mkdir -p "$WORK/dracut-bin"
 	cp "$BIN" "$WORK/dracut-bin/mados-persistence"
 	DRACUT_PATH="$WORK/dracut-bin /sbin /bin /usr/sbin /usr/bin" dracutbasedir=$base dracut --quiet --force --no-hostonly --no-hostonly-cmdline \

@@ -807,7 +807,7 @@ cow_spacesize = "128M"
 
     #[test]
     fn shipped_config_parses_cleanly() {
-        let text = include_str!("../../iso-profile/airootfs/etc/mados/persistence.toml");
+        let text = include_str!("../../config/persistence.toml");
         let mut w = vec![];
         let mut s = Settings::default();
         apply_toml(&mut s, text, &mut w);
