@@ -350,5 +350,6 @@ build_sdroot() {
 	echo madOS >"$root/etc/hostname"
 	mkdir -p "$root/home/live"
 	rm -f "$WORK/sdroot.sfs"
-	mksquashfs "$root" "$WORK/sdroot.sfs" -quiet -noappend -comp gzip >/dev/null
+	# lz4: built in a second (gzip takes 20 s here), read as fast
+	mksquashfs "$root" "$WORK/sdroot.sfs" -quiet -noappend -comp lz4 >/dev/null
 }
