@@ -49,12 +49,15 @@ BIN=$RELEASE/mados-persistence
 # and units -- else the build's binary and the repo's files.
 # shellcheck disable=SC2034 # INITCPIO_DIR: qemu/real-archiso; UNIT_DIR: for a live root with systemd
 INITCPIO_DIR=$REPO/mkinitcpio-hook DRACUT_MODULE=$REPO/dracut-module/90mados-persistence UNIT_DIR=$REPO/systemd
+SHUTDOWN_HOOK=$REPO/systemd/mados-persistence.shutdown CONFIG_FILE=$REPO/config/persistence.toml
 # shellcheck disable=SC2034
 if [[ -n ${MADOS_PKG_ROOT:-} ]]; then
 	BIN=$MADOS_PKG_ROOT/usr/bin/mados-persistence
 	INITCPIO_DIR=$MADOS_PKG_ROOT/usr/lib/initcpio
 	DRACUT_MODULE=$MADOS_PKG_ROOT/usr/lib/dracut/modules.d/90mados-persistence
 	UNIT_DIR=$MADOS_PKG_ROOT/usr/lib/systemd/system
+	SHUTDOWN_HOOK=$MADOS_PKG_ROOT/usr/lib/systemd/system-shutdown/mados-persistence.shutdown
+	CONFIG_FILE=$MADOS_PKG_ROOT/etc/mados/persistence.toml
 fi
 
 # build_binary: build everything the demo, the scenarios, bench/* and
@@ -121,6 +124,11 @@ build_initramfs() {
 	cp "$BIN" "$root/usr/bin/mados-persistence"
 	cp "$QEMU_DIR/initramfs-init" "$root/init"
 	chmod +x "$root/init"
+	# the shutdown initramfs (mkinitcpio's shutdown hook): /shutdown and
+	# util-linux's umount (--recursive), beside busybox's
+	cp "$QEMU_DIR/initramfs-shutdown" "$root/shutdown"
+	chmod +x "$root/shutdown"
+	add_program "$root" /usr/bin/umount
 	(cd "$root" && find . | cpio -o -H newc --quiet | gzip -1) >"$WORK/initramfs.img"
 	cp "/boot/vmlinuz-$kv" "$WORK/vmlinuz"
 }
@@ -166,7 +174,8 @@ grub_cfg() {
 	sed -e "s|%ARCHISO_LABEL%|$ISO_LABEL|g" -e 's|%INSTALL_DIR%|arch|g' -e 's|%ARCH%|x86_64|g' "$REPO/grub/grub.cfg"
 }
 
-# build_iso LAYOUT OUT [LABEL [PAD_MIB]]: the live ISO in a distribution's
+# build_iso LAYOUT OUT [LABEL [PAD_MIB]]: the live ISO (the root in
+# ISO_SFS, default the busybox one) in a distribution's
 # layout, bootable by its own loaders: syslinux (BIOS) and GRUB (UEFI) for
 # archiso layouts, GRUB for both with grub-mkrescue. LABEL (default
 # $ISO_LABEL) and PAD_MIB of padding make another, larger "release".
@@ -175,7 +184,7 @@ build_iso() {
 	local ISO_LABEL=${3:-$ISO_LABEL} pad=${4:-0}
 	rm -rf "$tree"
 	mkdir -p "$tree/arch/x86_64" "$tree/arch/boot/x86_64" "$tree/boot/syslinux" "$tree/boot/grub" "$tree/EFI/BOOT"
-	cp "$WORK/airootfs.sfs" "$tree/arch/x86_64/"
+	cp "${ISO_SFS:-$WORK/airootfs.sfs}" "$tree/arch/x86_64/airootfs.sfs"
 	cp "$WORK/vmlinuz" "$tree/arch/boot/x86_64/vmlinuz-linux"
 	cp "$WORK/initramfs.img" "$tree/arch/boot/x86_64/initramfs-linux.img"
 	cat >"$tree/boot/syslinux/syslinux.cfg" <<SYSLINUX
@@ -291,4 +300,72 @@ boot_dracut() {
 	shift 2
 	qemu_kernel "$name" 300 "$WORK/initramfs-dracut.img" \
 		"root=live:CDLABEL=$ISO_LABEL rd.live.image rd.live.overlay.overlayfs=1 rd.shell=0 rd.emergency=poweroff $append" "$@"
+}
+
+# --- The systemd live root ----------------------------------------------------
+# Debian bookworm's systemd as the live ISO's root (qemu/systemd-scenarios):
+# made by mmdebstrap once and kept as a tarball in $CACHE, keyed by what
+# makes it (MADOS_QEMU_CACHE: a cache dir kept across clones). The mirror
+# is the first Debian one this machine's apt uses.
+CACHE=${MADOS_QEMU_CACHE:-$WORK/cache}
+SDROOT_PACKAGES=systemd,systemd-sysv,udev,util-linux,e2fsprogs
+debian_mirror() {
+	local m
+	m=$(sed -n 's/^URIs: *\(http[^ ]*\/debian\)\/*$/\1/p; s/^deb  *\(http[^ ]*\/debian\)\/* bookworm .*/\1/p' \
+		/etc/apt/sources.list /etc/apt/sources.list.d/*.sources /etc/apt/sources.list.d/*.list 2>/dev/null | head -n1 || true)
+	echo "${MADOS_DEBIAN_MIRROR:-${m:-http://deb.debian.org/debian}}"
+}
+# sdroot_tar: print the cached root tarball's path, making it if missing
+sdroot_tar() {
+	local key tar
+	key=$(printf '%s\n' bookworm essential "$SDROOT_PACKAGES" | sha256sum | cut -c1-12)
+	tar=$CACHE/sdroot-$key.tar
+	if [[ ! -s $tar ]]; then
+		command -v mmdebstrap >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends mmdebstrap >/dev/null
+		mkdir -p "$CACHE"
+		log "making the systemd live root with mmdebstrap (bookworm, once; cached as $tar)"
+		mmdebstrap --quiet --format=tar --variant=essential --include="$SDROOT_PACKAGES" \
+			--aptopt='APT::Install-Recommends "false"' --dpkgopt='path-exclude=/usr/share/doc/*' \
+			--dpkgopt='path-exclude=/usr/share/man/*' --dpkgopt='path-exclude=/usr/share/locale/*' \
+			bookworm "$tar.part" "deb $(debian_mirror) bookworm main" </dev/null >"$CACHE/mmdebstrap.log" 2>&1 ||
+			{ cat "$CACHE/mmdebstrap.log" >&2; return 1; }
+		mv "$tar.part" "$tar"
+	fi
+	echo "$tar"
+}
+
+# build_sdroot: the systemd live root's squashfs ($WORK/sdroot.sfs): the
+# cached bookworm root with the binary, the units, the config and the
+# shutdown hook installed where a package puts them (/usr/bin,
+# /usr/lib/systemd/system, enabled as `systemctl enable` does, /etc/mados,
+# /usr/lib/systemd/system-shutdown), and the test driver
+# (qemu/systemd/: madostest.service runs madostest when the kernel
+# command line has madostest=)
+build_sdroot() {
+	local root=$WORK/sdroot tar unit u
+	tar=$(sdroot_tar)
+	rm -rf "$root"
+	mkdir -p "$root"
+	tar -C "$root" -xf "$tar"
+	install -m 755 "$BIN" "$root/usr/bin/mados-persistence"
+	for unit in "$UNIT_DIR"/mados-persistence*.service; do
+		u=$(basename "$unit")
+		install -m 644 "$unit" "$root/usr/lib/systemd/system/$u"
+		local target
+		target=$(sed -n 's/^WantedBy=//p' "$unit")
+		mkdir -p "$root/etc/systemd/system/$target.wants"
+		ln -sf "/lib/systemd/system/$u" "$root/etc/systemd/system/$target.wants/$u"
+	done
+	install -D -m 644 "$CONFIG_FILE" "$root/etc/mados/persistence.toml"
+	install -D -m 755 "$SHUTDOWN_HOOK" "$root/usr/lib/systemd/system-shutdown/mados-persistence.shutdown"
+	install -m 644 "$QEMU_DIR"/systemd/*.service "$root/usr/lib/systemd/system/"
+	install -m 755 "$QEMU_DIR/systemd/madostest" "$root/usr/local/sbin/madostest"
+	ln -sf /lib/systemd/system/madostest.service "$root/etc/systemd/system/multi-user.target.wants/madostest.service"
+	# the serial console is the test's channel: no login prompt on it
+	ln -sf /dev/null "$root/etc/systemd/system/serial-getty@ttyS0.service"
+	echo madOS >"$root/etc/hostname"
+	mkdir -p "$root/home/live"
+	rm -f "$WORK/sdroot.sfs"
+	# lz4: built in a second (gzip takes 20 s here), read as fast
+	mksquashfs "$root" "$WORK/sdroot.sfs" -quiet -noappend -comp lz4 >/dev/null
 }

@@ -114,6 +114,14 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// The end of a shutdown: detach the mounts that still hold the persistence partition.
+    #[command(
+        after_help = "Run by systemd-shutdown from /usr/lib/systemd/system-shutdown/mados-persistence.shutdown, \
+        once every process is killed: the overlays over /usr and /etc are detached (lazily), and the \
+        partition is unmounted cleanly when systemd-shutdown has switched to the shutdown initramfs \
+        (mkinitcpio's `shutdown` hook, dracut's shutdown module). Not for use on a running system."
+    )]
+    Shutdown,
     /// Print shell completions.
     #[command(
         after_help = "Example:\n  mados-persistence completions bash > /usr/share/bash-completion/completions/mados-persistence"
@@ -231,6 +239,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
         } else {
             ExitCode::from(1)
         }),
+        Cmd::Shutdown => {
+            manage::shutdown::shutdown()?;
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Completions { shell } => {
             clap_complete::generate(
                 shell,

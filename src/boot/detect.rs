@@ -342,6 +342,7 @@ mod tests {
             free_blocks: 1,
             has_journal: true,
             clean: true,
+            needs_recovery: false,
             group: 0,
         }))
     }

@@ -353,6 +353,26 @@ fn root_writable(root: &Path) -> bool {
         .unwrap_or(false)
 }
 
+/// How the last boot left the filesystem on `via` (its superblock, read
+/// before e2fsck); logged when it was not unmounted.
+fn last_shutdown(via: &Path, created: bool) -> Option<state::LastShutdown> {
+    let sb = File::open(via)
+        .and_then(|mut f| superblock::probe(&mut f))
+        .map_err(|e| log::warn!("reading the superblock of {}: {e}", via.display()))
+        .ok()??;
+    let Fs::Ext4(sb) = sb else {
+        return None;
+    };
+    let last = state::LastShutdown::from_superblock(&sb, created);
+    if last == state::LastShutdown::Unclean {
+        log::warn!(
+            "{}: the last shutdown did not unmount it (its journal needs recovery)",
+            via.display()
+        );
+    }
+    Some(last)
+}
+
 /// Where the persistence partition is and how it is reached.
 pub struct Target {
     pub disk: PathBuf,
@@ -375,6 +395,8 @@ fn mount_persistence(
     t: &mut Timer,
     tg: Target,
 ) -> Result<(), Reason> {
+    // how the last boot left it, before e2fsck replays the journal
+    let last_shutdown = last_shutdown(&tg.via, tg.created);
     let fsck = e2fs::fsck(&tg.via).map_err(|e| Reason::new("fsck_failed", format!("{e:#}")))?;
     t.lap("fsck");
     log::info!(
@@ -394,6 +416,7 @@ fn mount_persistence(
         size: tg.size,
         mountpoint: o.pmount().display().to_string(),
         fsck: Some(fsck.clone()),
+        last_shutdown,
     });
     if !fsck.mountable() {
         return Err(Reason::new(

@@ -5,6 +5,7 @@
 use crate::boot::detect::Reason;
 use crate::boot::mounts::Mounted;
 use crate::disk::e2fs::Fsck;
+use crate::disk::superblock::Ext4Info;
 use serde::{Deserialize, Serialize};
 
 pub const STATE_DIR: &str = "mados-persistence";
@@ -39,6 +40,39 @@ pub struct Partition {
     pub size: u64,
     pub mountpoint: String,
     pub fsck: Option<Fsck>,
+    /// How the previous use of the filesystem ended, from its superblock
+    /// read before this boot's e2fsck (null: a state.json of an older
+    /// release, or the superblock could not be read).
+    #[serde(default)]
+    pub last_shutdown: Option<LastShutdown>,
+}
+
+/// How the last boot left the persistence filesystem.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum LastShutdown {
+    /// Unmounted cleanly: nothing in its journal to replay.
+    Clean,
+    /// Not unmounted: its journal needed recovery, or it was not marked
+    /// valid. A power cut, a stick pulled while in use, or a shutdown that
+    /// could not unmount it (no shutdown initramfs: README).
+    Unclean,
+    /// Formatted at this boot: there was no earlier shutdown.
+    New,
+}
+
+impl LastShutdown {
+    /// From the superblock as this boot found it, before e2fsck (which
+    /// replays the journal and so clears what tells).
+    pub fn from_superblock(sb: &Ext4Info, created: bool) -> Self {
+        if created {
+            LastShutdown::New
+        } else if !sb.clean || (sb.has_journal && sb.needs_recovery) {
+            LastShutdown::Unclean
+        } else {
+            LastShutdown::Clean
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -75,4 +109,46 @@ pub struct State {
     /// The users' `~/.cache` tmpfs mounted this boot.
     #[serde(default)]
     pub user_caches: Vec<crate::boot::usercache::UserCache>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sb(clean: bool, has_journal: bool, needs_recovery: bool) -> Ext4Info {
+        Ext4Info {
+            label: "persistence".into(),
+            uuid: "u".into(),
+            block_size: 4096,
+            blocks: 1,
+            free_blocks: 1,
+            has_journal,
+            clean,
+            needs_recovery,
+            group: 0,
+        }
+    }
+
+    #[test]
+    fn last_shutdown_from_the_superblock() {
+        use LastShutdown::*;
+        let f = LastShutdown::from_superblock;
+        assert_eq!(f(&sb(true, true, false), false), Clean);
+        // left mounted: the journal needs recovery (the valid bit stays set
+        // on a journalled ext4 while it is mounted)
+        assert_eq!(f(&sb(true, true, true), false), Unclean);
+        // no journal: the valid bit is cleared while mounted
+        assert_eq!(f(&sb(false, false, false), false), Unclean);
+        assert_eq!(f(&sb(false, true, false), false), Unclean);
+        // formatted this boot: nothing to tell
+        assert_eq!(f(&sb(true, true, false), true), New);
+        // a state.json without it still reads
+        let p: Partition = serde_json::from_str(
+            r#"{"device": "/dev/sda3", "mounted_from": "/dev/sda3", "created": false,
+                "start": 0, "size": 0, "mountpoint": "/m", "fsck": null}"#,
+        )
+        .unwrap();
+        assert_eq!(p.last_shutdown, None);
+        assert_eq!(serde_json::to_string(&Unclean).unwrap(), "\"unclean\"");
+    }
 }

@@ -25,6 +25,11 @@ pub struct Ext4Info {
     pub has_journal: bool,
     /// The "cleanly unmounted" bit of s_state.
     pub clean: bool,
+    /// needs_recovery (s_feature_incompat RECOVER): the journal holds
+    /// transactions not yet written in place. Set while a journalled ext4 is
+    /// mounted read-write, cleared by a clean unmount (or a read-only
+    /// remount): set before a mount, the last one did not end cleanly.
+    pub needs_recovery: bool,
     /// s_block_group_nr: 0 for the primary superblock, else the group of a
     /// backup copy (found where the filesystem does not start).
     pub group: u16,
@@ -155,6 +160,7 @@ pub fn parse_ext4(sb: &[u8]) -> Option<Ext4Info> {
         free_blocks: u64::from(le32(sb, 12)) | free_hi << 32,
         has_journal: le32(sb, 92) & 0x4 != 0,
         clean: le16(sb, 58) & 1 != 0,
+        needs_recovery: incompat & 0x4 != 0,
         group: le16(sb, 90),
     })
 }
@@ -263,7 +269,14 @@ mod tests {
         };
         assert_eq!(e.label, "persistence");
         assert_eq!((e.block_size, e.blocks, e.free_blocks), (4096, 1000, 400));
-        assert!(e.has_journal && e.clean);
+        assert!(e.has_journal && e.clean && !e.needs_recovery);
+        // a journalled ext4 left mounted (a power cut, no unmount)
+        img[1024 + 96..1024 + 100].copy_from_slice(&(0x4u32 | 0x40 | 0x80).to_le_bytes());
+        let Some(Fs::Ext4(e)) = probe(&mut Cursor::new(img.clone())).unwrap() else {
+            panic!("not ext4")
+        };
+        assert!(e.needs_recovery && e.clean);
+        img[1024 + 96..1024 + 100].copy_from_slice(&0u32.to_le_bytes());
         // a hostile block size is not ext4, and no panic
         img[1024 + 24..1024 + 28].copy_from_slice(&200u32.to_le_bytes());
         assert_eq!(probe(&mut Cursor::new(img)).unwrap(), None);

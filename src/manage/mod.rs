@@ -7,6 +7,7 @@
 pub mod enable;
 pub mod plan;
 pub mod remove;
+pub mod shutdown;
 pub mod status;
 
 pub use enable::enable;

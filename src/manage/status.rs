@@ -504,6 +504,9 @@ pub fn render(s: &Status) -> String {
         if let Some(f) = &p.fsck {
             line("fsck:", format!("{} (exit {})", f.summary, f.code));
         }
+        if let Some(l) = p.last_shutdown {
+            line("shutdown:", last_shutdown_text(l).into());
+        }
     }
     if let Some(i) = &s.iso {
         line("ISO build:", format!("{} ({})", i.label, i.uuid));
@@ -693,6 +696,18 @@ pub fn status(json: bool, watch: Option<u64>) -> Result<()> {
     }
 }
 
+/// The last shutdown as `status` says it.
+fn last_shutdown_text(l: state::LastShutdown) -> &'static str {
+    match l {
+        state::LastShutdown::Clean => "the last one was clean (the stick was unmounted)",
+        state::LastShutdown::Unclean => {
+            "the last one was NOT CLEAN: the stick was not unmounted (a power cut, pulled out \
+             while in use, or no shutdown initramfs); e2fsck replayed its journal at this boot"
+        }
+        state::LastShutdown::New => "none before this boot (created at this boot)",
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -761,6 +776,40 @@ mod tests {
         let json = serde_json::to_value(&status).unwrap();
         assert_eq!(json["partition_usage"]["used"], 950);
         assert_eq!(json["mounts"][2]["kind"], "bind");
+    }
+
+    #[test]
+    fn last_shutdown_is_shown() {
+        let text = |j: &str| render(&build(Some(&st(j)), "/x", &|_| true, &|_| None, None));
+        // an older release's state.json: nothing said
+        assert!(!text(PERSISTENT).contains("shutdown:"));
+        let with = |v: &str| {
+            PERSISTENT.replace(
+                r#""fsck": {"code": 0"#,
+                &format!(r#""last_shutdown": "{v}", "fsck": {{"code": 0"#),
+            )
+        };
+        let t = text(&with("clean"));
+        assert!(
+            t.contains("shutdown:     the last one was clean (the stick was unmounted)"),
+            "{t}"
+        );
+        let t = text(&with("unclean"));
+        assert!(
+            t.contains("shutdown:     the last one was NOT CLEAN: the stick was not unmounted"),
+            "{t}"
+        );
+        let t = text(&with("new"));
+        assert!(t.contains("shutdown:     none before this boot"), "{t}");
+        let s = build(
+            Some(&st(&with("unclean"))),
+            "/x",
+            &|_| true,
+            &|_| None,
+            None,
+        );
+        let json = serde_json::to_value(&s).unwrap();
+        assert_eq!(json["partition"]["last_shutdown"], "unclean");
     }
 
     #[test]
