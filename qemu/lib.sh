@@ -159,6 +159,17 @@ build_liveroot() {
 	for f in hotsq/s1 hotsq/s2 coldsq/c1; do
 		head -c 1048576 /dev/urandom >"$root/usr/share/$f"
 	done
+	# the booted kernel's modules, as a real image carries them (scenario
+	# x): a few, with depmod's index; `dummy` is not in the initramfs, so
+	# `modprobe dummy` proves the live system reads them. /lib/modules is
+	# /usr/lib/modules, as on a usr-merged system.
+	local kv f
+	kv=$(kernel_version)
+	f=$(modinfo -k "$kv" -F filename dummy)
+	install -D -m 644 "$f" "$root/usr/lib/modules/$kv/${f#*/modules/"$kv"/}"
+	depmod -b "$root/usr" "$kv"
+	mkdir -p "$root/lib"
+	ln -sfn ../usr/lib/modules "$root/lib/modules"
 	cp "$QEMU_DIR/live-init" "$root/sbin/init"
 	chmod +x "$root/sbin/init"
 	rm -f "$WORK/airootfs.sfs"

@@ -7,6 +7,7 @@
 pub mod detect;
 pub mod flags;
 pub mod iso_build;
+pub mod kmod;
 pub mod mounts;
 pub mod session;
 pub mod state;
@@ -576,12 +577,30 @@ fn mount_persistence(
     }];
     // the RAM tier's offline part, before the overlays cover its dirs
     let tiers = tier::prepare(&o.root, &pm, &o.run, s, mem_total());
+    // the booted kernel's modules: the image's copy bound aside first
+    let kmods = kmod::prepare(&o.root, &pm, &o.run, s);
     let plan = mounts::persistent_plan(&o.root, &pm, s, mem_total(), &|p| p.is_dir(), &|p| {
         !p.exists()
     });
     match mounts::execute(&plan, &mut done) {
         Ok(()) => {
             t.lap("layer");
+            if let Some(a) = kmods {
+                let k = kmod::apply(&o.root, &pm, a, &mut done);
+                match k.action {
+                    kmod::Action::Failed => {
+                        let w = format!("kernel modules: {}", kmod::describe(&k));
+                        log::warn!("{w}");
+                        st.warnings.push(w);
+                    }
+                    kmod::Action::Bound | kmod::Action::Overlaid => {
+                        log::warn!("kernel modules: {}", k.message)
+                    }
+                    _ => log::info!("kernel modules: {}", kmod::describe(&k)),
+                }
+                st.kernel_modules = Some(k);
+                t.lap("kernel modules");
+            }
             let (mounted, warnings) = tier::mount(&o.root, tiers, &mut done);
             for w in warnings {
                 log::warn!("{w}");
@@ -598,6 +617,9 @@ fn mount_persistence(
         }
         Err(e) => {
             tier::abandon(tiers);
+            if let Some(a) = kmods {
+                kmod::abandon(a);
+            }
             mounts::undo(&mut done, 0);
             Err(Reason::new("mount_failed", format!("{e:#}")))
         }

@@ -109,6 +109,11 @@ pub struct State {
     /// The users' `~/.cache` tmpfs mounted this boot.
     #[serde(default)]
     pub user_caches: Vec<crate::boot::usercache::UserCache>,
+    /// The booted kernel's modules: whether the persistent /usr shows the
+    /// image's, and what was done when it did not (null: /usr not
+    /// persistent, RAM mode, or an older release).
+    #[serde(default)]
+    pub kernel_modules: Option<crate::boot::kmod::KernelModules>,
 }
 
 #[cfg(test)]

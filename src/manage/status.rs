@@ -57,6 +57,8 @@ pub struct Status {
     pub iso_change: Option<crate::boot::iso_build::IsoChange>,
     /// The users' `~/.cache` in RAM this boot, with what stays on the stick.
     pub user_caches: Vec<crate::boot::usercache::UserCache>,
+    /// The booted kernel's modules (`boot::kmod`), when /usr is persistent.
+    pub kernel_modules: Option<crate::boot::kmod::KernelModules>,
     /// The companion: RAM tiers, live stats, cleanup, deleted-but-open
     /// files (null when not gathered).
     pub companion: Option<Companion>,
@@ -122,6 +124,7 @@ pub fn build(
             iso: None,
             iso_change: None,
             user_caches: vec![],
+            kernel_modules: None,
             companion: None,
         };
     };
@@ -188,6 +191,7 @@ pub fn build(
         iso: st.iso.clone(),
         iso_change: st.iso_change.clone(),
         user_caches: st.user_caches.clone(),
+        kernel_modules: st.kernel_modules.clone(),
         companion: None,
     }
 }
@@ -510,6 +514,9 @@ pub fn render(s: &Status) -> String {
     }
     if let Some(i) = &s.iso {
         line("ISO build:", format!("{} ({})", i.label, i.uuid));
+    }
+    if let Some(k) = &s.kernel_modules {
+        line("kernel:", crate::boot::kmod::describe(k));
     }
     if let Some(c) = &s.iso_change {
         line(
