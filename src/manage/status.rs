@@ -86,6 +86,17 @@ pub struct Companion {
     /// Set when run without root: what is not shown (the files that name
     /// users' files are root's, mode 0600) and how to see it.
     pub root_only: Option<String>,
+    /// Tiers whose last sync failed, with the reason (from `syncs.json`):
+    /// what they changed since their last good sync is in RAM only.
+    pub failing: Vec<SyncFault>,
+}
+
+/// A tier whose syncs fail (a full partition, an I/O error).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SyncFault {
+    pub dir: String,
+    pub reason: String,
+    pub since_unix_ms: u64,
 }
 
 pub const FULL_PERCENT: u64 = 90;
@@ -290,6 +301,20 @@ pub fn render_companion(c: &Companion) -> String {
                     t.sync_errors
                 ),
             );
+            if let Some(f) = c.failing.iter().find(|f| f.dir == t.dir) {
+                line(
+                    "",
+                    format!(
+                        "{}: NOT SAVED: {} (failing since {}); {} changes ({}) are kept in RAM only and lost at poweroff; \
+                         the daemon retries with backoff: free space on the partition, then `sudo mados-persistence sync`",
+                        t.dir,
+                        f.reason,
+                        ago(c.now_unix_ms, f.since_unix_ms),
+                        t.dirty_files,
+                        h(t.dirty_bytes)
+                    ),
+                );
+            }
         }
         let cleanup = if s.cleanup_runs == 0 {
             "no pass yet".to_string()
@@ -673,6 +698,17 @@ fn gather_companion(st: Option<&State>) -> Companion {
         pinned: crate::companion::pinning::PinnedList::load(&run_dir()).files,
         hot: crate::companion::pinning::HotState::load(&run_dir()),
         root_only: (!nix::unistd::geteuid().is_root()).then(|| ROOT_ONLY.to_string()),
+        failing: crate::companion::SyncLog::load(&run_dir())
+            .tiers
+            .into_iter()
+            .filter_map(|t| {
+                Some(SyncFault {
+                    reason: t.last_error?,
+                    dir: t.dir,
+                    since_unix_ms: t.failing_since_unix_ms,
+                })
+            })
+            .collect(),
     }
 }
 
@@ -929,7 +965,28 @@ mod tests {
                 adopt_suggested: false,
             }),
             root_only: None,
+            failing: vec![],
         }
+    }
+
+    #[test]
+    fn a_failing_sync_says_what_is_not_saved_and_why() {
+        let mut c = companion(true, false);
+        let text = render_companion(&c);
+        assert!(!text.contains("NOT SAVED"), "{text}");
+        c.failing = vec![SyncFault {
+            dir: "/var/log".into(),
+            reason: "the persistence partition is full (ENOSPC)".into(),
+            since_unix_ms: 1_240_000,
+        }];
+        let text = render_companion(&c);
+        assert!(
+            text.contains("/var/log: NOT SAVED: the persistence partition is full (ENOSPC) (failing since 1 min ago); 3 changes (12K) are kept in RAM only"),
+            "{text}"
+        );
+        assert!(text.contains("retries with backoff"), "{text}");
+        let j = serde_json::to_value(&c).unwrap();
+        assert_eq!(j["failing"][0]["dir"], "/var/log");
     }
 
     #[test]
