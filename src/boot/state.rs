@@ -109,6 +109,12 @@ pub struct State {
     /// The users' `~/.cache` tmpfs mounted this boot.
     #[serde(default)]
     pub user_caches: Vec<crate::boot::usercache::UserCache>,
+    /// The stick is write-protected and its persistence is mounted
+    /// read-only (`mode` stays "persistent": the partition is in use; a
+    /// reader that knows no `read_only` sees it persistent, with no tier
+    /// to sync). Changes of this boot are kept in RAM only.
+    #[serde(default)]
+    pub read_only: bool,
 }
 
 #[cfg(test)]

@@ -175,7 +175,9 @@ pub fn run() -> Result<()> {
         .context("signalfd")?;
     let tiers = st.tiers.clone();
     let ram = tier_ram(&tiers).map(Path::to_path_buf);
-    let status = if tiers.is_empty() {
+    let status = if st.read_only {
+        "read-only stick: changes are not saved; nothing to sync".to_string()
+    } else if tiers.is_empty() {
         format!("mode {}: no RAM tier", st.mode)
     } else {
         format!(
@@ -356,9 +358,10 @@ pub fn run() -> Result<()> {
         let backed_off = retry_at.is_some_and(|r| Instant::now() < r);
         let due = wake == Some(Signal::SIGUSR1)
             || (!backed_off
-                && ((dirty && last_sync.elapsed() >= interval)
-                    || (dirty && last_write.is_some_and(|w| w.elapsed() >= idle))
-                    || (dirty && full)));
+                && dirty
+                && (last_sync.elapsed() >= interval
+                    || last_write.is_some_and(|w| w.elapsed() >= idle)
+                    || full));
         if due {
             if full {
                 log::warn!(

@@ -316,7 +316,9 @@ pub fn sync_command(json: bool) -> Result<bool> {
     let run = run_dir();
     let st = read_state(&run)?;
     if st.tiers.is_empty() {
-        let why = if st.mode != "persistent" {
+        let why = if st.read_only {
+            "the stick is write-protected: nothing is synced to it; the changes of this boot are kept in RAM only".to_string()
+        } else if st.mode != "persistent" {
             format!(
                 "this boot runs in RAM mode ({}); there is no RAM tier to sync",
                 st.mode

@@ -38,7 +38,12 @@ pub struct Status {
     pub schema: u32,
     /// "persistent", "ram", or "unknown" (not booted with mados-persistence).
     pub mode: String,
+    /// Changes are being saved: persistent, the partition mounted, and
+    /// the stick writable.
     pub active: bool,
+    /// The stick is write-protected: its persistence is shown read-only,
+    /// changes are kept in RAM (state.json `read_only`).
+    pub read_only: bool,
     pub reason: Option<crate::boot::detect::Reason>,
     pub boot_device: Option<crate::boot::state::BootDevice>,
     pub partition: Option<crate::boot::state::Partition>,
@@ -115,6 +120,7 @@ pub fn build(
             schema: 1,
             mode: "unknown".into(),
             active: false,
+            read_only: false,
             reason: Some(crate::boot::detect::Reason::new(
                 "not_booted",
                 format!(
@@ -180,12 +186,14 @@ pub fn build(
         .as_ref()
         .filter(|_| st.mode == "persistent")
         .and_then(|p| usage(&p.mountpoint));
-    let active =
-        st.mode == "persistent" && mounts.iter().any(|m| m.kind == "persistence" && m.mounted);
+    let active = st.mode == "persistent"
+        && !st.read_only
+        && mounts.iter().any(|m| m.kind == "persistence" && m.mounted);
     Status {
         schema: 1,
         mode: st.mode.clone(),
         active,
+        read_only: st.read_only,
         reason: st.reason.clone(),
         boot_device: st.boot_device.clone(),
         partition: st.partition.clone(),
@@ -484,6 +492,11 @@ pub fn render(s: &Status) -> String {
     let mut o = String::new();
     let mut line = |k: &str, v: String| o.push_str(&format!("{k:<14}{v}\n"));
     let headline = match (s.mode.as_str(), s.active) {
+        ("persistent", _) if s.read_only => {
+            "read-only: changes are not saved (the stick is write-protected: what it holds is shown, \
+             what you change is kept in RAM and lost at shutdown)"
+                .to_string()
+        }
         ("persistent", true) => "ACTIVE: your changes are saved to the stick".to_string(),
         ("persistent", false) => {
             "NOT ACTIVE: the persistence partition is no longer mounted; changes are not saved"
@@ -812,6 +825,31 @@ mod tests {
         let json = serde_json::to_value(&status).unwrap();
         assert_eq!(json["partition_usage"]["used"], 950);
         assert_eq!(json["mounts"][2]["kind"], "bind");
+    }
+
+    #[test]
+    fn a_write_protected_stick_says_changes_are_not_saved() {
+        let mut s = st(PERSISTENT);
+        s.read_only = true;
+        let status = build(Some(&s), "x", &|_| true, &|_| None, None);
+        assert!(status.read_only && !status.active);
+        let text = render(&status);
+        assert!(
+            text.starts_with(
+                "persistence:  read-only: changes are not saved (the stick is write-protected"
+            ),
+            "{text}"
+        );
+        assert!(!text.contains("ACTIVE"), "{text}");
+        let j = serde_json::to_value(&status).unwrap();
+        assert_eq!(
+            (j["mode"].as_str(), j["read_only"].as_bool()),
+            (Some("persistent"), Some(true))
+        );
+        // a state.json without the field (an older boot) is writable
+        let old = st(PERSISTENT);
+        assert!(!old.read_only);
+        assert!(build(Some(&old), "x", &|_| true, &|_| None, None).active);
     }
 
     #[test]
