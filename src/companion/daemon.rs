@@ -280,8 +280,13 @@ pub fn run() -> Result<()> {
             wake,
             Some(Signal::SIGTERM | Signal::SIGINT | Signal::SIGHUP)
         ) {
-            let _ = notify("STOPPING=1\nSTATUS=final sync");
-            log::info!("stopping: final sync");
+            if tiers.is_empty() {
+                let _ = notify("STOPPING=1");
+                log::info!("stopping (no RAM tier to sync)");
+            } else {
+                let _ = notify("STOPPING=1\nSTATUS=final sync");
+                log::info!("stopping: final sync");
+            }
             // the tiers first: the hot set (a capture of many files) is
             // worth less than the data, and must never delay it
             let ok = tiers.is_empty()

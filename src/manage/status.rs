@@ -543,7 +543,14 @@ pub fn render(s: &Status) -> String {
             line("fsck:", format!("{} (exit {})", f.summary, f.code));
         }
         if let Some(l) = p.last_shutdown {
-            line("shutdown:", last_shutdown_text(l).into());
+            let mut t = last_shutdown_text(l).to_string();
+            if s.read_only && l == state::LastShutdown::Unclean {
+                t = t.replace(
+                    "e2fsck replayed its journal at this boot",
+                    "its journal was NOT replayed (the stick is write-protected): the last changes before it may be missing until a writable boot",
+                );
+            }
+            line("shutdown:", t);
         }
     }
     if let Some(i) = &s.iso {
@@ -831,8 +838,16 @@ mod tests {
     fn a_write_protected_stick_says_changes_are_not_saved() {
         let mut s = st(PERSISTENT);
         s.read_only = true;
+        let p = s.partition.as_mut().unwrap();
+        p.fsck = None;
+        p.last_shutdown = Some(state::LastShutdown::Unclean);
         let status = build(Some(&s), "x", &|_| true, &|_| None, None);
         assert!(status.read_only && !status.active);
+        assert!(
+            render(&status).contains("its journal was NOT replayed (the stick is write-protected)"),
+            "{}",
+            render(&status)
+        );
         let text = render(&status);
         assert!(
             text.starts_with(
@@ -841,6 +856,10 @@ mod tests {
             "{text}"
         );
         assert!(!text.contains("ACTIVE"), "{text}");
+        assert!(
+            !text.contains("fsck:"),
+            "no fsck on a write-protected stick: {text}"
+        );
         let j = serde_json::to_value(&status).unwrap();
         assert_eq!(
             (j["mode"].as_str(), j["read_only"].as_bool()),
