@@ -274,6 +274,8 @@ boot_vm() {
 
 # QEMU arguments for a USB stick / CD-ROM / virtio disk.
 usb_stick() { echo "-device qemu-xhci,id=xhci -drive if=none,id=stick,format=raw,file=$1 -device usb-storage,bus=xhci.0,drive=stick,removable=on"; }
+# The same stick write-protected (a lock switch): the device reports it
+usb_stick_ro() { echo "-device qemu-xhci,id=xhci -drive if=none,id=stick,format=raw,readonly=on,file=$1 -device usb-storage,bus=xhci.0,drive=stick,removable=on"; }
 # A stick throttled like USB 2 (20 MB/s, 400 IOPS), as in bench/run.
 slow_stick() { echo "-device qemu-xhci,id=xhci -drive if=none,id=stick,format=raw,file=$1,throttling.bps-total=20000000,throttling.iops-total=400 -device usb-storage,bus=xhci.0,drive=stick,removable=on"; }
 cdrom() { echo "-drive if=none,id=cd,format=raw,media=cdrom,readonly=on,file=$1 -device ide-cd,drive=cd"; }

@@ -33,10 +33,14 @@ impl Reason {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "action", rename_all = "snake_case")]
 pub enum Decision {
-    /// Mount this existing persistence filesystem.
+    /// Mount this existing persistence filesystem; `read_only`: the
+    /// device or its disk is write-protected, so it is mounted read-only
+    /// under RAM uppers and nothing is written to it.
     Use {
         device: String,
         explicit: bool,
+        #[serde(default)]
+        read_only: bool,
     },
     /// Create a persistence partition on this disk.
     Create {
@@ -157,6 +161,27 @@ pub fn find_iso<'a>(
     }
 }
 
+/// The device `p`, or the disk it is on, is write-protected (sysfs `ro`,
+/// or `BLKROGET` as the boot's probe ORs in): a lock switch, an SD
+/// card's lock, a read-only device.
+pub fn write_protected(devs: &[Probed], p: &Probed) -> bool {
+    p.dev.read_only
+        || devs
+            .iter()
+            .any(|d| d.dev.name == p.dev.disk_name() && d.dev.read_only)
+}
+
+/// Why nothing is created on a write-protected disk.
+fn read_only_reason(disk: &str) -> Reason {
+    Reason::new(
+        "read_only",
+        format!(
+            "/dev/{disk} is write-protected (a lock switch, an SD card's lock, or a read-only device): \
+             nothing is written to it, no persistence partition is created; changes are kept in RAM"
+        ),
+    )
+}
+
 /// Whether persistence may be used on a boot disk of this kind.
 pub fn kind_allows(kind: &DiskKind, mode: Mode) -> Result<(), Reason> {
     match kind {
@@ -225,6 +250,7 @@ pub fn decide(
                 Decision::Use {
                     device: p.dev.name.clone(),
                     explicit: true,
+                    read_only: write_protected(devs, p),
                 },
                 warnings,
             ),
@@ -264,11 +290,20 @@ pub fn decide(
         .filter(labelled)
         .filter(|p| p.dev.parent.as_deref() == Some(disk.as_str()))
         .collect();
+    let disk_ro = devs.iter().any(|d| d.dev.name == disk && d.dev.read_only);
     match mine.as_slice() {
         [one] => (
             Decision::Use {
                 device: one.dev.name.clone(),
                 explicit: false,
+                read_only: write_protected(devs, one),
+            },
+            warnings,
+        ),
+        // before `nocreate`: the stick's state is what the user needs to know
+        [] if disk_ro => (
+            Decision::Ram {
+                reason: read_only_reason(&disk),
             },
             warnings,
         ),
@@ -455,7 +490,8 @@ mod tests {
             d,
             Decision::Use {
                 device: "sda3".into(),
-                explicit: false
+                explicit: false,
+                read_only: false
             }
         );
         let s = Settings {
@@ -547,8 +583,89 @@ mod tests {
             d,
             Decision::Use {
                 device: "vda1".into(),
-                explicit: true
+                explicit: true,
+                read_only: false
             }
         );
+    }
+
+    #[test]
+    fn a_write_protected_stick_is_used_read_only_and_never_created_on() {
+        let ro = |mut devs: Vec<Probed>, name: &str| {
+            devs.iter_mut()
+                .filter(|p| p.dev.name == name)
+                .for_each(|p| p.dev.read_only = true);
+            devs
+        };
+        let s = Settings::default();
+        // the disk locked: no partition is created, RAM mode says why
+        let devs = ro(stick(), "sda");
+        match decide(&s, &devs, Ok((&devs[0], &DiskKind::Usb))).0 {
+            Decision::Ram { reason } => {
+                assert_eq!(reason.code, "read_only");
+                assert!(
+                    reason.message.contains("/dev/sda is write-protected"),
+                    "{}",
+                    reason.message
+                );
+            }
+            d => panic!("{d:?}"),
+        }
+        // ... also with nocreate, and found from the ISO's partition
+        let noc = Settings {
+            mode: Mode::Nocreate,
+            ..Default::default()
+        };
+        match decide(&noc, &devs, Ok((&devs[1], &DiskKind::Usb))).0 {
+            Decision::Ram { reason } => assert_eq!(reason.code, "read_only"),
+            d => panic!("{d:?}"),
+        }
+        // an existing persistence on a locked disk: used read-only
+        let mut with = stick();
+        with.push(dev("sda3", Some("sda"), ext4("persistence")));
+        let devs = ro(with.clone(), "sda");
+        assert_eq!(
+            decide(&s, &devs, Ok((&devs[0], &DiskKind::Usb))).0,
+            Decision::Use {
+                device: "sda3".into(),
+                explicit: false,
+                read_only: true
+            }
+        );
+        // only the partition read-only (BLKROSET on it): the same
+        let devs = ro(with.clone(), "sda3");
+        assert!(matches!(
+            decide(&s, &devs, Ok((&devs[0], &DiskKind::Usb))).0,
+            Decision::Use {
+                read_only: true,
+                ..
+            }
+        ));
+        // only another partition read-only: not this one's business
+        let devs = ro(with, "sda1");
+        assert!(matches!(
+            decide(&s, &devs, Ok((&devs[0], &DiskKind::Usb))).0,
+            Decision::Use {
+                read_only: false,
+                ..
+            }
+        ));
+        // an explicit device on a locked disk: read-only too
+        let mut devs = stick();
+        devs.push(dev("sdb", None, None));
+        devs.push(dev("sdb1", Some("sdb"), ext4("mine")));
+        let devs = ro(devs, "sdb");
+        let s = Settings {
+            cow_device: Some(DeviceSpec::Label("mine".into())),
+            ..Default::default()
+        };
+        assert!(matches!(
+            decide(&s, &devs, Err(Reason::new("no_boot_device", "x"))).0,
+            Decision::Use {
+                read_only: true,
+                explicit: true,
+                ..
+            }
+        ));
     }
 }

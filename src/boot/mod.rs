@@ -105,10 +105,15 @@ pub fn probe_all(sys: &Sysfs) -> Vec<Probed> {
         // devices that cannot hold the ISO or have no medium are not
         // opened (an empty floppy drive logs I/O errors when read)
         .filter(|d| d.size > 0 && !["ram", "zram", "fd"].iter().any(|p| d.name.starts_with(p)))
-        .map(|dev| {
-            let fs = File::open(dev.dev_path())
-                .ok()
-                .and_then(|mut f| superblock::probe(&mut f).ok().flatten());
+        .map(|mut dev| {
+            let f = File::open(dev.dev_path()).ok();
+            // sysfs `ro`, and the kernel's own word on it (BLKROGET)
+            if f.as_ref()
+                .is_some_and(|f| crate::disk::blockdev::read_only(f).unwrap_or(false))
+            {
+                dev.read_only = true;
+            }
+            let fs = f.and_then(|mut f| superblock::probe(&mut f).ok().flatten());
             Probed { dev, fs }
         })
         .collect()
@@ -232,7 +237,11 @@ pub fn run(o: &BootOptions) -> State {
     let ram = mem_total();
     let persistent = match decision {
         Decision::Ram { reason } => Err(reason),
-        Decision::Use { device, explicit } => {
+        Decision::Use {
+            device,
+            explicit,
+            read_only,
+        } => {
             let dev = devs
                 .iter()
                 .find(|p| p.dev.name == device)
@@ -245,8 +254,17 @@ pub fn run(o: &BootOptions) -> State {
                 );
             }
             let disk = PathBuf::from("/dev").join(dev.disk_name());
+            if read_only {
+                log::warn!(
+                    "{} is write-protected: its persistence is mounted read-only, changes are kept in RAM",
+                    dev.dev_path().display()
+                );
+            }
             let opened = match in_use(&mi, &dev) {
                 Some(why) => Err(Reason::new("in_use", why)),
+                None if read_only => crate::disk::stick::reach_partition_read_only(&dev.dev_path())
+                    .map(|p| (p, None))
+                    .map_err(|e| Reason::new("open_failed", format!("{e:#}"))),
                 None => reach_partition(&disk, &dev.dev_path(), dev.start, dev.size)
                     .map_err(|e| Reason::new("open_failed", format!("{e:#}"))),
             };
@@ -265,7 +283,11 @@ pub fn run(o: &BootOptions) -> State {
                         origin: "existing".into(),
                         _loop: lp,
                     };
-                    mount_persistence(o, &s, &mut st, &mut t, tg)
+                    if read_only {
+                        mount_read_only(o, &s, &mut st, &mut t, tg)
+                    } else {
+                        mount_persistence(o, &s, &mut st, &mut t, tg)
+                    }
                 }
             }
         }
@@ -624,6 +646,184 @@ fn mount_persistence(
             Err(Reason::new("mount_failed", format!("{e:#}")))
         }
     }
+}
+
+/// A write-protected stick with persistence: nothing is written to it. No
+/// e2fsck (`-p` would repair), the filesystem mounted `ro,noload` (no
+/// journal replay), no request carried out, no ISO-change set-aside, no
+/// session placed, no fold; what the partition holds is layered
+/// read-only under RAM uppers (`mounts::read_only_plan`,
+/// `tier::read_only_layers`: no RAM tier, so the companion has nothing
+/// to sync).
+fn mount_read_only(
+    o: &BootOptions,
+    s: &Settings,
+    st: &mut State,
+    t: &mut Timer,
+    tg: Target,
+) -> Result<(), Reason> {
+    let last_shutdown = last_shutdown(&tg.via, false);
+    let node = tg.node.display().to_string();
+    st.read_only = true;
+    st.partition = Some(Partition {
+        device: node.clone(),
+        number: tg.number,
+        mounted_from: tg.via.display().to_string(),
+        created: false,
+        origin: tg.origin.clone(),
+        start: tg.start,
+        size: tg.size,
+        mountpoint: o.pmount().display().to_string(),
+        fsck: None,
+        last_shutdown,
+    });
+    log::info!("not checking {node} with e2fsck: the stick is write-protected");
+    if last_shutdown == Some(state::LastShutdown::Unclean) {
+        let w = format!(
+            "{node} was not unmounted cleanly and its journal cannot be replayed on a write-protected stick: \
+             the last changes before that shutdown may be missing until it boots writable"
+        );
+        log::warn!("{w}");
+        st.warnings.push(w);
+    }
+    let pm = o.pmount();
+    std::fs::create_dir_all(&pm)
+        .map_err(anyhow::Error::from)
+        .and_then(|_| mounts::mount(&node, &pm, "ext4", mounts::READ_ONLY_OPTIONS))
+        .map_err(|e| Reason::new("mount_failed", format!("{e:#}")))?;
+    t.lap("mount persistence");
+    let give_up = |r: Reason| {
+        let _ = mounts::umount(&pm);
+        Err(r)
+    };
+    let f = flags::read(&pm);
+    if f.remove {
+        return give_up(Reason::new(
+            "read_only",
+            format!(
+                "`remove` is pending for {node}, but the stick is write-protected: nothing was removed \
+                 (it is done at the next boot with the stick writable); changes are kept in RAM"
+            ),
+        ));
+    }
+    if let Some(d) = f.disabled {
+        return give_up(Reason::new(
+            if d == flags::Disabled::Once {
+                "disabled_once"
+            } else {
+                "disabled"
+            },
+            format!(
+                "persistence is turned off on the stick (`disable`{}); the stick is write-protected, \
+                 so the request stays for the next boot",
+                if d == flags::Disabled::Once {
+                    " --once"
+                } else {
+                    ""
+                }
+            ),
+        ));
+    }
+    let mut layered = s.clone();
+    if let (Some(cur), Some(prev)) = (st.iso.clone(), iso_build::read(&pm))
+        && cur != prev
+        && s.on_iso_change == config::OnIsoChange::SetAside
+    {
+        let w = format!(
+            "the overlays on {node} were made on ISO build {} ({}), not this one, and the stick is \
+             write-protected so they cannot be set aside: /etc /usr /var /opt are not layered this boot; /home is",
+            prev.label, prev.uuid
+        );
+        log::warn!("{w}");
+        st.warnings.push(w);
+        layered.overlay_dirs.clear();
+        layered.tier.dirs.retain(|d| {
+            !s.overlay_dirs
+                .iter()
+                .any(|p| tier::strictly_under(d, p).is_some())
+        });
+    }
+    if fsutil::exists_nofollow(&session::staging(&pm)) {
+        let w = "a RAM session saved by `enable` waits on the partition; it is put in place at the next \
+                 boot with the stick writable"
+            .to_string();
+        log::warn!("{w}");
+        st.warnings.push(w);
+    }
+    let late;
+    let s = match saved_config(&pm, &layered, &o.cmdline, &mut st.warnings) {
+        Some(l) => {
+            late = l;
+            &late
+        }
+        None => &layered,
+    };
+    let cow = o.run.join("mados/cow");
+    let present = |p: &Path| p.is_dir();
+    let opaque = |p: &Path| crate::util::safefs::Dir::open(p).is_ok_and(|d| d.is_opaque());
+    let (aside, dirs, notes) = tier::read_only_layers(&o.root, &pm, &cow, s, &present, &opaque);
+    for n in notes {
+        log::warn!("{n}");
+        st.warnings.push(n);
+    }
+    let plan = mounts::read_only_plan(
+        &o.root,
+        &pm,
+        &cow,
+        s,
+        mem_total(),
+        aside.clone(),
+        &|p| p.is_dir(),
+        &present,
+    );
+    let mut done = vec![Mounted {
+        target: pm.clone(),
+        fstype: "ext4".into(),
+        source: node,
+        options: mounts::READ_ONLY_OPTIONS.into(),
+    }];
+    if let Err(e) = mounts::execute(&plan, &mut done) {
+        mounts::undo(&mut done, 0);
+        return Err(Reason::new("mount_failed", format!("{e:#}")));
+    }
+    t.lap("layer");
+    for d in dirs {
+        // the dir is mounted on by its path: it must lead nowhere else (the
+        // partition's upper, a user's, may hold a symlink on the way)
+        let rel = PathBuf::from(d.dir.trim_start_matches('/'));
+        let plain = crate::util::safefs::Dir::open(&o.root)
+            .and_then(|r| r.dir_through_mounts(&rel, false))
+            .is_ok();
+        let r = if plain {
+            mounts::execute(&d.steps, &mut done)
+        } else {
+            Err(anyhow::anyhow!("a symlink on the way, or not a directory"))
+        };
+        match r {
+            Ok(()) => log::info!(
+                "{}: what the partition holds, read-only, under a RAM upper",
+                d.dir
+            ),
+            Err(e) => {
+                let w = format!("{}: not layered from the partition this boot: {e:#}", d.dir);
+                log::warn!("{w}");
+                st.warnings.push(w);
+            }
+        }
+    }
+    // the live dirs bound aside for the tier dirs: each overlay holds its
+    // own reference; one not used is let go
+    for a in aside {
+        if let mounts::Step::Bind { target, .. } = a
+            && let Some(i) = done.iter().position(|m| m.target == target)
+        {
+            let _ = nix::mount::umount2(&target, nix::mount::MntFlags::MNT_DETACH);
+            done.remove(i);
+        }
+    }
+    t.lap("tier");
+    st.mounts.extend(done);
+    Ok(())
 }
 
 /// Each user's `~/.cache` in RAM (`boot::usercache`). A failure costs only

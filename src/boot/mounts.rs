@@ -50,6 +50,11 @@ pub enum Step {
         from: PathBuf,
         to: PathBuf,
     },
+    /// Detach a mount this plan made (a dir bound aside for a lower layer,
+    /// no longer needed once the overlay holds its own reference).
+    Detach {
+        target: PathBuf,
+    },
 }
 
 /// `/var/lib` → `var-lib`: a dir's name on the partition.
@@ -153,6 +158,113 @@ pub fn persistent_plan(
             source: src,
             target,
         });
+    }
+    steps
+}
+
+/// The options of the partition's mount on a write-protected stick:
+/// read-only, and `noload`: no journal replay, which would write.
+pub const READ_ONLY_OPTIONS: &str = "ro,noload";
+
+/// A write-protected stick with persistence (pure): the partition at
+/// `pmount` is mounted read-only; everything the user saved is shown,
+/// and every change goes to RAM (one tmpfs of `cow_spacesize` at `cow`).
+/// Each overlay dir: an overlay with the partition's upper for it and the
+/// live image's dir as lower layers. Each bind dir (`/home`): an overlay
+/// with the partition's dir as its only lower (what the bind would show),
+/// or the live image's while the partition has none. The tmpfs mounts as
+/// usual; a cache bind the partition has: an overlay over it. `aside`
+/// (binds made before the overlays cover the dirs they show) goes right
+/// after the RAM tmpfs. `present` says whether a dir exists on the
+/// partition.
+#[allow(clippy::too_many_arguments)]
+pub fn read_only_plan(
+    root: &Path,
+    pmount: &Path,
+    cow: &Path,
+    s: &Settings,
+    ram: u64,
+    aside: Vec<Step>,
+    exists: &dyn Fn(&Path) -> bool,
+    present: &dyn Fn(&Path) -> bool,
+) -> Vec<Step> {
+    let mut steps = vec![
+        Step::Mkdir {
+            path: cow.to_path_buf(),
+        },
+        Step::Mount {
+            source: "cow".into(),
+            target: cow.to_path_buf(),
+            fstype: "tmpfs".into(),
+            options: format!("size={},mode=0700", s.cow_spacesize.resolve(ram)),
+        },
+    ];
+    steps.extend(aside);
+    let ram_overlay = |lowers: Vec<PathBuf>, name: &str, target: PathBuf, steps: &mut Vec<Step>| {
+        let up = cow.join(name).join("upper");
+        let work = cow.join(name).join("work");
+        steps.push(Step::Mkdir { path: up.clone() });
+        steps.push(Step::Mkdir { path: work.clone() });
+        steps.push(Step::Mount {
+            source: "overlay".into(),
+            target,
+            fstype: "overlay".into(),
+            options: format!(
+                "lowerdir={},upperdir={},workdir={}",
+                lowers
+                    .iter()
+                    .map(|l| l.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(":"),
+                up.display(),
+                work.display()
+            ),
+        });
+    };
+    for d in &s.overlay_dirs {
+        let target = under(root, d);
+        if !exists(&target) {
+            continue;
+        }
+        let saved = pmount.join("overlays").join(escape(d)).join("upper");
+        let mut lowers = vec![];
+        if present(&saved) {
+            lowers.push(saved);
+        }
+        lowers.push(target.clone());
+        ram_overlay(lowers, &escape(d), target, &mut steps);
+    }
+    for d in &s.bind_dirs {
+        let target = under(root, d);
+        let saved = pmount.join(escape(d));
+        let lower = if present(&saved) {
+            saved
+        } else if exists(&target) {
+            target.clone()
+        } else {
+            continue;
+        };
+        steps.push(Step::Mkdir {
+            path: target.clone(),
+        });
+        ram_overlay(vec![lower], &escape(d), target, &mut steps);
+    }
+    tmpfs_steps(root, s, ram, &mut steps);
+    for d in &s.cache_binds {
+        let saved = pmount.join("cache").join(escape(d));
+        if !present(&saved) {
+            continue;
+        }
+        let target = under(root, d);
+        steps.push(Step::Mkdir {
+            path: target.clone(),
+        });
+        ram_overlay(
+            vec![saved],
+            &format!("cache-{}", escape(d)),
+            target,
+            &mut steps,
+        );
     }
     steps
 }
@@ -317,6 +429,14 @@ fn execute_one(step: &Step, done: &mut Vec<Mounted>) -> Result<()> {
         } => mkdir_as(path, *uid, *gid, *mode),
         Step::Rename { from, to } => rename_noreplace(from, to)
             .with_context(|| format!("moving {} to {}", from.display(), to.display())),
+        Step::Detach { target } => {
+            nix::mount::umount2(target, MntFlags::MNT_DETACH)
+                .with_context(|| format!("detaching {}", target.display()))?;
+            if let Some(i) = done.iter().rposition(|m| &m.target == target) {
+                done.remove(i);
+            }
+            Ok(())
+        }
     }
 }
 
@@ -496,6 +616,101 @@ mod tests {
             &|_| true,
         );
         assert!(plan.is_empty());
+    }
+
+    #[test]
+    fn read_only_plan_layers_the_partition_under_ram_uppers() {
+        let s = Settings {
+            overlay_dirs: vec!["/etc".into(), "/opt".into(), "/srv".into()],
+            cow_spacesize: Size::Bytes(64 << 20),
+            tmpfs: vec![],
+            cache_binds: vec!["/var/cache/pkg".into(), "/var/cache/none".into()],
+            ..Default::default()
+        };
+        let aside = vec![Step::Mkdir {
+            path: p("/c/aside"),
+        }];
+        // the partition has /etc's upper, home and one cache; /srv is not
+        // in the live image
+        let present = |q: &Path| {
+            ["/p/overlays/etc/upper", "/p/home", "/p/cache/var-cache-pkg"]
+                .iter()
+                .any(|x| q == Path::new(x))
+        };
+        let exists = |q: &Path| q != Path::new("/r/srv");
+        let plan = read_only_plan(
+            &p("/r"),
+            &p("/p"),
+            &p("/c"),
+            &s,
+            8 << 30,
+            aside,
+            &exists,
+            &present,
+        );
+        let mounts: Vec<(String, String)> = plan
+            .iter()
+            .filter_map(|st| match st {
+                Step::Mount {
+                    target, options, ..
+                } => Some((target.display().to_string(), options.clone())),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            mounts,
+            [
+                ("/c", format!("size={},mode=0700", 64 << 20)),
+                ("/r/etc", "lowerdir=/p/overlays/etc/upper:/r/etc,upperdir=/c/etc/upper,workdir=/c/etc/work".into()),
+                ("/r/opt", "lowerdir=/r/opt,upperdir=/c/opt/upper,workdir=/c/opt/work".into()),
+                ("/r/home", "lowerdir=/p/home,upperdir=/c/home/upper,workdir=/c/home/work".into()),
+                (
+                    "/r/var/cache/pkg",
+                    "lowerdir=/p/cache/var-cache-pkg,upperdir=/c/cache-var-cache-pkg/upper,workdir=/c/cache-var-cache-pkg/work".into()
+                ),
+            ]
+            .map(|(a, b)| (a.to_string(), b))
+        );
+        // the binds aside come right after the RAM tmpfs, before any overlay
+        assert_eq!(
+            plan[2],
+            Step::Mkdir {
+                path: p("/c/aside")
+            }
+        );
+        // nothing is made on the partition, nothing seeded or bound from it
+        assert!(
+            !plan.iter().any(|st| match st {
+                Step::Mkdir { path } => path.starts_with("/p"),
+                Step::Seed { .. }
+                | Step::Bind { .. }
+                | Step::Rename { .. }
+                | Step::MkdirAs { .. } => true,
+                _ => false,
+            }),
+            "{plan:?}"
+        );
+        // no home saved yet: the live image's, under a RAM upper
+        let plan = read_only_plan(
+            &p("/r"),
+            &p("/p"),
+            &p("/c"),
+            &s,
+            8 << 30,
+            vec![],
+            &|_| true,
+            &|_| false,
+        );
+        assert!(plan.contains(&Step::Mount {
+            source: "overlay".into(),
+            target: p("/r/home"),
+            fstype: "overlay".into(),
+            options: "lowerdir=/r/home,upperdir=/c/home/upper,workdir=/c/home/work".into()
+        }));
+        assert_eq!(
+            split_options(READ_ONLY_OPTIONS),
+            (MsFlags::MS_RDONLY, "noload".into())
+        );
     }
 
     #[test]

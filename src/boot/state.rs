@@ -114,6 +114,12 @@ pub struct State {
     /// persistent, RAM mode, or an older release).
     #[serde(default)]
     pub kernel_modules: Option<crate::boot::kmod::KernelModules>,
+    /// The stick is write-protected and its persistence is mounted
+    /// read-only (`mode` stays "persistent": the partition is in use; a
+    /// reader that knows no `read_only` sees it persistent, with no tier
+    /// to sync). Changes of this boot are kept in RAM only.
+    #[serde(default)]
+    pub read_only: bool,
 }
 
 #[cfg(test)]

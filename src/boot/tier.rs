@@ -525,6 +525,122 @@ pub fn mount(root: &Path, p: Prepared, done: &mut Vec<Mounted>) -> (Vec<Tier>, V
     (tiers, warnings)
 }
 
+/// A tier dir on a write-protected stick: no tier (nothing can be synced),
+/// the dir shown from what the partition holds for it, read-only, under a
+/// RAM upper (`read_only_layers`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReadOnlyDir {
+    pub dir: String,
+    /// The overlay's mount (mkdirs and the mount), made once the
+    /// persistent dirs are layered, then the dir bound aside detached.
+    pub steps: Vec<mounts::Step>,
+}
+
+/// The tier dirs on a write-protected stick (pure). Nothing is folded
+/// (that would write): each tier dir becomes an overlay in the RAM tmpfs
+/// `cow` whose lower layers are, top first, what the persistent overlay's
+/// upper holds there (written while the tier was off; alone when it is
+/// opaque), the last sync (the stage, with its whiteouts), the tier's
+/// lower, and the live image's dir (bound aside before the persistent
+/// overlays cover it: no third level of stacking); for a dir under a bind
+/// dir, the stage and the partition's own dir. That is what the next
+/// writable boot will show after its fold. Returns the binds aside (made
+/// first), the dirs, and a line for each dir left out.
+pub fn read_only_layers(
+    root: &Path,
+    pm: &Path,
+    cow: &Path,
+    s: &Settings,
+    present: &dyn Fn(&Path) -> bool,
+    opaque: &dyn Fn(&Path) -> bool,
+) -> (Vec<mounts::Step>, Vec<ReadOnlyDir>, Vec<String>) {
+    use mounts::Step;
+    let (mut aside, mut dirs, mut notes) = (vec![], vec![], vec![]);
+    if !s.tier.enabled {
+        return (aside, dirs, notes);
+    }
+    for d in &s.tier.dirs {
+        let h = match home_of(d, s) {
+            Ok(h) => h,
+            Err(w) => {
+                notes.push(w);
+                continue;
+            }
+        };
+        let name = escape(d);
+        let base = pm.join("tier").join(&name);
+        let (stage, lower) = (base.join("stage"), base.join("lower"));
+        let mut lowers: Vec<PathBuf> = vec![];
+        let mut detach = None;
+        match &h {
+            Home::Overlay { parent, sub, .. } => {
+                let up = parent_upper(pm, parent, sub);
+                let hidden = present(&up) && opaque(&up);
+                if present(&up) {
+                    lowers.push(up);
+                }
+                if !hidden {
+                    lowers.extend([stage, lower].into_iter().filter(|p| present(p)));
+                    let live = under(root, d);
+                    if present(&live) {
+                        let b = cow.join("tier").join(&name).join("below");
+                        aside.push(Step::Mkdir { path: b.clone() });
+                        aside.push(Step::Bind {
+                            source: live,
+                            target: b.clone(),
+                        });
+                        lowers.push(b.clone());
+                        detach = Some(b);
+                    }
+                }
+            }
+            Home::Bind { path, .. } => {
+                lowers.extend([stage, pm.join(path)].into_iter().filter(|p| present(p)));
+            }
+        }
+        if lowers.is_empty() {
+            continue; // nothing saved there, nothing in the image: as it is
+        }
+        let (upper, work) = (
+            cow.join("tier").join(&name).join("upper"),
+            cow.join("tier").join(&name).join("work"),
+        );
+        let target = under(root, d);
+        let mut steps = vec![
+            Step::Mkdir {
+                path: upper.clone(),
+            },
+            Step::Mkdir { path: work.clone() },
+            Step::Mkdir {
+                path: target.clone(),
+            },
+            Step::Mount {
+                source: "mados-tier-ro".into(),
+                target,
+                fstype: "overlay".into(),
+                options: format!(
+                    "lowerdir={},upperdir={},workdir={},{OVERLAY_OPTIONS}",
+                    lowers
+                        .iter()
+                        .map(|l| l.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(":"),
+                    upper.display(),
+                    work.display()
+                ),
+            },
+        ];
+        if let Some(b) = detach {
+            steps.push(Step::Detach { target: b });
+        }
+        dirs.push(ReadOnlyDir {
+            dir: d.clone(),
+            steps,
+        });
+    }
+    (aside, dirs, notes)
+}
+
 /// The persistent mounts failed: no tier either.
 pub fn abandon(p: Prepared) {
     for (_, below) in &p.tiers {
@@ -624,6 +740,132 @@ mod tests {
         assert_eq!(dirs, ["/var/log", "/var/lib/app", "/home/u/.config/x"]);
         assert_eq!(refused.len(), 3, "{refused:?}");
         assert!(refused[2].contains("more than the 20 bytes"), "{refused:?}");
+    }
+
+    #[test]
+    fn read_only_layers_show_the_last_sync_without_folding() {
+        use crate::boot::mounts::Step;
+        let s = Settings {
+            tier: crate::settings::config::TierSettings {
+                dirs: vec![
+                    "/var/log".into(),
+                    "/home/u/.cache".into(),
+                    "/srv/x".into(),
+                    "/var/empty".into(),
+                ],
+                ..Settings::default().tier
+            },
+            ..Default::default()
+        };
+        let on =
+            |list: &'static [&'static str]| move |q: &Path| list.iter().any(|x| q == Path::new(x));
+        let present = on(&[
+            "/p/overlays/var/upper/log",
+            "/p/tier/var-log/stage",
+            "/p/tier/var-log/lower",
+            "/r/var/log",
+            "/p/tier/home-u-.cache/stage",
+            "/p/home/u/.cache",
+        ]);
+        let (aside, dirs, notes) = read_only_layers(
+            Path::new("/r"),
+            Path::new("/p"),
+            Path::new("/c"),
+            &s,
+            &present,
+            &|_| false,
+        );
+        assert_eq!(
+            aside,
+            [
+                Step::Mkdir {
+                    path: "/c/tier/var-log/below".into()
+                },
+                Step::Bind {
+                    source: "/r/var/log".into(),
+                    target: "/c/tier/var-log/below".into()
+                },
+            ]
+        );
+        assert_eq!(notes.len(), 1, "/srv/x is not persistent: {notes:?}");
+        assert_eq!(dirs.len(), 2, "/var/empty: nothing anywhere, left as it is");
+        let mount = |d: &ReadOnlyDir| {
+            d.steps
+                .iter()
+                .find_map(|st| match st {
+                    Step::Mount {
+                        options, target, ..
+                    } => Some((target.display().to_string(), options.clone())),
+                    _ => None,
+                })
+                .unwrap()
+        };
+        assert_eq!(
+            mount(&dirs[0]),
+            (
+                "/r/var/log".into(),
+                format!(
+                    "lowerdir=/p/overlays/var/upper/log:/p/tier/var-log/stage:/p/tier/var-log/lower:/c/tier/var-log/below,\
+                     upperdir=/c/tier/var-log/upper,workdir=/c/tier/var-log/work,{OVERLAY_OPTIONS}"
+                )
+            )
+        );
+        assert_eq!(
+            dirs[0].steps.last(),
+            Some(&Step::Detach {
+                target: "/c/tier/var-log/below".into()
+            })
+        );
+        assert_eq!(
+            mount(&dirs[1]).1,
+            format!(
+                "lowerdir=/p/tier/home-u-.cache/stage:/p/home/u/.cache,upperdir=/c/tier/home-u-.cache/upper,\
+                 workdir=/c/tier/home-u-.cache/work,{OVERLAY_OPTIONS}"
+            )
+        );
+        // nothing on the partition is written: no step names it but as a lower
+        for d in &dirs {
+            for st in &d.steps {
+                if let Step::Mkdir { path } = st {
+                    assert!(!path.starts_with("/p"), "{st:?}");
+                }
+            }
+        }
+        // an opaque persistent part hides the rest, as the fold would
+        let (aside, dirs, _) = read_only_layers(
+            Path::new("/r"),
+            Path::new("/p"),
+            Path::new("/c"),
+            &s,
+            &present,
+            &|q| q == Path::new("/p/overlays/var/upper/log"),
+        );
+        assert!(aside.is_empty());
+        assert!(
+            mount(&dirs[0])
+                .1
+                .starts_with("lowerdir=/p/overlays/var/upper/log,upperdir=")
+        );
+        // the tier off: no dirs
+        let off = Settings {
+            tier: crate::settings::config::TierSettings {
+                enabled: false,
+                ..s.tier.clone()
+            },
+            ..s.clone()
+        };
+        assert!(
+            read_only_layers(
+                Path::new("/r"),
+                Path::new("/p"),
+                Path::new("/c"),
+                &off,
+                &present,
+                &|_| false
+            )
+            .1
+            .is_empty()
+        );
     }
 
     #[test]

@@ -175,7 +175,9 @@ pub fn run() -> Result<()> {
         .context("signalfd")?;
     let tiers = st.tiers.clone();
     let ram = tier_ram(&tiers).map(Path::to_path_buf);
-    let status = if tiers.is_empty() {
+    let status = if st.read_only {
+        "read-only stick: changes are not saved; nothing to sync".to_string()
+    } else if tiers.is_empty() {
         format!("mode {}: no RAM tier", st.mode)
     } else {
         format!(
@@ -251,6 +253,9 @@ pub fn run() -> Result<()> {
     let mut next_cleanup = cleanup_every.map(|_| Instant::now() + Duration::from_secs(5));
     // a restarted daemon does not know whether the tiers changed: sync once
     let mut dirty = !tiers.is_empty();
+    // failed syncs in a row, and when the next may be tried
+    let mut failures: u32 = 0;
+    let mut retry_at: Option<Instant> = None;
     loop {
         let mut wake = None;
         if let Ok(fd) = nix::poll::poll(
@@ -275,8 +280,13 @@ pub fn run() -> Result<()> {
             wake,
             Some(Signal::SIGTERM | Signal::SIGINT | Signal::SIGHUP)
         ) {
-            let _ = notify("STOPPING=1\nSTATUS=final sync");
-            log::info!("stopping: final sync");
+            if tiers.is_empty() {
+                let _ = notify("STOPPING=1");
+                log::info!("stopping (no RAM tier to sync)");
+            } else {
+                let _ = notify("STOPPING=1\nSTATUS=final sync");
+                log::info!("stopping: final sync");
+            }
             // the tiers first: the hot set (a capture of many files) is
             // worth less than the data, and must never delay it
             let ok = tiers.is_empty()
@@ -285,6 +295,24 @@ pub fn run() -> Result<()> {
                 p.save_now();
             }
             live.refresh_dirty(&run, &tiers);
+            if !ok {
+                // the last word on what this boot loses
+                for t in live.stats.tiers.iter().filter(|t| t.dirty_files > 0) {
+                    log::error!(
+                        "at stop: {} changes ({} bytes) in {} stay unsaved in RAM and are lost at poweroff{}",
+                        t.dirty_files,
+                        t.dirty_bytes,
+                        t.dir,
+                        super::SyncLog::load(&run)
+                            .tiers
+                            .iter()
+                            .find(|l| l.dir == t.dir)
+                            .and_then(|l| l.last_error.clone())
+                            .map(|e| format!(": {e}"))
+                            .unwrap_or_default()
+                    );
+                }
+            }
             live.stats.stopped = true;
             live.publish();
             return match ok {
@@ -330,10 +358,15 @@ pub fn run() -> Result<()> {
             (live.stats.tier_used, live.stats.tier_budget) = (u.0, u.2);
         }
         live.stats.tier_full = full;
+        // after a failed sync (a full partition, an I/O error) the next
+        // try waits: not every second while the trigger holds
+        let backed_off = retry_at.is_some_and(|r| Instant::now() < r);
         let due = wake == Some(Signal::SIGUSR1)
-            || (dirty && last_sync.elapsed() >= interval)
-            || (dirty && last_write.is_some_and(|w| w.elapsed() >= idle))
-            || (dirty && full);
+            || (!backed_off
+                && dirty
+                && (last_sync.elapsed() >= interval
+                    || last_write.is_some_and(|w| w.elapsed() >= idle)
+                    || full));
         if due {
             if full {
                 log::warn!(
@@ -341,13 +374,32 @@ pub fn run() -> Result<()> {
                 );
             }
             // a sync by hand in progress: the next trigger tries again
-            if sync_once(&run, &tiers, &mut live, super::lock_wait(LOOP_WAIT)) {
-                dirty = false;
-                last_write = None;
-            }
+            let ok = sync_once(&run, &tiers, &mut live, super::lock_wait(LOOP_WAIT));
             last_sync = Instant::now();
             last_seen = ram.as_deref().and_then(usage);
             live.refresh_dirty(&run, &tiers);
+            if ok {
+                dirty = false;
+                last_write = None;
+                if failures > 0 {
+                    log::info!("synced again after {failures} failed syncs: everything is saved");
+                }
+                failures = 0;
+                retry_at = None;
+            } else {
+                failures += 1;
+                let wait = backoff(failures, interval);
+                retry_at = Some(Instant::now() + wait);
+                let (files, bytes) = live
+                    .stats
+                    .tiers
+                    .iter()
+                    .fold((0, 0), |(f, b), t| (f + t.dirty_files, b + t.dirty_bytes));
+                log::warn!(
+                    "{files} changes ({bytes} bytes) stay in RAM, not saved; next try in {} s ({failures} failed in a row)",
+                    wait.as_secs()
+                );
+            }
             last_refresh = Instant::now();
             stale = false;
         } else if stale && last_refresh.elapsed() >= Duration::from_secs(5) {
@@ -358,6 +410,16 @@ pub fn run() -> Result<()> {
         }
         live.publish();
     }
+}
+
+/// How long to wait before the next try after `failures` failed syncs
+/// in a row: 10 s, doubling, at most the sync interval (and at least
+/// 10 s). SIGUSR1 and `mados-persistence sync` try at once.
+pub fn backoff(failures: u32, interval: Duration) -> Duration {
+    let cap = interval.max(Duration::from_secs(10));
+    Duration::from_secs(10)
+        .saturating_mul(1u32 << failures.saturating_sub(1).min(16))
+        .min(cap)
 }
 
 /// How long the loop's own syncs wait for the sync lock (a
@@ -394,5 +456,20 @@ fn sync_once(run: &Path, tiers: &[Tier], live: &mut Live, wait: Duration) -> boo
             log::error!("sync: {e:#}");
             false
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failed_syncs_back_off_up_to_the_interval() {
+        let i = Duration::from_secs(300);
+        let got: Vec<u64> = (1..=8).map(|n| backoff(n, i).as_secs()).collect();
+        assert_eq!(got, [10, 20, 40, 80, 160, 300, 300, 300]);
+        assert_eq!(backoff(u32::MAX, i).as_secs(), 300);
+        // a short interval still waits 10 s
+        assert_eq!(backoff(3, Duration::from_secs(2)).as_secs(), 10);
     }
 }

@@ -105,6 +105,13 @@ pub struct TierLog {
     pub last_unix_ms: u64,
     pub last_us: u64,
     pub last_bytes: u64,
+    /// Why the last sync failed (`sync::fault`'s sentence, never a file
+    /// name: this file is readable by all); null after a good one.
+    #[serde(default)]
+    pub last_error: Option<String>,
+    /// When the syncs began failing (Unix ms; 0: the last one was good).
+    #[serde(default)]
+    pub failing_since_unix_ms: u64,
 }
 
 pub const SYNC_LOG: &str = "syncs.json";
@@ -137,8 +144,20 @@ impl SyncLog {
                     t.syncs += 1;
                     t.last_us = r.micros;
                     t.last_bytes = r.bytes;
+                    t.last_error = None;
+                    t.failing_since_unix_ms = 0;
                 }
-                Err(_) => t.errors += 1,
+                Err(e) => {
+                    t.errors += 1;
+                    t.last_error = Some(
+                        sync::fault(e)
+                            .unwrap_or("the sync failed (the error is in the journal)")
+                            .to_string(),
+                    );
+                    if t.failing_since_unix_ms == 0 {
+                        t.failing_since_unix_ms = now_ms;
+                    }
+                }
             }
         }
     }
@@ -297,7 +316,9 @@ pub fn sync_command(json: bool) -> Result<bool> {
     let run = run_dir();
     let st = read_state(&run)?;
     if st.tiers.is_empty() {
-        let why = if st.mode != "persistent" {
+        let why = if st.read_only {
+            "the stick is write-protected: nothing is synced to it; the changes of this boot are kept in RAM only".to_string()
+        } else if st.mode != "persistent" {
             format!(
                 "this boot runs in RAM mode ({}); there is no RAM tier to sync",
                 st.mode
@@ -404,13 +425,54 @@ mod tests {
                 errors: 0,
                 last_unix_ms: 2000,
                 last_us: 7,
-                last_bytes: 20
+                last_bytes: 20,
+                last_error: None,
+                failing_since_unix_ms: 0,
             }
         );
         assert_eq!((log.tiers[1].syncs, log.tiers[1].errors), (1, 1));
         assert_eq!(
+            log.tiers[1].last_error.as_deref(),
+            Some("the sync failed (the error is in the journal)")
+        );
+        assert_eq!(log.tiers[1].failing_since_unix_ms, 2000);
+        let full = std::io::Error::from_raw_os_error(nix::libc::ENOSPC);
+        log.record(
+            &SyncAll {
+                reports: vec![(
+                    "/a".into(),
+                    Err(anyhow::Error::from(full).context("copying /a/secret-name")),
+                )],
+                seconds: 0.0,
+            },
+            3000,
+        );
+        assert_eq!(
+            log.tiers[1].last_error.as_deref(),
+            Some("the persistence partition is full (ENOSPC)"),
+            "the reason, no file name"
+        );
+        assert_eq!(
+            log.tiers[1].failing_since_unix_ms, 2000,
+            "since the first failure"
+        );
+        assert_eq!(
             log.tiers[1].last_bytes, 1,
             "a failed sync keeps the last good one's bytes"
+        );
+        log.record(
+            &SyncAll {
+                reports: vec![("/a".into(), report(3))],
+                seconds: 0.0,
+            },
+            4000,
+        );
+        assert_eq!(
+            (
+                log.tiers[1].last_error.as_ref(),
+                log.tiers[1].failing_since_unix_ms
+            ),
+            (None, 0)
         );
     }
 }

@@ -164,7 +164,8 @@ impl Pinning {
         let pm = st
             .partition
             .as_ref()
-            .filter(|_| st.mode == "persistent")
+            // a write-protected stick keeps no hot set: it cannot be saved
+            .filter(|_| st.mode == "persistent" && !st.read_only)
             .map(|p| PathBuf::from(&p.mountpoint));
         let mut p = Pinning {
             hot,

@@ -272,6 +272,9 @@ struct Ctx<'a> {
     tmp_dirty: bool,
     seq: u64,
     r: Report,
+    /// Stage files appended to in place by this sync, with the length
+    /// the last sync left: cut back to it if this sync fails.
+    appended_at: &'a mut Vec<(PathBuf, u64)>,
 }
 
 impl Ctx<'_> {
@@ -334,10 +337,84 @@ fn open_src(c: &mut Ctx, e: &Ent) -> Result<Option<(fs::File, Stat)>> {
     }
 }
 
+/// Why a sync could not write, when the stick or its filesystem said so
+/// (`ENOSPC`, `EDQUOT`, `EIO`, `EROFS` anywhere in the error's chain): a
+/// fixed sentence naming the reason and no file (it goes into
+/// `syncs.json`, which everyone may read).
+pub fn fault(e: &anyhow::Error) -> Option<&'static str> {
+    let code = e.chain().find_map(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .and_then(|io| io.raw_os_error())
+            .or_else(|| c.downcast_ref::<nix::errno::Errno>().map(|n| *n as i32))
+    })?;
+    Some(match code {
+        nix::libc::ENOSPC => "the persistence partition is full (ENOSPC)",
+        nix::libc::EDQUOT => "the disk quota on the persistence partition is used up (EDQUOT)",
+        nix::libc::EIO => "the stick reported an I/O error (EIO)",
+        nix::libc::EROFS => "the persistence partition is read-only (EROFS)",
+        _ => return None,
+    })
+}
+
 /// Sync one tier. `manifest` is what the last sync left (empty after a
 /// boot, or lost: then everything is rewritten once). Returns only when
 /// every change is durable on the partition.
+///
+/// A sync that fails (a full partition, an I/O error) leaves the stage as
+/// the last good sync left it or newer, entry by entry: files appended to
+/// in place are cut back to their synced length, the tier's `tmp/` and
+/// the next generation record are removed (they would hold space the
+/// next sync needs), and the manifest is not changed, so the next sync
+/// carries everything again. The error names the reason first.
 pub fn sync_tier(t: &Tier, manifest: &mut Manifest) -> Result<Report> {
+    let mut appended_at = vec![];
+    let r = sync_tier_inner(t, manifest, &mut appended_at);
+    let Err(e) = r else { return r };
+    undo_failed(t, &appended_at);
+    Err(match fault(&e) {
+        Some(f) => e.context(format!(
+            "{f}: what changed in {} since the last sync stays in RAM, not saved; what was synced before is kept",
+            t.dir
+        )),
+        None => e,
+    })
+}
+
+/// After a failed sync: appended stage files back to their synced length,
+/// tmp emptied, the unswitched generation record gone. Each step is
+/// tried, a failure only logged (the sync's own error is what counts).
+fn undo_failed(t: &Tier, appended_at: &[(PathBuf, u64)]) {
+    if let Ok(stage) = Dir::open(Path::new(&t.stage)) {
+        for (rel, len) in appended_at {
+            let (parent, name) = split(rel);
+            let r = stage
+                .dir(parent)
+                .and_then(|d| d.open_write(name))
+                .and_then(|(f, _)| f.set_len(*len));
+            if let Err(e) = r {
+                log::warn!(
+                    "cutting {} in the stage of {} back to its synced {len} bytes: {e}",
+                    rel.display(),
+                    t.dir
+                );
+            }
+        }
+    }
+    if let Ok(d) = Dir::open(Path::new(&t.tmp))
+        && let Err(e) = d.clear()
+    {
+        log::warn!("emptying {} after a failed sync: {e}", t.tmp);
+    }
+    if let Ok(b) = Dir::open(Path::new(&t.base)) {
+        let _ = b.remove_all(OsStr::new("generation.json.tmp"));
+    }
+}
+
+fn sync_tier_inner(
+    t: &Tier,
+    manifest: &mut Manifest,
+    appended_at: &mut Vec<(PathBuf, u64)>,
+) -> Result<Report> {
     let upper_p = Path::new(&t.upper);
     let Ok(up) = Dir::open(upper_p) else {
         bail!("the tier's upper {} is not there", upper_p.display());
@@ -364,6 +441,7 @@ pub fn sync_tier(t: &Tier, manifest: &mut Manifest) -> Result<Report> {
             not_carried: too_deep,
             ..Default::default()
         },
+        appended_at,
     };
     // Renames: a file whose inode, size and mtime the last sync carried
     // under another name is hard-linked from there into tmp first (the old
@@ -843,6 +921,7 @@ fn copy_file(c: &mut Ctx, t: &Tier, e: &Ent, old: Option<&Rec>) -> Result<Copied
             .and_then(|d| d.open_write(name))
             .with_context(|| format!("opening {} in the stage", e.rel.display()))?;
         if tst.st_size as u64 == o.synced_len {
+            c.appended_at.push((e.rel.clone(), o.synced_len));
             let mut h = crc32fast::Hasher::new_with_initial_len(o.crc, o.synced_len);
             // durable with the rest at the syncfs below, before the
             // generation switches (an fdatasync each would cost a commit each)

@@ -14,6 +14,7 @@ mod ioctls {
     nix::ioctl_read_bad!(blksszget, 0x1268, libc_int);
     nix::ioctl_write_ptr_bad!(blkpg, 0x1269, super::BlkpgIoctlArg);
     nix::ioctl_none_bad!(blkflsbuf, 0x1261);
+    nix::ioctl_read_bad!(blkroget, 0x125e, libc_int);
     nix::ioctl_write_int_bad!(loop_set_fd, 0x4C00);
     nix::ioctl_none_bad!(loop_clr_fd, 0x4C01);
     nix::ioctl_write_ptr_bad!(loop_set_status64, 0x4C04, super::LoopInfo64);
@@ -79,6 +80,18 @@ pub fn geometry(f: &File) -> Result<(u64, u64)> {
         ioctls::blksszget(f.as_raw_fd(), &mut ss).context("BLKSSZGET")?;
     }
     Ok((size, ss as u64))
+}
+
+/// Whether the kernel holds the block device read-only (`BLKROGET`: a
+/// write-protected medium, a lock switch, `blockdev --setro`); `false`
+/// for a file.
+pub fn read_only(f: &File) -> Result<bool> {
+    if !f.metadata()?.file_type().is_block_device() {
+        return Ok(false);
+    }
+    let mut ro: std::ffi::c_int = 0;
+    unsafe { ioctls::blkroget(f.as_raw_fd(), &mut ro) }.context("BLKROGET")?;
+    Ok(ro != 0)
 }
 
 /// Write back and drop the device's cached pages. A disk and its partition

@@ -223,6 +223,23 @@ pub fn reach_partition(
     Ok((lp.path.clone(), Some(lp)))
 }
 
+/// Reach a partition on a write-protected disk: its node opened read-only
+/// and exclusively (nothing else has it); no loop device (it would be
+/// opened for writing).
+pub fn reach_partition_read_only(node: &Path) -> Result<PathBuf> {
+    anyhow::ensure!(
+        blockdev::wait_for_node(node, Duration::from_secs(5)),
+        "{} did not appear",
+        node.display()
+    );
+    OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_EXCL)
+        .open(node)
+        .with_context(|| format!("opening {} read-only and exclusively", node.display()))?;
+    Ok(node.to_path_buf())
+}
+
 /// How the partition `create_partition` returns came to be.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]

@@ -38,7 +38,12 @@ pub struct Status {
     pub schema: u32,
     /// "persistent", "ram", or "unknown" (not booted with mados-persistence).
     pub mode: String,
+    /// Changes are being saved: persistent, the partition mounted, and
+    /// the stick writable.
     pub active: bool,
+    /// The stick is write-protected: its persistence is shown read-only,
+    /// changes are kept in RAM (state.json `read_only`).
+    pub read_only: bool,
     pub reason: Option<crate::boot::detect::Reason>,
     pub boot_device: Option<crate::boot::state::BootDevice>,
     pub partition: Option<crate::boot::state::Partition>,
@@ -88,6 +93,17 @@ pub struct Companion {
     /// Set when run without root: what is not shown (the files that name
     /// users' files are root's, mode 0600) and how to see it.
     pub root_only: Option<String>,
+    /// Tiers whose last sync failed, with the reason (from `syncs.json`):
+    /// what they changed since their last good sync is in RAM only.
+    pub failing: Vec<SyncFault>,
+}
+
+/// A tier whose syncs fail (a full partition, an I/O error).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SyncFault {
+    pub dir: String,
+    pub reason: String,
+    pub since_unix_ms: u64,
 }
 
 pub const FULL_PERCENT: u64 = 90;
@@ -106,6 +122,7 @@ pub fn build(
             schema: 1,
             mode: "unknown".into(),
             active: false,
+            read_only: false,
             reason: Some(crate::boot::detect::Reason::new(
                 "not_booted",
                 format!(
@@ -172,12 +189,14 @@ pub fn build(
         .as_ref()
         .filter(|_| st.mode == "persistent")
         .and_then(|p| usage(&p.mountpoint));
-    let active =
-        st.mode == "persistent" && mounts.iter().any(|m| m.kind == "persistence" && m.mounted);
+    let active = st.mode == "persistent"
+        && !st.read_only
+        && mounts.iter().any(|m| m.kind == "persistence" && m.mounted);
     Status {
         schema: 1,
         mode: st.mode.clone(),
         active,
+        read_only: st.read_only,
         reason: st.reason.clone(),
         boot_device: st.boot_device.clone(),
         partition: st.partition.clone(),
@@ -294,6 +313,20 @@ pub fn render_companion(c: &Companion) -> String {
                     t.sync_errors
                 ),
             );
+            if let Some(f) = c.failing.iter().find(|f| f.dir == t.dir) {
+                line(
+                    "",
+                    format!(
+                        "{}: NOT SAVED: {} (failing since {}); {} changes ({}) are kept in RAM only and lost at poweroff; \
+                         the daemon retries with backoff: free space on the partition, then `sudo mados-persistence sync`",
+                        t.dir,
+                        f.reason,
+                        ago(c.now_unix_ms, f.since_unix_ms),
+                        t.dirty_files,
+                        h(t.dirty_bytes)
+                    ),
+                );
+            }
         }
         let cleanup = if s.cleanup_runs == 0 {
             "no pass yet".to_string()
@@ -463,6 +496,11 @@ pub fn render(s: &Status) -> String {
     let mut o = String::new();
     let mut line = |k: &str, v: String| o.push_str(&format!("{k:<14}{v}\n"));
     let headline = match (s.mode.as_str(), s.active) {
+        ("persistent", _) if s.read_only => {
+            "read-only: changes are not saved (the stick is write-protected: what it holds is shown, \
+             what you change is kept in RAM and lost at shutdown)"
+                .to_string()
+        }
         ("persistent", true) => "ACTIVE: your changes are saved to the stick".to_string(),
         ("persistent", false) => {
             "NOT ACTIVE: the persistence partition is no longer mounted; changes are not saved"
@@ -509,7 +547,14 @@ pub fn render(s: &Status) -> String {
             line("fsck:", format!("{} (exit {})", f.summary, f.code));
         }
         if let Some(l) = p.last_shutdown {
-            line("shutdown:", last_shutdown_text(l).into());
+            let mut t = last_shutdown_text(l).to_string();
+            if s.read_only && l == state::LastShutdown::Unclean {
+                t = t.replace(
+                    "e2fsck replayed its journal at this boot",
+                    "its journal was NOT replayed (the stick is write-protected): the last changes before it may be missing until a writable boot",
+                );
+            }
+            line("shutdown:", t);
         }
     }
     if let Some(i) = &s.iso {
@@ -680,6 +725,17 @@ fn gather_companion(st: Option<&State>) -> Companion {
         pinned: crate::companion::pinning::PinnedList::load(&run_dir()).files,
         hot: crate::companion::pinning::HotState::load(&run_dir()),
         root_only: (!nix::unistd::geteuid().is_root()).then(|| ROOT_ONLY.to_string()),
+        failing: crate::companion::SyncLog::load(&run_dir())
+            .tiers
+            .into_iter()
+            .filter_map(|t| {
+                Some(SyncFault {
+                    reason: t.last_error?,
+                    dir: t.dir,
+                    since_unix_ms: t.failing_since_unix_ms,
+                })
+            })
+            .collect(),
     }
 }
 
@@ -783,6 +839,43 @@ mod tests {
         let json = serde_json::to_value(&status).unwrap();
         assert_eq!(json["partition_usage"]["used"], 950);
         assert_eq!(json["mounts"][2]["kind"], "bind");
+    }
+
+    #[test]
+    fn a_write_protected_stick_says_changes_are_not_saved() {
+        let mut s = st(PERSISTENT);
+        s.read_only = true;
+        let p = s.partition.as_mut().unwrap();
+        p.fsck = None;
+        p.last_shutdown = Some(state::LastShutdown::Unclean);
+        let status = build(Some(&s), "x", &|_| true, &|_| None, None);
+        assert!(status.read_only && !status.active);
+        assert!(
+            render(&status).contains("its journal was NOT replayed (the stick is write-protected)"),
+            "{}",
+            render(&status)
+        );
+        let text = render(&status);
+        assert!(
+            text.starts_with(
+                "persistence:  read-only: changes are not saved (the stick is write-protected"
+            ),
+            "{text}"
+        );
+        assert!(!text.contains("ACTIVE"), "{text}");
+        assert!(
+            !text.contains("fsck:"),
+            "no fsck on a write-protected stick: {text}"
+        );
+        let j = serde_json::to_value(&status).unwrap();
+        assert_eq!(
+            (j["mode"].as_str(), j["read_only"].as_bool()),
+            (Some("persistent"), Some(true))
+        );
+        // a state.json without the field (an older boot) is writable
+        let old = st(PERSISTENT);
+        assert!(!old.read_only);
+        assert!(build(Some(&old), "x", &|_| true, &|_| None, None).active);
     }
 
     #[test]
@@ -936,7 +1029,28 @@ mod tests {
                 adopt_suggested: false,
             }),
             root_only: None,
+            failing: vec![],
         }
+    }
+
+    #[test]
+    fn a_failing_sync_says_what_is_not_saved_and_why() {
+        let mut c = companion(true, false);
+        let text = render_companion(&c);
+        assert!(!text.contains("NOT SAVED"), "{text}");
+        c.failing = vec![SyncFault {
+            dir: "/var/log".into(),
+            reason: "the persistence partition is full (ENOSPC)".into(),
+            since_unix_ms: 1_240_000,
+        }];
+        let text = render_companion(&c);
+        assert!(
+            text.contains("/var/log: NOT SAVED: the persistence partition is full (ENOSPC) (failing since 1 min ago); 3 changes (12K) are kept in RAM only"),
+            "{text}"
+        );
+        assert!(text.contains("retries with backoff"), "{text}");
+        let j = serde_json::to_value(&c).unwrap();
+        assert_eq!(j["failing"][0]["dir"], "/var/log");
     }
 
     #[test]
