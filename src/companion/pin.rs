@@ -22,8 +22,7 @@ use anyhow::{Context, Result, bail};
 use nix::sys::mman::{MapFlags, ProtFlags, mlock, mmap, munlock, munmap};
 use std::ffi::c_void;
 use std::num::NonZeroUsize;
-use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
 
@@ -49,61 +48,36 @@ fn ident(m: &std::fs::Metadata) -> (FileId, u64, i128) {
     )
 }
 
-/// Resolve `path` without following any symlink, in any component
-/// (`openat2` with `RESOLVE_NO_SYMLINKS`, which also refuses /proc's magic
-/// links), to an `O_PATH` fd: nothing is opened yet, no device's `open`
-/// runs. Linux 5.6 or later; an older kernel is a clear error, never a
-/// fallback to a path that follows symlinks.
-fn resolve(path: &Path) -> Result<OwnedFd> {
-    use nix::fcntl::{OFlag, OpenHow, ResolveFlag, openat2};
-    let how = OpenHow::new()
-        .flags(OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC)
-        .resolve(ResolveFlag::RESOLVE_NO_SYMLINKS);
-    match openat2(nix::fcntl::AT_FDCWD, path, how) {
-        Ok(fd) => Ok(fd),
-        Err(nix::errno::Errno::ENOSYS) => bail!(
-            "opening {}: openat2 is not available (Linux 5.6 or later is needed to open a path users can change safely)",
-            path.display()
-        ),
-        Err(nix::errno::Errno::ELOOP) => bail!(
+/// Why `path` could not be resolved or opened, with a word for the cases
+/// a user's tree gives (a symlink on the way, an old kernel).
+fn context(path: &Path, e: std::io::Error) -> anyhow::Error {
+    if e.raw_os_error() == Some(nix::libc::ELOOP) {
+        anyhow::anyhow!(
             "opening {}: a symlink on the way (not followed)",
             path.display()
-        ),
-        Err(e) => Err(e).with_context(|| format!("opening {}", path.display())),
+        )
+    } else {
+        anyhow::Error::from(e).context(format!("opening {}", path.display()))
     }
 }
 
 /// What `path` names now, without following a symlink anywhere on the
-/// way and without opening it.
+/// way and without opening it (`util::safefs::resolve_path`).
 pub fn stat_nofollow(path: &Path) -> Result<std::fs::Metadata> {
-    let fd = resolve(path)?;
+    let fd = crate::util::safefs::resolve_path(path).map_err(|e| context(path, e))?;
     Ok(std::fs::File::from(fd).metadata()?)
 }
 
 /// Open the regular file at `path` for reading, as the daemon must open
 /// any path users can change (a hot path, a hot-set entry read from the
-/// partition): resolved with no symlink followed in any component, checked
-/// to be a regular file by `fstat` of what was resolved, and only then
-/// opened, through that very inode (`/proc/self/fd`), with
-/// `O_RDONLY|O_NOCTTY|O_NONBLOCK|O_CLOEXEC`. A device node, a FIFO or a
-/// socket is never opened (no driver's `open` runs, no terminal becomes
-/// the daemon's, no FIFO waits); a swapped parent dir is refused.
+/// partition): `util::safefs::open_regular_path` (no symlink followed in
+/// any component, a regular file by `fstat` before it is opened, through
+/// that very inode, `O_NOCTTY|O_NONBLOCK`). A device node, a FIFO or a
+/// socket is never opened; a swapped parent dir is refused.
 pub fn open_regular(path: &Path) -> Result<(std::fs::File, std::fs::Metadata)> {
-    let o = std::fs::File::from(resolve(path)?);
-    let m = o.metadata()?;
-    if !m.is_file() {
-        bail!("{} is not a regular file", path.display());
-    }
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(nix::libc::O_NOCTTY | nix::libc::O_NONBLOCK | nix::libc::O_CLOEXEC)
-        .open(format!("/proc/self/fd/{}", o.as_raw_fd()))
-        .with_context(|| format!("opening {}", path.display()))?;
-    let m2 = f.metadata()?;
-    if !m2.is_file() || (m2.dev(), m2.ino()) != (m.dev(), m.ino()) {
-        bail!("{} changed while it was opened", path.display());
-    }
-    Ok((f, m2))
+    let (f, _) = crate::util::safefs::open_regular_path(path).map_err(|e| context(path, e))?;
+    let m = f.metadata()?;
+    Ok((f, m))
 }
 
 impl Pin {

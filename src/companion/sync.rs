@@ -38,7 +38,7 @@
 
 use crate::boot::tier::Tier;
 use crate::util::fsutil::copy_sparse;
-use crate::util::safefs::{self, Dir, Kind, Stat};
+use crate::util::safefs::{self, Dir, Kind, Stat, gone};
 use anyhow::{Context, Result, bail};
 use nix::fcntl::RenameFlags;
 use serde::{Deserialize, Serialize};
@@ -162,16 +162,6 @@ fn same_identity(a: &Rec, b: &Rec) -> bool {
         && a.size == b.size
         && a.mtime_ns == b.mtime_ns
         && a.ctime_ns == b.ctime_ns
-}
-
-/// An error that means "it is not there (any more) as we expect it": the
-/// entry was removed, replaced by a symlink or a non-directory, or moved.
-fn gone(e: &std::io::Error) -> bool {
-    matches!(
-        e.raw_os_error(),
-        Some(nix::libc::ENOENT | nix::libc::ENOTDIR | nix::libc::ELOOP | nix::libc::EXDEV)
-    ) || e.to_string().contains("changed while")
-        || e.to_string().contains("not a regular file")
 }
 
 /// The longest path below the tier the sync carries: a path is resolved

@@ -272,39 +272,14 @@ impl Dir {
     /// Open the regular file `name` for reading. Anything else (a FIFO, a
     /// device, a socket, a symlink) is refused without being opened for
     /// its contents; with `want`, a file that is not that inode any more
-    /// (swapped since the walk) is refused too (`ErrorKind::Other`,
-    /// "changed"). Returns the file and its `fstat`.
+    /// (swapped since the walk) is refused too. Both refusals are `gone`.
+    /// Returns the file and its `fstat`.
     pub fn open_read(&self, name: &OsStr, want: Option<&Stat>) -> io::Result<(File, Stat)> {
         check_name(name)?;
         // O_PATH first: nothing of the entry is opened, whatever it is
         let p = nix::fcntl::openat(&self.fd, name, OFlag::O_PATH | entry_flags(), Mode::empty())
             .map_err(io_err)?;
-        let st = nix::sys::stat::fstat(&p).map_err(io_err)?;
-        if kind(&st) != Kind::File {
-            return Err(io::Error::other(format!(
-                "{:?} is not a regular file; not opened",
-                name
-            )));
-        }
-        if let Some(w) = want
-            && !same(w, &st)
-        {
-            return Err(io::Error::other(format!("{:?} changed while read", name)));
-        }
-        // reopen the very inode the O_PATH fd holds (never the name again)
-        let fd = nix::fcntl::openat(
-            nix::fcntl::AT_FDCWD,
-            format!("/proc/self/fd/{}", p.as_raw_fd()).as_str(),
-            OFlag::O_RDONLY | OFlag::O_NONBLOCK | OFlag::O_NOCTTY | OFlag::O_CLOEXEC,
-            Mode::empty(),
-        )
-        .map_err(io_err)?;
-        let f = File::from(fd);
-        let st2 = nix::sys::stat::fstat(&f).map_err(io_err)?;
-        if !same(&st, &st2) || kind(&st2) != Kind::File {
-            return Err(io::Error::other(format!("{:?} changed while read", name)));
-        }
-        Ok((f, st2))
+        reopen_regular(p, &Path::new(name).display(), want)
     }
 
     /// Create the new file `name` (never through a symlink, never an
@@ -335,10 +310,7 @@ impl Dir {
         let f = File::from(fd);
         let st = nix::sys::stat::fstat(&f).map_err(io_err)?;
         if kind(&st) != Kind::File {
-            return Err(io::Error::other(format!(
-                "{:?} is not a regular file",
-                name
-            )));
+            return Err(changed(format!("{:?} is not a regular file", name)));
         }
         Ok((f, st))
     }
@@ -440,10 +412,7 @@ impl Dir {
             }
             let d = self.dir(Path::new(name))?;
             if !same(&d.stat()?, &st) {
-                return Err(io::Error::other(format!(
-                    "{:?} changed while removed",
-                    name
-                )));
+                return Err(changed(format!("{:?} changed while removed", name)));
             }
             for n in d.list()? {
                 d.remove_all_on(&n, dev)?;
@@ -596,7 +565,7 @@ impl Dir {
                 nix::fcntl::openat(&self.fd, name, OFlag::O_PATH | entry_flags(), Mode::empty())
                     .and_then(|p| {
                         let s = nix::sys::stat::fstat(&p)?;
-                        if kind(&s) == Kind::Symlink || kind(&s) != k {
+                        if kind(&s) != k {
                             return Err(Errno::ELOOP);
                         }
                         nix::sys::stat::fchmodat(
@@ -627,6 +596,96 @@ impl Dir {
             not.push(format!("{what}: times ({e})"));
         }
     }
+}
+
+/// An entry that is not (any more) what the caller expects: replaced
+/// since the walk, or not a regular file. Told apart from I/O errors by
+/// `gone`.
+#[derive(Debug)]
+struct Changed(String);
+
+impl std::fmt::Display for Changed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Changed {}
+
+fn changed(what: String) -> io::Error {
+    io::Error::other(Changed(what))
+}
+
+/// Whether `e` says the entry is not there (any more) as expected: removed,
+/// a symlink or a non-directory on the way, a mount crossed, a path too
+/// long, or `Changed`. A tree a user rearranges while root works on it
+/// gives these; the caller leaves that entry for its next pass.
+pub fn gone(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(
+            nix::libc::ENOENT
+                | nix::libc::ENOTDIR
+                | nix::libc::ELOOP
+                | nix::libc::EXDEV
+                | nix::libc::ENAMETOOLONG
+        )
+    ) || e.get_ref().is_some_and(|i| i.is::<Changed>())
+}
+
+/// The regular file an `O_PATH` fd holds, opened for reading through that
+/// very inode (`/proc/self/fd/N`, never a name again) with `O_NOCTTY |
+/// O_NONBLOCK`, after `fstat` said it is a regular file (and, with
+/// `want`, the inode the caller saw): a FIFO, socket or device is never
+/// opened, no driver's `open` runs, no terminal is taken.
+fn reopen_regular(
+    p: OwnedFd,
+    what: &dyn std::fmt::Display,
+    want: Option<&Stat>,
+) -> io::Result<(File, Stat)> {
+    let st = nix::sys::stat::fstat(&p).map_err(io_err)?;
+    if kind(&st) != Kind::File {
+        return Err(changed(format!("{what} is not a regular file; not opened")));
+    }
+    if want.is_some_and(|w| !same(w, &st)) {
+        return Err(changed(format!("{what} changed while read")));
+    }
+    let fd = nix::fcntl::openat(
+        nix::fcntl::AT_FDCWD,
+        format!("/proc/self/fd/{}", p.as_raw_fd()).as_str(),
+        OFlag::O_RDONLY | OFlag::O_NONBLOCK | OFlag::O_NOCTTY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(io_err)?;
+    let f = File::from(fd);
+    let st2 = nix::sys::stat::fstat(&f).map_err(io_err)?;
+    if !same(&st, &st2) || kind(&st2) != Kind::File {
+        return Err(changed(format!("{what} changed while read")));
+    }
+    Ok((f, st2))
+}
+
+/// `path` (absolute, any path a user can change: a hot file, a hot-set
+/// entry from the partition) resolved without following a symlink in any
+/// component (mounts are crossed), to an `O_PATH` fd: nothing is opened.
+pub fn resolve_path(path: &Path) -> io::Result<OwnedFd> {
+    // openat2 refuses flags O_PATH ignores (EINVAL): only these three
+    let how = OpenHow::new()
+        .flags(OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC)
+        .resolve(ResolveFlag::RESOLVE_NO_SYMLINKS);
+    match nix::fcntl::openat2(nix::fcntl::AT_FDCWD, path, how) {
+        Ok(fd) => Ok(fd),
+        Err(Errno::ENOSYS) => Err(io::Error::other(
+            "this kernel has no openat2 (Linux 5.6 or newer is needed to work safely on users' files)",
+        )),
+        Err(e) => Err(io_err(e)),
+    }
+}
+
+/// The regular file at `path` (`resolve_path`), opened for reading as
+/// `Dir::open_read` opens one.
+pub fn open_regular_path(path: &Path) -> io::Result<(File, Stat)> {
+    reopen_regular(resolve_path(path)?, &path.display(), None)
 }
 
 fn read_xattrs<L, I, G>(list: L, get: G) -> io::Result<Vec<(OsString, Vec<u8>)>>

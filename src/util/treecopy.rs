@@ -11,7 +11,7 @@
 //! copy_dir) copy contents and permissions only, with no xattrs, device
 //! nodes or hardlinks. Extended attributes go through the `xattr` crate.
 
-use crate::util::safefs::{self, Dir, Kind, Stat};
+use crate::util::safefs::{self, Dir, Kind, Stat, gone};
 use anyhow::{Context, Result};
 use std::collections::HashMap;
 use std::ffi::OsStr;
@@ -45,15 +45,6 @@ impl Ctx<'_> {
             .not_carried
             .push(format!("{l}: changed while it was saved ({e})"));
     }
-}
-
-/// An error that says the entry is not (any more) what the walk saw.
-fn gone(e: &std::io::Error) -> bool {
-    matches!(
-        e.raw_os_error(),
-        Some(nix::libc::ENOENT | nix::libc::ENOTDIR | nix::libc::ELOOP)
-    ) || e.to_string().contains("changed while")
-        || e.to_string().contains("not a regular file")
 }
 
 /// Copy the tree `from` into `to` (created if missing), merging over what
