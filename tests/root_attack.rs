@@ -293,8 +293,7 @@ fn a_stage_dir_swapped_for_a_symlink_never_passes_its_mode_on() {
 /// user's home, and a bind tier on `/home/u/proj` whose last sync (the
 /// stage) holds what the user wrote, `pam.d/su`.
 fn bind_tier_partition(tag: &str) -> (PathBuf, PathBuf) {
-    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).unwrap();
-    sh("mount --make-rprivate /");
+    private_mounts();
     let d = tmpdir(tag);
     let pm = d.join("pm");
     fs::create_dir_all(pm.join("overlays/etc/upper/pam.d")).unwrap();
@@ -544,8 +543,7 @@ fn a_tier_below_var_is_never_mounted_through_a_users_symlink() {
     if !require_root("a_tier_below_var_is_never_mounted_through_a_users_symlink") {
         return;
     }
-    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).unwrap();
-    sh("mount --make-rprivate /");
+    private_mounts();
     let d = tmpdir("attack-vartier");
     let (root, pm, run) = (d.join("root"), d.join("pm"), d.join("run"));
     fs::create_dir_all(root.join("var/tmp")).unwrap();
@@ -599,8 +597,7 @@ fn a_bind_tiers_root_stays_its_owners() {
     if !require_root("a_bind_tiers_root_stays_its_owners") {
         return;
     }
-    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).unwrap();
-    sh("mount --make-rprivate /");
+    private_mounts();
     let d = tmpdir("tier-owner");
     let (root, pm, run) = (d.join("root"), d.join("pm"), d.join("run"));
     for p in [root.join("home"), pm.join("home/u/proj"), run.clone()] {

@@ -40,8 +40,7 @@ fn cleanup_never_removes_what_is_in_use() {
     if !require_root("cleanup_never_removes_what_is_in_use") {
         return;
     }
-    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).unwrap();
-    sh("mount --make-rprivate /");
+    private_mounts();
     let d = tmpdir("cleanup");
     let t = d.join("tmp");
     let outside = d.join("outside");

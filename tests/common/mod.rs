@@ -157,3 +157,17 @@ pub fn setxattr_as_nobody(path: &Path, name: &str, value: &[u8]) -> bool {
         ),
     }
 }
+
+/// This thread's own private mount namespace: its mounts die with it and
+/// none leaks into the host's.
+pub fn private_mounts() {
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).unwrap();
+    nix::mount::mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        nix::mount::MsFlags::MS_REC | nix::mount::MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .expect("making / private");
+}

@@ -3,7 +3,7 @@
 //! `view` over a fake live image, in the calling thread's own private mount
 //! namespace.
 
-use super::tmpdir;
+use super::{private_mounts, tmpdir};
 use mados_persistence::boot::tier::{OVERLAY_OPTIONS, Tier};
 use mados_persistence::util::overlayfs::{FoldOptions, fold};
 use std::fs;
@@ -26,8 +26,7 @@ pub fn sh(cmd: &str) {
 /// with the options `boot` uses) and a
 /// tmpfs "RAM", and the tier overlay mounted on `view`.
 pub fn rig(tag: &str) -> Rig {
-    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).unwrap();
-    sh("mount --make-rprivate /");
+    private_mounts();
     let d = tmpdir(tag);
     let pm = d.join("pm");
     let ram = d.join("ram");
