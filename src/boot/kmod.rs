@@ -37,6 +37,8 @@ use std::path::{Path, PathBuf};
 /// Below `overlays/usr/` on the partition: the covering overlay's upper and work.
 pub const UPPER: &str = "kmod-upper";
 pub const WORK: &str = "kmod-work";
+/// The covering overlay's own options (see `apply`).
+pub const COVER_OPTIONS: &str = "index=off";
 /// The largest `modules.dep` read (Arch's is about 1 MiB).
 const DEP_MAX: u64 = 64 << 20;
 
@@ -339,8 +341,12 @@ fn apply_inner(
             let up = base.dir_create(Path::new(UPPER), 0o755)?;
             let work = base.dir_create(Path::new(WORK), 0o700)?;
             let on = modules?;
+            // `index=off` given, not left to the kernel's default: with the
+            // index on (CONFIG_OVERLAY_FS_INDEX=y, or `overlay.index=1`) a
+            // lower that lies inside another mount's upper is refused with
+            // EBUSY (xfstests overlay/065); off, the kernel only warns.
             let opts = format!(
-                "lowerdir={}:{},upperdir={},workdir={}",
+                "{COVER_OPTIONS},lowerdir={}:{},upperdir={},workdir={}",
                 img.display(),
                 low.fd_path().display(),
                 up.fd_path().display(),
@@ -354,7 +360,7 @@ fn apply_inner(
                 fstype: "overlay".into(),
                 source: "mados-kmod".into(),
                 options: format!(
-                    "lowerdir={}:{},upperdir={},workdir={}",
+                    "{COVER_OPTIONS},lowerdir={}:{},upperdir={},workdir={}",
                     img.display(),
                     usr_base(pm).join("upper/lib/modules").display(),
                     usr_base(pm).join(UPPER).display(),
