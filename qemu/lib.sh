@@ -191,7 +191,7 @@ grub_cfg() {
 # archiso layouts, GRUB for both with grub-mkrescue. LABEL (default
 # $ISO_LABEL) and PAD_MIB of padding make another, larger "release".
 build_iso() {
-	local layout=$1 out=$2 tree=$WORK/isotree
+	local layout=$1 out=$2 tree=$WORK/isotree-${2##*/}
 	local ISO_LABEL=${3:-$ISO_LABEL} pad=${4:-0}
 	rm -rf "$tree"
 	mkdir -p "$tree/arch/x86_64" "$tree/arch/boot/x86_64" "$tree/boot/syslinux" "$tree/boot/grub" "$tree/EFI/BOOT"
