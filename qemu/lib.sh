@@ -178,7 +178,7 @@ build_liveroot() {
 
 # Kernel parameters the test ISO's own boot menus pass (after the
 # product's own): serial console, and the live system checks what persisted.
-BOOTMENU_EXTRA="console=ttyS0 panic=-1 loglevel=4 madostest=check"
+BOOTMENU_EXTRA="console=ttyS0 panic=-1 no_timer_check loglevel=4 madostest=check"
 
 # The product's GRUB menu with mkarchiso's substitutions, as on a real ISO.
 grub_cfg() {
@@ -259,7 +259,7 @@ qemu_kernel() {
 	# QEMU_KILL=1: SIGKILL at the timeout, a power cut for the guest
 	timeout ${QEMU_KILL:+-s KILL} "$timeout" qemu-system-x86_64 -machine pc,accel=tcg -m 1536 -smp 1 \
 		-nographic -no-reboot -nodefaults -serial "file:$logf" \
-		-kernel "$WORK/vmlinuz" -initrd "$initrd" -append "console=ttyS0 panic=-1 $append" \
+		-kernel "$WORK/vmlinuz" -initrd "$initrd" -append "console=ttyS0 panic=-1 no_timer_check $append" \
 		"$@" </dev/null >/dev/null 2>"$WORK/$name.qemu.err" || true
 	tr -d '\r' <"$logf" >"$logf.txt"
 	mv "$logf.txt" "$logf"
