@@ -144,6 +144,7 @@ fn valid_meta(m: Meta) -> Option<Meta> {
 pub struct Entry {
     /// The dir's name (`safefs::encode`d: any byte survives).
     pub name: String,
+    #[serde(flatten)]
     pub origin: Origin,
     /// When it was set aside: its record, else the dir's mtime.
     pub at: Option<u64>,
