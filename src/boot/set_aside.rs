@@ -766,8 +766,8 @@ pub fn restore(pm: &Path, current: Option<&IsoBuild>) -> Result<Option<Outcome>>
     Ok(Some(p.outcome))
 }
 
-/// Whether `restore` has work now: a started request (finish or roll
-/// back whatever the build) or one whose build is booted.
+/// A started request is on the partition: a cut interrupted a restore,
+/// which a boot finishes or rolls back first, whatever the build.
 pub fn pending_started(root: &Dir) -> bool {
     matches!(
         read_request(root),
