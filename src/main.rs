@@ -98,6 +98,15 @@ enum Cmd {
         #[arg(long)]
         device: Option<PathBuf>,
     },
+    /// Overlays set aside when the stick was re-flashed: list, restore, delete.
+    #[command(
+        subcommand,
+        name = "set-aside",
+        after_help = "Examples:\n  mados-persistence set-aside list\n  \
+        sudo mados-persistence set-aside restore MADOS_R1_2026-01-01-00-00-00-00\n  \
+        mados-persistence set-aside delete MADOS_R1_2026-01-01-00-00-00-00 --device madOS.img --yes"
+    )]
+    SetAside(SetAsideCmd),
     /// The companion: sync the RAM tiers (interval, idle, full, SIGUSR1) and a final sync on SIGTERM.
     #[command(
         after_help = "Run by mados-persistence.service (Type=notify); without systemd it runs in the \
@@ -146,6 +155,41 @@ enum Cmd {
         /// Kernel command line whose parameters apply (e.g. mados.persistence.size=8G).
         #[arg(long, default_value = "")]
         cmdline: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum SetAsideCmd {
+    /// What is set aside: name, the release it was made on, when, size.
+    List {
+        /// Print one JSON document.
+        #[arg(long)]
+        json: bool,
+        /// A block device or disk image file (default: the boot stick).
+        #[arg(long)]
+        device: Option<PathBuf>,
+    },
+    /// Bring NAME back at the next boot that carries its release (the overlays in use set aside in turn).
+    Restore {
+        /// The set-aside dir, as `list` names it.
+        #[arg(required_unless_present = "cancel")]
+        name: Option<String>,
+        /// Withdraw a restore requested before.
+        #[arg(long, conflicts_with = "name")]
+        cancel: bool,
+        /// A block device or disk image file (default: the boot stick).
+        #[arg(long)]
+        device: Option<PathBuf>,
+    },
+    /// Delete NAME for good and free its space.
+    Delete {
+        name: String,
+        /// Do not ask (otherwise you type the word `delete`).
+        #[arg(long)]
+        yes: bool,
+        /// A block device or disk image file (default: the boot stick).
+        #[arg(long)]
+        device: Option<PathBuf>,
     },
 }
 
@@ -228,6 +272,20 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Cmd::Remove { yes, device } => {
             manage::remove(device, yes)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::SetAside(c) => {
+            match c {
+                SetAsideCmd::List { json, device } => manage::set_aside::list(device, json)?,
+                SetAsideCmd::Restore {
+                    name,
+                    cancel,
+                    device,
+                } => manage::set_aside::restore(device, name, cancel)?,
+                SetAsideCmd::Delete { name, yes, device } => {
+                    manage::set_aside::delete(device, name, yes)?
+                }
+            }
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Daemon => {

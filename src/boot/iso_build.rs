@@ -46,8 +46,19 @@ fn write(pm: &Path, b: &IsoBuild) -> Result<()> {
     fsutil::write_atomic(&pm.join(RECORD), serde_json::to_string(b)?.as_bytes())
 }
 
+/// The record read by fd from the partition's root (for a set-aside
+/// restore); missing or malformed is `None`.
+pub fn read_at(root: &crate::util::safefs::Dir) -> Option<IsoBuild> {
+    let d = root.dir(Path::new(".mados")).ok()?;
+    let (f, st) = d.open_read("iso-build.json".as_ref(), None).ok()?;
+    if st.st_size > 64 << 10 {
+        return None;
+    }
+    serde_json::from_reader(std::io::Read::take(f, 64 << 10)).ok()
+}
+
 /// A directory name from a build: label characters kept where safe.
-fn dir_name(b: &IsoBuild) -> String {
+pub fn dir_name(b: &IsoBuild) -> String {
     let clean = |s: &str| -> String {
         s.chars()
             .map(|c| {
@@ -100,6 +111,11 @@ pub fn reconcile(pm: &Path, current: &IsoBuild, policy: OnIsoChange) -> Result<O
             base.mkdir(name.as_ref(), 0o700)
                 .with_context(|| format!("creating {SET_ASIDE}/{name}"))?;
             let dest = base.dir(Path::new(&name))?;
+            // which build and when, for `set-aside list` and `restore`
+            // (before the move: a cut leaves a dir without overlays, which
+            // no restore takes)
+            crate::boot::set_aside::write_meta(&dest, &previous)
+                .with_context(|| format!("recording {SET_ASIDE}/{name}"))?;
             root.rename(
                 "overlays".as_ref(),
                 &dest,
@@ -108,6 +124,7 @@ pub fn reconcile(pm: &Path, current: &IsoBuild, policy: OnIsoChange) -> Result<O
             )
             .with_context(|| format!("moving the overlays to {SET_ASIDE}/{name}"))?;
             root.fsync().ok();
+            dest.fsync().ok();
             change.set_aside = Some(
                 pm.join(SET_ASIDE)
                     .join(&name)

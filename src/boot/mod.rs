@@ -10,6 +10,7 @@ pub mod iso_build;
 pub mod kmod;
 pub mod mounts;
 pub mod session;
+pub mod set_aside;
 pub mod state;
 pub mod tier;
 pub mod usercache;
@@ -512,6 +513,12 @@ fn mount_persistence(
             ),
         });
     }
+    // A restore of set-aside overlays a cut interrupted: finished, or
+    // rolled back, before the build check (whatever build is booted now).
+    let early = crate::util::safefs::Dir::open(&pm).is_ok_and(|r| set_aside::pending_started(&r));
+    if early {
+        restore_set_aside(&pm, st);
+    }
     // The overlays belong to one ISO build: a re-flashed stick does not get
     // the old release's /usr layered over the new one.
     if let Some(cur) = st.iso.clone() {
@@ -534,6 +541,11 @@ fn mount_persistence(
                 ));
             }
         }
+    }
+    // `set-aside restore`: carried out when this is the build they were
+    // made on (the overlays in place set aside in turn), else it waits
+    if !early {
+        restore_set_aside(&pm, st);
     }
     // a RAM session `enable` saved: in place all or nothing
     match session::finish(&pm) {
@@ -648,6 +660,37 @@ fn mount_persistence(
     }
 }
 
+/// `set-aside restore`'s request, carried out or left (`set_aside`);
+/// what happened goes to state.json (and a warning unless it was done).
+/// A failure leaves `overlays` whole (the exchange is atomic): the boot
+/// layers what is there, and the next boot finishes from the request.
+fn restore_set_aside(pm: &Path, st: &mut State) {
+    match set_aside::restore(pm, st.iso.as_ref()) {
+        Ok(None) => {}
+        Ok(Some(o)) => {
+            match &o {
+                set_aside::Outcome::Restored(m) => log::warn!("{m}"),
+                set_aside::Outcome::Waiting(m)
+                | set_aside::Outcome::Dropped(m)
+                | set_aside::Outcome::Failed(m) => {
+                    log::warn!("{m}");
+                    st.warnings.push(m.clone());
+                }
+            }
+            st.set_aside_restore = Some(o);
+        }
+        Err(e) => {
+            let m = format!(
+                "restoring set-aside overlays failed: {e:#}; this boot layers the overlays in place, \
+                 the next boot carries on from where it stopped"
+            );
+            log::error!("{m}");
+            st.warnings.push(m.clone());
+            st.set_aside_restore = Some(set_aside::Outcome::Failed(m));
+        }
+    }
+}
+
 /// A write-protected stick with persistence: nothing is written to it. No
 /// e2fsck (`-p` would repair), the filesystem mounted `ro,noload` (no
 /// journal replay), no request carried out, no ISO-change set-aside, no
@@ -742,6 +785,13 @@ fn mount_read_only(
                 .iter()
                 .any(|p| tier::strictly_under(d, p).is_some())
         });
+    }
+    if fsutil::exists_nofollow(&pm.join(set_aside::REQUEST)) {
+        let w = "a restore of set-aside overlays (`set-aside restore`) waits on the partition; the stick is \
+                 write-protected, so it is carried out at the next boot with the stick writable"
+            .to_string();
+        log::warn!("{w}");
+        st.warnings.push(w);
     }
     if fsutil::exists_nofollow(&session::staging(&pm)) {
         let w = "a RAM session saved by `enable` waits on the partition; it is put in place at the next \

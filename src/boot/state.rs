@@ -120,6 +120,9 @@ pub struct State {
     /// to sync). Changes of this boot are kept in RAM only.
     #[serde(default)]
     pub read_only: bool,
+    /// What this boot did about a `set-aside restore` request (null: none).
+    #[serde(default)]
+    pub set_aside_restore: Option<crate::boot::set_aside::Outcome>,
 }
 
 #[cfg(test)]

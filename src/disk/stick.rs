@@ -529,9 +529,17 @@ pub fn prepare(o: &mut Opened, s: &Settings) -> Result<Prepared> {
 /// Test hook for cuts: with `MADOS_PERSISTENCE_CUT=<point>` the process
 /// aborts at that point of a creation, leaving the stick as a power cut
 /// there would (the QEMU scenarios cut real power; this makes every point
-/// reachable in a root test).
+/// reachable in a root test). With `MADOS_PERSISTENCE_CUT_HANG` set too it
+/// stops there instead, for a QEMU scenario to cut the power at that
+/// instant (nothing after it is written, not even by an exit).
 pub fn cut_point(point: &str) {
     if std::env::var("MADOS_PERSISTENCE_CUT").is_ok_and(|v| v == point) {
+        if std::env::var_os("MADOS_PERSISTENCE_CUT_HANG").is_some() {
+            log::error!("MADOS_PERSISTENCE_CUT={point}: stopped here, waiting for the power cut");
+            loop {
+                std::thread::sleep(std::time::Duration::from_secs(3600));
+            }
+        }
         log::error!("MADOS_PERSISTENCE_CUT={point}: stopping here");
         std::process::abort();
     }

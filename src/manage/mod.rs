@@ -7,6 +7,7 @@
 pub mod enable;
 pub mod plan;
 pub mod remove;
+pub mod set_aside;
 pub mod shutdown;
 pub mod status;
 

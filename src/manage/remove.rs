@@ -14,7 +14,7 @@ use anyhow::Result;
 use std::path::PathBuf;
 
 /// The persistence partition `disable` and `remove` act on, or a refusal.
-fn locate(
+pub(super) fn locate(
     device: Option<PathBuf>,
     verb: &str,
     s: &Settings,

@@ -64,6 +64,8 @@ pub struct Status {
     pub user_caches: Vec<crate::boot::usercache::UserCache>,
     /// The booted kernel's modules (`boot::kmod`), when /usr is persistent.
     pub kernel_modules: Option<crate::boot::kmod::KernelModules>,
+    /// What this boot did about a `set-aside restore` request.
+    pub set_aside_restore: Option<crate::boot::set_aside::Outcome>,
     /// The companion: RAM tiers, live stats, cleanup, deleted-but-open
     /// files (null when not gathered).
     pub companion: Option<Companion>,
@@ -142,6 +144,7 @@ pub fn build(
             iso_change: None,
             user_caches: vec![],
             kernel_modules: None,
+            set_aside_restore: None,
             companion: None,
         };
     };
@@ -211,6 +214,7 @@ pub fn build(
         iso_change: st.iso_change.clone(),
         user_caches: st.user_caches.clone(),
         kernel_modules: st.kernel_modules.clone(),
+        set_aside_restore: st.set_aside_restore.clone(),
         companion: None,
     }
 }
@@ -581,14 +585,23 @@ pub fn render(s: &Status) -> String {
                 );
                 line(
                     "",
-                    format!(
-                        "to bring them back (only sensible on the same release): `sudo mados-persistence disable --once`, \
-                         reboot, mount the partition, move its overlays/ aside and {p} to overlays/, reboot"
-                    ),
+                    "to bring them back with that release written to the stick again: \
+                     `mados-persistence set-aside list`, then `sudo mados-persistence set-aside restore NAME`"
+                        .to_string(),
                 );
             }
             None => line("", format!("policy {}: nothing was set aside", c.policy)),
         }
+    }
+    if let Some(r) = &s.set_aside_restore {
+        use crate::boot::set_aside::Outcome;
+        let (tag, m) = match r {
+            Outcome::Restored(m) => ("restored", m),
+            Outcome::Waiting(m) => ("waiting", m),
+            Outcome::Dropped(m) => ("dropped", m),
+            Outcome::Failed(m) => ("FAILED", m),
+        };
+        line("set-aside:", format!("{tag}: {m}"));
     }
     if s.full_warning {
         line(
