@@ -412,6 +412,10 @@ fn an_append_after_a_reboot_costs_its_tail() {
         append(&v.join("small.log"), b" and more");
         let upper = Path::new(&r.tier.upper);
         assert!(fs::metadata(upper.join("big.log")).unwrap().len() >= 17 << 20);
+        // what the stats count as unsynced: the tails, not the copied-up logs
+        let p = mados_persistence::companion::sync::pending(&r.tier, &m).unwrap();
+        assert_eq!(p.files, 4, "{p:?}"); // the two logs, small.log, app/
+        assert!(p.bytes < 2 << 20, "{p:?}");
         sh("sync");
         let (w0, c0) = device_writes(&r);
         let rep = sync_tier(&r.tier, &mut m).unwrap();
@@ -568,5 +572,131 @@ fn after_a_reboot_what_differs_from_the_record_is_copied_whole() {
     let before = listing(v);
     reboot(&r);
     assert_eq!(listing(v), before);
+    fs::remove_dir_all(&r.d).ok();
+}
+
+/// `kill -9` of the first sync after a reboot at many instants (during the
+/// copy-up's tail append, the renames, the record's switch): the record
+/// on the partition never names more than the file it names holds (its
+/// length and digest over what is there), and the next sync completes
+/// with the stage equal to what the tier shows.
+#[test]
+fn a_sync_killed_after_a_reboot_never_leaves_a_record_claiming_more() {
+    if !require_root("a_sync_killed_after_a_reboot_never_leaves_a_record_claiming_more") {
+        return;
+    }
+    use mados_persistence::companion::sync::{Content, Generation};
+    let r = rig("tier-kill-reboot");
+    let v = &r.view;
+    let run = r.d.join("run");
+    fs::create_dir_all(&run).unwrap();
+    let state = serde_json::json!({"version": 1, "mode": "persistent", "reason": null,
+        "boot_device": null, "partition": null, "mounts": [], "warnings": [], "timings": [],
+        "cmdline": "", "tiers": [r.tier]});
+    fs::write(run.join("state.json"), state.to_string()).unwrap();
+    let bin = env!("CARGO_BIN_EXE_mados-persistence");
+    let sync = |kill_after: Option<u64>| -> bool {
+        let mut c = Command::new(bin)
+            .arg("sync")
+            .env("MADOS_PERSISTENCE_RUN", &run)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        if let Some(ms) = kill_after {
+            std::thread::sleep(std::time::Duration::from_millis(ms));
+            let _ = c.kill(); // SIGKILL
+        }
+        c.wait().unwrap().success()
+    };
+    // /run is RAM: a reboot forgets the manifests
+    let forget = || {
+        for e in fs::read_dir(&run).unwrap() {
+            let p = e.unwrap().path();
+            if p.file_name().unwrap() != "state.json" {
+                fs::remove_file(p).unwrap();
+            }
+        }
+    };
+    let chunk: Vec<u8> = (0..1u32 << 20).map(|i| (i % 241) as u8).collect();
+    fs::write(v.join("big.log"), chunk.repeat(8)).unwrap();
+    fs::write(v.join("other.log"), chunk.repeat(2)).unwrap();
+    assert!(sync(None));
+    let stage = Path::new(&r.tier.stage);
+    let lower = Path::new(&r.tier.lower);
+    let check = |when: &str| {
+        let Ok(b) = fs::read(Path::new(&r.tier.base).join("generation.json")) else {
+            return;
+        };
+        let g: Generation = serde_json::from_slice(&b).unwrap();
+        assert!(!g.files.is_empty(), "{when}: no records");
+        for (k, h) in &g.files {
+            for f in [stage.join(k), lower.join(k)] {
+                let Ok(m) = fs::metadata(&f) else { continue };
+                if m.ino() != h.ino {
+                    continue; // another file now: the record does not name it
+                }
+                let data = fs::read(&f).unwrap();
+                assert!(
+                    data.len() as u64 >= h.len,
+                    "{when}: {} holds {} bytes, the record says {}",
+                    f.display(),
+                    data.len(),
+                    h.len
+                );
+                let mut c = Content::default();
+                c.update(&data[..h.len as usize]);
+                assert_eq!(c.finish(), h.sha256, "{when}: {}", f.display());
+            }
+        }
+    };
+    check("first sync");
+    // how long the first sync after a reboot takes uncut: the cuts are
+    // spread over it
+    reboot(&r);
+    forget();
+    append(&v.join("big.log"), &chunk);
+    let t0 = std::time::Instant::now();
+    assert!(sync(None));
+    let whole = t0.elapsed().as_millis() as u64;
+    eprintln!("the first sync after a reboot, uncut: {whole} ms");
+    let mut kills = 0;
+    for k in 1..=8u64 {
+        let ms = whole * k / 9;
+        reboot(&r);
+        forget();
+        check(&format!("after the reboot before the cut at {ms} ms"));
+        append(&v.join("big.log"), &chunk);
+        append(&v.join("other.log"), &chunk[..100_000]);
+        if !sync(Some(ms)) {
+            kills += 1;
+        }
+        check(&format!("cut at {ms} ms"));
+        // a power cut then: the next boot folds what there is
+        reboot(&r);
+        forget();
+        check(&format!("the boot after the cut at {ms} ms"));
+        // the tier shows the synced prefix whole, and maybe some of the tail
+        let got = fs::read(v.join("big.log")).unwrap();
+        assert!(
+            got.len() >= 8 << 20 && got[..8 << 20] == chunk.repeat(8)[..],
+            "{ms} ms"
+        );
+        // write it all again as the tier shows it now, then complete a sync
+        append(&v.join("big.log"), b"more");
+        assert!(sync(None), "the next sync completes");
+        check(&format!("the sync after the cut at {ms} ms"));
+        for f in ["big.log", "other.log"] {
+            // this boot's sync in the stage, else the last boot's, folded
+            let on_stick = fs::read(stage.join(f))
+                .or_else(|_| fs::read(lower.join(f)))
+                .unwrap();
+            assert_eq!(on_stick, fs::read(v.join(f)).unwrap(), "{f} after {ms} ms");
+        }
+    }
+    eprintln!("{kills} of 8 syncs cut");
+    assert!(
+        kills >= 4,
+        "only {kills} syncs were cut (too fast to test?)"
+    );
     fs::remove_dir_all(&r.d).ok();
 }

@@ -1209,7 +1209,8 @@ fn dir_attrs(c: &mut Ctx, t: &Tier, rel: &Path) -> Result<()> {
 
 /// What a sync would carry now, from one walk of the upper against the
 /// manifest, without writing anything: the "dirty" counts the stats show.
-/// An append counts only its new tail.
+/// An append counts only its new tail, after a boot too (a file the last
+/// boot's record covers: its size past the record's length).
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Pending {
     pub files: u64,
@@ -1221,6 +1222,11 @@ pub struct Pending {
 pub fn pending(t: &Tier, manifest: &Manifest) -> Result<Pending> {
     let up = Dir::open(Path::new(&t.upper)).with_context(|| format!("opening {}", t.upper))?;
     let (entries, _) = walk(&up)?;
+    // a file not synced this boot that the last boot's record covers
+    // counts its tail (an estimate from sizes: the sync checks the rest)
+    let held = Dir::open(Path::new(&t.base))
+        .map(|b| load_held(&b))
+        .unwrap_or_default();
     let mut p = Pending::default();
     let mut seen = BTreeSet::new();
     for e in &entries {
@@ -1238,6 +1244,10 @@ pub fn pending(t: &Tier, manifest: &Manifest) -> Result<Pending> {
                 p.bytes = p
                     .bytes
                     .saturating_add(rec.size - o.synced_len.min(rec.size));
+            }
+            None if rec.kind == 'f' && held.get(&e.key).is_some_and(|h| h.len <= rec.size) => {
+                p.files += 1;
+                p.bytes = p.bytes.saturating_add(rec.size - held[&e.key].len);
             }
             _ => {
                 p.files += 1;
@@ -1294,28 +1304,31 @@ fn digest_prefix(f: &fs::File, len: u64) -> std::io::Result<Option<Content>> {
 }
 
 /// A file on the partition that holds the synced prefix and takes the
-/// tail: `to`, `at` bytes long, the digest of those bytes so far; `tmp`:
-/// the lower's file linked into tmp under that name (renamed into the
-/// stage after the syncfs), else the stage's own file.
+/// tail: `to`, `at` bytes long, the digest of those bytes so far;
+/// `lower`: the lower's file, just linked into the stage, else the
+/// stage's own file.
 struct Onto {
     to: fs::File,
     at: u64,
     h: Content,
-    tmp: Option<OsString>,
+    lower: bool,
 }
 
 /// A file this boot's syncs have not put in the stage, copied up whole
 /// into the upper from what the last boot's sync left in the lower: when
 /// the record says that file is the lower's (`tail_after_lower`) and the
 /// upper's first bytes have the recorded digest, the lower's file is
-/// linked into tmp (the same inode, checked again through the new name)
-/// to take only the tail. `None`: copy it whole.
+/// linked into the stage (the same inode, checked again through the new
+/// name) to take only the tail. `None`: copy it whole.
 ///
+/// Linked in place, not through tmp and a rename after the syncfs: the
+/// stage's name is the lower's file itself, so a cut at any point leaves
+/// the one file the lower has (its synced bytes whole, and maybe some of
+/// the tail), never a torn replacement; the next boot's fold finds the
+/// stage's name and the lower's to be one file and drops the stage's.
 /// The lower's directories are never changed while the overlay is
-/// mounted; the file gains a name in tmp (then in the stage) and a tail.
-/// The overlay does not read it any more (it was copied up, and
-/// `metacopy=off`), and the next boot's fold finds the stage's name and
-/// the lower's to be one file and drops the stage's.
+/// mounted; the file gains a name and a tail, and the overlay does not
+/// read it any more (it was copied up, and `metacopy=off`).
 fn onto_lower(
     c: &mut Ctx,
     e: &Ent,
@@ -1332,12 +1345,12 @@ fn onto_lower(
     }
     let (parent, name) = split(&e.rel);
     // nothing of this boot's syncs there: else the manifest decides
-    match c.stage.get(parent).map(|d| d.lstat(name)) {
-        Ok(Ok(None)) => {}
-        _ => return Ok(None),
+    let Ok(sd) = c.stage.get(parent) else {
+        return Ok(None);
+    };
+    if !matches!(sd.lstat(name), Ok(None)) {
+        return Ok(None);
     }
-    let tn = c.tmp_name();
-    let tmp = c.tmp;
     let Some(lower) = c.lower.as_mut() else {
         return Ok(None);
     };
@@ -1401,25 +1414,27 @@ fn onto_lower(
         );
         return Ok(None);
     }
-    if ld.link(name, tmp, &tn).is_err() {
+    if ld.link(name, sd, name).is_err() {
         return Ok(None);
     }
-    let linked = tmp.open_write(&tn).ok().filter(|(f, st)| {
+    let linked = sd.open_write(name).ok().filter(|(f, st)| {
         st.st_dev == lst.st_dev
             && st.st_ino == h.ino
             && st.st_size as u64 == h.len
             && st.st_nlink == 2
             && igen(f) == h.igen
     });
+    c.dirty.insert(parent.to_path_buf());
     let Some((to, _)) = linked else {
-        tmp.remove_all(&tn)?;
+        sd.unlink(name)
+            .with_context(|| format!("removing {} from the stage", e.rel.display()))?;
         return Ok(None);
     };
     Ok(Some(Onto {
         to,
         at: want,
         h: hash,
-        tmp: Some(tn),
+        lower: true,
     }))
 }
 
@@ -1468,16 +1483,22 @@ fn copy_file(c: &mut Ctx, t: &Tier, e: &Ent, old: Option<&Rec>) -> Result<Copied
                 to,
                 at: o.synced_len,
                 h,
-                tmp: None,
+                lower: false,
             });
         }
     }
     if onto.is_none() {
         onto = onto_lower(c, e, &from, len, &xattrs)?;
     }
-    if let Some(Onto { to, at, mut h, tmp }) = onto {
+    if let Some(Onto {
+        to,
+        at,
+        mut h,
+        lower,
+    }) = onto
+    {
         c.appended_at.push(Appended {
-            in_lower: tmp.is_some(),
+            in_lower: lower,
             rel: e.rel.clone(),
             len: at,
         });
@@ -1486,11 +1507,10 @@ fn copy_file(c: &mut Ctx, t: &Tier, e: &Ent, old: Option<&Rec>) -> Result<Copied
         let (pos, written) = match copy_sparse(&from, Some(&to), at, len, Some(&mut h)) {
             Ok(x) => x,
             Err(err) if too_big(c, &err) => {
-                // the file back to what was synced
+                // the file back to what was synced (a lower's file keeps
+                // its new name in the stage: the same file, dropped by the
+                // fold, or replaced by the next sync)
                 to.set_len(at)?;
-                if let Some(tn) = &tmp {
-                    c.tmp.remove_all(tn)?;
-                }
                 return Ok(Copied::NotCarried);
             }
             Err(err) => return Err(err).with_context(|| format!("appending {label}")),
@@ -1498,21 +1518,15 @@ fn copy_file(c: &mut Ctx, t: &Tier, e: &Ent, old: Option<&Rec>) -> Result<Copied
         crate::util::fsutil::start_writeback(&to);
         safefs::set_attrs_fd(&to, &st, &xattrs, &mut c.r.not_carried, &label);
         let stick = stick_of(&to).ok();
-        match tmp {
-            Some(tn) => {
-                drop(to);
-                c.defer(tn, &e.rel);
-                c.r.appended += 1;
-                c.r.resumed += 1;
-                c.r.bytes += written;
-                c.r.changed += 1;
-            }
-            None if pos > at || old.is_some_and(|o| len != o.size) => {
-                c.r.appended += 1;
-                c.r.bytes += written;
-                c.r.changed += 1;
-            }
-            None => {}
+        if lower {
+            c.r.appended += 1;
+            c.r.resumed += 1;
+            c.r.bytes += written;
+            c.r.changed += 1;
+        } else if pos > at || old.is_some_and(|o| len != o.size) {
+            c.r.appended += 1;
+            c.r.bytes += written;
+            c.r.changed += 1;
         }
         return Ok(Copied::Done(pos, h.finish(), stick));
     }
