@@ -434,8 +434,10 @@ fn an_append_after_a_reboot_costs_its_tail() {
             changed + small,
             "the tails, and the small file whole: {rep:?}"
         );
+        // (1.18-1.19x alone with two commits; under a parallel test run a
+        // third commit was seen, 1.26x; a whole copy would be 16x)
         assert!(
-            (w1 - w0) * 5 <= (changed + small) * 6 + (256 << 10),
+            (w1 - w0) * 2 <= (changed + small) * 3,
             "{} bytes written for {changed} appended",
             w1 - w0
         );
