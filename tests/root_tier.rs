@@ -403,6 +403,11 @@ fn an_append_after_a_reboot_costs_its_tail() {
         "{genrec}"
     );
     assert!(!genrec.contains("small.log"), "{genrec}");
+    let mode = fs::metadata(Path::new(&r.tier.base).join("generation.json"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "its records name users' files");
     for round in 0..2 {
         reboot(&r);
         let mut m = Manifest::default();

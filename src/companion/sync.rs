@@ -995,9 +995,10 @@ fn sync_tier_inner(
         entries: c.r.entries,
         files: held_next(&held, &next, &entries),
     };
+    // root's only (0600): its records name users' files
     let gen_tmp = OsStr::new("generation.json.tmp");
     base.remove_all(gen_tmp)?;
-    base.create(gen_tmp, 0o644)
+    base.create(gen_tmp, 0o600)
         .and_then(|mut f| f.write_all(&serde_json::to_vec_pretty(&g)?))
         .with_context(|| format!("writing the generation record in {}", t.base))?;
     // the new file contents (and appended tails, and the record), all
