@@ -10,10 +10,18 @@
 //!
 //! Layout on the partition, per tier (`/var/log` → `tier/var-log/`):
 //! `tier.json` (what it is), `lower/`, `stage/` (the companion's syncs),
-//! `tmp/` (a sync's files before their rename), `generation.json`.
+//! `tmp/` (a sync's files before their rename), `generation.json` (the
+//! last sync's generation, and the record of each larger file it left:
+//! `companion::sync::Held`, what lets the first sync after this boot
+//! append only a log's new tail; the fold keeps the files' inodes and
+//! mtimes, which the record names, and a tier handed back takes its
+//! records with it).
 //!
-//! overlayfs rules kept: the lower is never written while mounted (the
-//! companion writes the stage); mounted with `redirect_dir=off,
+//! overlayfs rules kept: the lower's directories are never changed while
+//! mounted (the companion writes the stage); the one write to the lower's
+//! files is a tail appended to a file the overlay has copied up (it reads
+//! only the upper's copy then, `metacopy=off`), through a hard link in the
+//! stage, which the fold drops as the same file; mounted with `redirect_dir=off,
 //! metacopy=off,index=off,xino=off` so that folding into the lower offline
 //! is legal; the live system's dir is reached through a bind made before
 //! the persistent overlay covers it (depth ≤ 1: no third level of

@@ -169,6 +169,23 @@ pub fn crc_zeros(h: &mut crc32fast::Hasher, n: u64) {
     h.update(&[0u8; BLOCK][..(n % BLOCK as u64) as usize]);
 }
 
+/// What `copy_sparse` hashes the bytes it carries into: the data read,
+/// and each hole as a run of zeros that is never made (an exabyte-long
+/// hole must cost no time, so `zeros` is O(1) or O(log n)).
+pub trait Hashing {
+    fn data(&mut self, b: &[u8]);
+    fn zeros(&mut self, n: u64);
+}
+
+impl Hashing for crc32fast::Hasher {
+    fn data(&mut self, b: &[u8]) {
+        self.update(b);
+    }
+    fn zeros(&mut self, n: u64) {
+        crc_zeros(self, n);
+    }
+}
+
 /// Copy `[start, len)` of `from` into `to` at the same offsets (`to`:
 /// `None` only hashes), reading only the data regions (`SEEK_DATA`/
 /// `SEEK_HOLE`): holes stay holes and cost nothing, and are hashed as
@@ -180,7 +197,7 @@ pub fn copy_sparse(
     to: Option<&fs::File>,
     start: u64,
     len: u64,
-    mut h: Option<&mut crc32fast::Hasher>,
+    mut h: Option<&mut dyn Hashing>,
 ) -> std::io::Result<(u64, u64)> {
     use nix::unistd::{Whence, lseek};
     const CHUNK: usize = 1 << 20;
@@ -195,7 +212,7 @@ pub fn copy_sparse(
             Err(_) => pos,                        // no SEEK_DATA: read it all
         };
         if let Some(h) = h.as_deref_mut() {
-            crc_zeros(h, data - pos);
+            h.zeros(data - pos);
         }
         pos = data;
         if pos >= len {
@@ -220,7 +237,7 @@ pub fn copy_sparse(
                 }
             }
             if let Some(h) = h.as_deref_mut() {
-                h.update(&buf[..n]);
+                h.data(&buf[..n]);
             }
             pos += n as u64;
             data_bytes += n as u64;

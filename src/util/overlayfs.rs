@@ -18,7 +18,7 @@
 //! Written here, not taken from a crate: no crate applies overlayfs
 //! semantics (whiteouts, opaque dirs) to a directory tree.
 
-use crate::util::safefs::{self, Dir, Kind};
+use crate::util::safefs::{self, Dir, Kind, Stat};
 use anyhow::{Context, Result};
 use nix::fcntl::RenameFlags;
 use std::fs;
@@ -249,8 +249,13 @@ fn fold_dir(src: &Dir, dst: &Dir, rel: &Path, o: &FoldOptions, r: &mut FoldRepor
                 let dd = dst
                     .dir(Path::new(&name))
                     .with_context(|| format!("opening {} below", rel_e.display()))?;
+                // its times as the layer has them, before moving its
+                // entries out changes them
+                let sst = sd
+                    .stat()
+                    .with_context(|| format!("reading {}", rel_e.display()))?;
                 fold_dir(&sd, &dd, &rel_e, o, r)?;
-                copy_dir_attrs(&sd, &dd, &rel_e)?;
+                copy_dir_attrs(&sd, &sst, &dd, &rel_e)?;
                 let prefix = format!("{rel_s}/");
                 if o.skip.iter().any(|k| k.starts_with(&prefix)) {
                     continue; // a skipped entry stays inside
@@ -259,6 +264,14 @@ fn fold_dir(src: &Dir, dst: &Dir, rel: &Path, o: &FoldOptions, r: &mut FoldRepor
                 src.rmdir(&name)
                     .with_context(|| format!("removing {}", rel_e.display()))?;
             }
+        } else if below.is_some_and(|b| safefs::same(&b, &st)) {
+            // the same file under both names (a sync appended to the
+            // lower's file through a link in the stage): rename(2) would
+            // do nothing and leave the stage's name; it goes instead
+            op()?;
+            src.unlink(&name)
+                .with_context(|| format!("dropping {}, already below", rel_e.display()))?;
+            r.moved += 1;
         } else {
             if below_dir {
                 rm_below(r)?;
@@ -277,9 +290,8 @@ fn fold_dir(src: &Dir, dst: &Dir, rel: &Path, o: &FoldOptions, r: &mut FoldRepor
 
 /// A merged directory takes the layer's owner, mode, attributes (not the
 /// opaque mark: merged, not opaque) and times, by fd.
-fn copy_dir_attrs(s: &Dir, d: &Dir, rel: &Path) -> Result<()> {
+fn copy_dir_attrs(s: &Dir, st: &Stat, d: &Dir, rel: &Path) -> Result<()> {
     op()?;
-    let st = s.stat()?;
     let xattrs: Vec<_> = s
         .own_xattrs()
         .with_context(|| format!("reading the attributes of {}", rel.display()))?
@@ -287,7 +299,7 @@ fn copy_dir_attrs(s: &Dir, d: &Dir, rel: &Path) -> Result<()> {
         .filter(|(n, _)| !safefs::OPAQUE_XATTRS.iter().any(|o| n == *o))
         .collect();
     let mut not = vec![];
-    d.set_own_attrs(&st, &xattrs, &mut not, &rel.display().to_string());
+    d.set_own_attrs(st, &xattrs, &mut not, &rel.display().to_string());
     if !not.is_empty() {
         anyhow::bail!(
             "setting the attributes of {}: {}",
@@ -344,6 +356,72 @@ mod tests {
         assert_eq!(fs::read_dir(&src).unwrap().count(), 0, "src left empty");
         assert_eq!(r.moved, 3);
         assert_eq!(r.removed, 1);
+        fs::remove_dir_all(&t).unwrap();
+    }
+
+    #[test]
+    fn a_file_already_below_under_the_same_inode_leaves_the_layer() {
+        // a sync appended to the lower's file through a link in the stage
+        let t = tmp("same-inode");
+        let (src, dst) = (t.join("src"), t.join("dst"));
+        fs::create_dir_all(src.join("d")).unwrap();
+        fs::create_dir_all(dst.join("d")).unwrap();
+        fs::write(dst.join("d/log"), "synced, then a tail").unwrap();
+        fs::hard_link(dst.join("d/log"), src.join("d/log")).unwrap();
+        fs::write(dst.join("top"), "top").unwrap();
+        fs::hard_link(dst.join("top"), src.join("top")).unwrap();
+        let r = fold(
+            &src,
+            &dst,
+            &FoldOptions {
+                keep_whiteouts: true,
+                skip: &[],
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            fs::read_to_string(dst.join("d/log")).unwrap(),
+            "synced, then a tail"
+        );
+        assert_eq!(fs::metadata(dst.join("d/log")).unwrap().nlink(), 1);
+        assert_eq!(fs::metadata(dst.join("top")).unwrap().nlink(), 1);
+        assert_eq!(
+            fs::read_dir(&src).unwrap().count(),
+            0,
+            "src left empty (rename(2) of a name onto its own inode does nothing)"
+        );
+        assert_eq!(r.moved, 2);
+        fs::remove_dir_all(&t).unwrap();
+    }
+
+    #[test]
+    fn a_merged_dir_keeps_the_layers_times() {
+        // moving its entries down changes the layer dir's mtime: the one
+        // it had before is what the merged dir takes
+        let t = tmp("merged-times");
+        let (src, dst) = (t.join("src"), t.join("dst"));
+        fs::create_dir_all(src.join("a")).unwrap();
+        fs::create_dir_all(dst.join("a")).unwrap();
+        fs::write(src.join("a/f"), "f").unwrap();
+        let old = nix::sys::time::TimeSpec::new(1_000_000, 0);
+        nix::sys::stat::utimensat(
+            nix::fcntl::AT_FDCWD,
+            &src.join("a"),
+            &old,
+            &old,
+            nix::sys::stat::UtimensatFlags::NoFollowSymlink,
+        )
+        .unwrap();
+        fold(
+            &src,
+            &dst,
+            &FoldOptions {
+                keep_whiteouts: true,
+                skip: &[],
+            },
+        )
+        .unwrap();
+        assert_eq!(fs::metadata(dst.join("a")).unwrap().mtime(), 1_000_000);
         fs::remove_dir_all(&t).unwrap();
     }
 

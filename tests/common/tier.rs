@@ -84,12 +84,14 @@ pub fn mount_view(r: &Rig) {
     ));
 }
 
-/// "Reboot": unmount, drop the RAM upper, fold the stage into the lower
-/// (as boot does), mount again with an empty upper.
+/// "Reboot": unmount, drop the RAM upper and tmp, fold the stage into the
+/// lower (as boot does), mount again with an empty upper.
 pub fn reboot(r: &Rig) {
     sh(&format!("umount {}", r.view.display()));
     fs::remove_dir_all(&r.tier.upper).unwrap();
     fs::remove_dir_all(&r.tier.work).unwrap();
+    // as boot does: a cut sync's leftovers in tmp go
+    let _ = fs::remove_dir_all(&r.tier.tmp);
     fold(
         Path::new(&r.tier.stage),
         Path::new(&r.tier.lower),
