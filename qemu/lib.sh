@@ -284,9 +284,15 @@ virtio_disk() { echo "-drive if=virtio,format=raw,file=$1"; }
 # The state.json a boot printed between the markers.
 state_of() { sed -n '/^=== MADOS-STATE$/,/^=== MADOS-END$/p' "$WORK/$1.log" | sed '1d;$d'; }
 
-# A dracut initramfs for Debian's kernel with dmsquash-live and our module,
-# built from a copy of the installed dracut (nothing is installed into it).
+# A dracut initramfs for Debian's kernel with dmsquash-live and our module
+# (and dracut's default modules: `shutdown` gives it /shutdown), built from
+# a copy of the installed dracut (nothing is installed into it), and the
+# busybox live root's ISO booted by it.
 build_dracut() {
+	build_dracut_initramfs
+	dracut_iso "$WORK/airootfs.sfs" "$WORK/madOS-dracut.iso"
+}
+build_dracut_initramfs() {
 	local kv base=$WORK/dracut-base
 	kv=$(kernel_version)
 	rm -rf "$base" "$WORK/dracut-bin"
@@ -297,14 +303,19 @@ build_dracut() {
 	DRACUT_PATH="$WORK/dracut-bin /sbin /bin /usr/sbin /usr/bin" dracutbasedir=$base dracut --quiet --force --no-hostonly --no-hostonly-cmdline \
 		--kver "$kv" --omit "systemd systemd-initrd systemd-networkd dracut-systemd plymouth i18n resume" \
 		--add "dmsquash-live mados-persistence" \
-		--add-drivers "xhci_pci xhci_hcd usb_storage sd_mod sr_mod cdrom isofs squashfs overlay ext4 loop crc32c_generic ata_piix" \
+		--add-drivers "xhci_pci xhci_hcd usb_storage sd_mod sr_mod cdrom isofs squashfs overlay ext4 loop crc32c_generic ata_piix autofs4" \
 		"$WORK/initramfs-dracut.img" 2>"$WORK/dracut.log" || { cat "$WORK/dracut.log" >&2; return 1; }
-	# the ISO: a Fedora-style LiveOS/squashfs.img holding the live root
+	cp "/boot/vmlinuz-$kv" "$WORK/vmlinuz"
+}
+
+# dracut_iso SFS OUT: a Fedora-style live ISO, LiveOS/squashfs.img holding
+# the live root SFS
+dracut_iso() {
 	local tree=$WORK/dracut-isotree
 	rm -rf "$tree"
 	mkdir -p "$tree/LiveOS"
-	cp "$WORK/airootfs.sfs" "$tree/LiveOS/squashfs.img"
-	"$REPO/tests/fixtures/mkimage" archiso "$WORK/madOS-dracut.iso" "$tree"
+	cp "$1" "$tree/LiveOS/squashfs.img"
+	"$REPO/tests/fixtures/mkimage" archiso "$2" "$tree"
 }
 
 # boot_dracut NAME APPEND QEMU-ARGS...: the dracut initramfs (dmsquash-live)
@@ -347,15 +358,19 @@ sdroot_tar() {
 	echo "$tar"
 }
 
-# build_sdroot: the systemd live root's squashfs ($WORK/sdroot.sfs): the
+# build_sdroot archiso|dracut: the systemd live root's squashfs: the
 # cached bookworm root with the binary, the units, the config and the
 # shutdown hook installed where a package puts them (/usr/bin,
 # /usr/lib/systemd/system, enabled as `systemctl enable` does, /etc/mados,
 # /usr/lib/systemd/system-shutdown), and the test driver
 # (qemu/systemd/: madostest.service runs madostest when the kernel
-# command line has madostest=)
+# command line has madostest=). archiso: $WORK/sdroot.sfs, for an
+# archiso-layout ISO (mkinitcpio's initramfs or the test one); dracut:
+# $WORK/sdroot-dracut.sfs, the root of a dracut-built live ISO, which
+# carries dracut-shutdown.service as Debian's dracut package installs it
+# (from this machine's dracut-core, bookworm's too)
 build_sdroot() {
-	local root=$WORK/sdroot tar unit u
+	local root=$WORK/sdroot tar unit u out=$WORK/sdroot.sfs
 	tar=$(sdroot_tar)
 	rm -rf "$root"
 	mkdir -p "$root"
@@ -378,7 +393,17 @@ build_sdroot() {
 	ln -sf /dev/null "$root/etc/systemd/system/serial-getty@ttyS0.service"
 	echo madOS >"$root/etc/hostname"
 	mkdir -p "$root/home/live"
-	rm -f "$WORK/sdroot.sfs"
+	if [[ ${1:-} == dracut ]]; then
+		out=$WORK/sdroot-dracut.sfs
+		for u in dracut-shutdown.service dracut-shutdown-onfailure.service; do
+			install -m 644 "/usr/lib/systemd/system/$u" "$root/usr/lib/systemd/system/$u"
+		done
+		mkdir -p "$root/usr/lib/systemd/system/sysinit.target.wants"
+		ln -sf ../dracut-shutdown.service "$root/usr/lib/systemd/system/sysinit.target.wants/dracut-shutdown.service"
+		install -D -m 755 /usr/lib/dracut/dracut-initramfs-restore "$root/usr/lib/dracut/dracut-initramfs-restore"
+		install -m 755 /usr/lib/dracut/skipcpio "$root/usr/lib/dracut/skipcpio"
+	fi
+	rm -f "$out"
 	# lz4: built in a second (gzip takes 20 s here), read as fast
-	mksquashfs "$root" "$WORK/sdroot.sfs" -quiet -noappend -comp lz4 >/dev/null
+	mksquashfs "$root" "$out" -quiet -noappend -comp lz4 >/dev/null
 }
