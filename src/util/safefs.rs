@@ -150,6 +150,23 @@ impl Dir {
         Ok(Dir { fd })
     }
 
+    /// `open`, but no symlink is followed in any component of `path`
+    /// (mounts are crossed): for a root-chosen path that runs through a
+    /// user's directories (a bind tier's lower, `home/<user>/...` on the
+    /// partition), which the user may swap for a symlink at any time.
+    pub fn open_no_symlinks(path: &Path) -> io::Result<Dir> {
+        let how = OpenHow::new()
+            .flags(OFlag::O_RDONLY | OFlag::O_DIRECTORY | entry_flags())
+            .resolve(ResolveFlag::RESOLVE_NO_SYMLINKS);
+        let fd = nix::fcntl::openat2(nix::fcntl::AT_FDCWD, path, how).map_err(|e| {
+            io::Error::new(
+                io_err(e).kind(),
+                format!("opening the directory {} (no symlink followed): {e}", path.display()),
+            )
+        })?;
+        Ok(Dir { fd })
+    }
+
     /// `open`, creating `path` (and its missing parents) first.
     pub fn open_or_create(path: &Path) -> io::Result<Dir> {
         std::fs::create_dir_all(path)?;
