@@ -10,6 +10,10 @@
 //!   (`undo_failed`: `Dir::open(t.lower)`, which follows a symlink on the
 //!   way), after the user had swapped `proj` for a symlink: root truncated
 //!   (or extended) a file of the user's choosing outside the partition.
+//! - (b) a bind tier's lower rewritten in place by its owner in a boot
+//!   without the tier, its mtime set back: the record and the upper agree
+//!   and the tail goes onto other bytes (see the test; ignored: it
+//!   succeeds, and only on the user's own file).
 
 mod common;
 
@@ -160,5 +164,80 @@ fn a_failed_sync_never_cuts_a_file_the_user_pointed_the_lower_at() {
         "root's file outside the partition was cut: {} bytes, was {}",
         now.len(),
         secret.len()
+    );
+}
+
+/// (b) A bind tier's lower is the user's own dir on the partition: in a
+/// boot without the tier (turned off, or a boot that does not mount it)
+/// the user rewrites the synced log in place, same length, and sets its
+/// mtime back (`touch -d`: an owner may); inode and generation stay. The
+/// next boot with the tier: the user writes the old bytes again plus a
+/// tail in the overlay. The record (length, digest, inode, generation,
+/// mtime) and the upper's prefix agree, so the sync appends the tail to
+/// the rewritten lower file: the stick holds other bytes than the upper
+/// had, and the new record vouches for the upper's.
+#[test]
+#[ignore = "attack succeeds: a bind tier's lower rewritten in place with its mtime set back is appended onto (the user's own file only)"]
+fn a_lower_rewritten_with_its_mtime_set_back_is_not_appended_onto() {
+    if !require_root("a_lower_rewritten_with_its_mtime_set_back_is_not_appended_onto") {
+        return;
+    }
+    let r = bind_rig("atk-tier-rewrite");
+    let v = &r.view;
+    let pm = r.d.join("pm");
+    let a: Vec<u8> = (0..2u32 << 20).map(|i| (i % 251) as u8).collect();
+    fs::write(v.join("big.log"), &a).unwrap();
+    sh(&format!("chown 65534:65534 {}", v.join("big.log").display()));
+    let mut m = Manifest::default();
+    sync_tier(&r.tier, &mut m).unwrap();
+    reboot(&r);
+    // a boot without the tier: the user's own dir is theirs to write
+    sh(&format!("umount {}", v.display()));
+    let low = pm.join("home/u/proj/target/big.log");
+    let md = fs::metadata(&low).unwrap();
+    assert_eq!(md.uid(), NOBODY);
+    let out = as_nobody_cmd(&[
+        "sh",
+        "-c",
+        &format!(
+            "head -c {} /dev/zero | tr '\\0' B | dd of={1} conv=notrunc status=none && touch -m -d @{2}.{3:09} {1}",
+            a.len(),
+            low.display(),
+            md.mtime(),
+            md.mtime_nsec()
+        ),
+    ])
+    .output()
+    .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(fs::metadata(&low).unwrap().mtime_nsec(), md.mtime_nsec());
+    // the tier again: the old bytes and a tail in the overlay
+    fs::remove_dir_all(&r.tier.upper).unwrap();
+    fs::remove_dir_all(&r.tier.work).unwrap();
+    mount_view(&r);
+    let mut want = a.clone();
+    want.extend_from_slice(b"the tail\n");
+    let out = as_nobody_cmd(&[
+        "sh",
+        "-c",
+        &format!("cat > {}", v.join("big.log").display()),
+    ])
+    .stdin(std::process::Stdio::piped())
+    .spawn()
+    .and_then(|mut c| {
+        c.stdin.take().unwrap().write_all(&want)?;
+        c.wait_with_output()
+    })
+    .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let rep = sync_tier(&r.tier, &mut m).unwrap();
+    eprintln!("{rep:?}");
+    reboot(&r);
+    let got = fs::read(v.join("big.log")).unwrap();
+    assert!(
+        got == want,
+        "the stick holds other bytes than the upper had: {:?}... (resumed {})",
+        String::from_utf8_lossy(&got[..16]),
+        rep.resumed
     );
 }
