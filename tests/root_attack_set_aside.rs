@@ -98,11 +98,10 @@ fn a_hostile_journal_moves_nothing_outside_and_is_dropped() {
     }
 }
 
-/// `.` passes the journal's one-name check (`Path::components` yields one
-/// `CurDir`, which `check_rel` allows): the restore then fails at every
-/// boot (`lstat(".")` is refused), the journal never dropped.
+/// `.` passed the journal's one-name check (`Path::components` yields one
+/// `CurDir`, which `check_rel` allows): the restore then failed at every
+/// boot (`lstat(".")` is refused), the journal never dropped. Now dropped.
 #[test]
-#[ignore = "attack succeeds: a journal naming . fails every boot, never dropped"]
 fn a_journal_naming_the_set_aside_dir_itself_is_dropped() {
     if !require_root("a_journal_naming_the_set_aside_dir_itself_is_dropped") {
         return;
