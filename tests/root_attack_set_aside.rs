@@ -194,7 +194,6 @@ fn delete_removes_only_the_set_aside_tree() {
 /// (`tree_size`, `Dir::remove_all`). A delete that fails leaves the dir
 /// renamed `.deleting-*`, and every later delete purges those first.
 #[test]
-#[ignore = "attack succeeds: a tree deeper than the fd limit makes set-aside delete fail, then every later delete"]
 fn delete_copes_with_a_tree_deeper_than_the_fd_limit() {
     if !require_root("delete_copes_with_a_tree_deeper_than_the_fd_limit") {
         return;
