@@ -11,7 +11,7 @@
 //!   way), after the user had swapped `proj` for a symlink: root truncated
 //!   (or extended) a file of the user's choosing outside the partition.
 //! - (b) a bind tier's lower rewritten in place by its owner in a boot
-//!   without the tier, its mtime set back: the record and the upper agree
+//!   that does not mount the tier but keeps its records, its mtime set back: the record and the upper agree
 //!   and the tail goes onto other bytes (see the test; ignored: it
 //!   succeeds, and only on the user's own file).
 
@@ -168,8 +168,11 @@ fn a_failed_sync_never_cuts_a_file_the_user_pointed_the_lower_at() {
 }
 
 /// (b) A bind tier's lower is the user's own dir on the partition: in a
-/// boot without the tier (turned off, or a boot that does not mount it)
-/// the user rewrites the synced log in place, same length, and sets its
+/// boot that does not mount the tier yet keeps its records (a tier turned
+/// off is handed back and its records removed; but a tier whose mount
+/// failed, a hand-back refused with a warning, or the partition written
+/// on another machine keep them) the user rewrites the synced log in
+/// place, same length, and sets its
 /// mtime back (`touch -d`: an owner may); inode and generation stay. The
 /// next boot with the tier: the user writes the old bytes again plus a
 /// tail in the overlay. The record (length, digest, inode, generation,
