@@ -170,13 +170,26 @@ fn delete_removes_only_the_set_aside_tree() {
     fs::create_dir_all(&t).unwrap();
     std::os::unix::fs::symlink(&victim, t.join("link")).unwrap();
     std::os::unix::fs::symlink(victim.join("secret"), t.join("flink")).unwrap();
-    nix::unistd::mkfifo(&t.join("fifo"), nix::sys::stat::Mode::from_bits_truncate(0o666)).unwrap();
+    nix::unistd::mkfifo(
+        &t.join("fifo"),
+        nix::sys::stat::Mode::from_bits_truncate(0o666),
+    )
+    .unwrap();
     // a hard link to a file outside the set-aside dir (same filesystem)
     fs::write(pm.join("outside"), "kept").unwrap();
     fs::hard_link(pm.join("outside"), t.join("hard")).unwrap();
     sh(&format!("chown -R 65534:65534 {}", t.display()));
     let root = Dir::open(&pm).unwrap();
-    for bad in ["..", "../..", "", "/", "old/overlays", "%2E%2E", ".", ".mados"] {
+    for bad in [
+        "..",
+        "../..",
+        "",
+        "/",
+        "old/overlays",
+        "%2E%2E",
+        ".",
+        ".mados",
+    ] {
         assert!(set_aside::delete(&root, bad).is_err(), "{bad:?}");
     }
     assert!(pm.join("set-aside/old").exists());
@@ -254,7 +267,8 @@ fn delete_copes_with_a_tree_deeper_than_the_fd_limit() {
         .map(|e| e.unwrap().file_name())
         .collect();
     assert_eq!(
-        r, 3,
+        r,
+        3,
         "delete old: {}, then delete other: {}; left: {left:?}",
         r & 1 == 1,
         r & 2 == 2

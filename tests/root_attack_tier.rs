@@ -47,7 +47,10 @@ fn bind_rig(tag: &str) -> Rig {
         ram.display()
     ));
     fs::create_dir_all(pm.join("home/u/proj/target")).unwrap();
-    sh(&format!("chown -R 65534:65534 {}", pm.join("home/u").display()));
+    sh(&format!(
+        "chown -R 65534:65534 {}",
+        pm.join("home/u").display()
+    ));
     let base = pm.join("tier/home-u-proj-target");
     let tier = Tier {
         dir: "/home/u/proj/target".into(),
@@ -154,7 +157,10 @@ fn a_failed_sync_never_cuts_a_file_the_user_pointed_the_lower_at() {
     let flipped = flipper.join().unwrap();
     eprintln!("sync: {res:?}; flipped: {flipped}");
     assert!(res.is_err(), "the partition was full: the sync must fail");
-    assert!(flipped, "the lower's file was never linked, or the flip failed");
+    assert!(
+        flipped,
+        "the lower's file was never linked, or the flip failed"
+    );
     // the lower's own file was cut back to what the record names
     let real = pm.join("home/u/proj.real/target/big.log");
     assert_eq!(fs::metadata(&real).unwrap().len(), 2 << 20);
@@ -190,7 +196,10 @@ fn a_lower_rewritten_with_its_mtime_set_back_is_not_appended_onto() {
     let pm = r.d.join("pm");
     let a: Vec<u8> = (0..2u32 << 20).map(|i| (i % 251) as u8).collect();
     fs::write(v.join("big.log"), &a).unwrap();
-    sh(&format!("chown 65534:65534 {}", v.join("big.log").display()));
+    sh(&format!(
+        "chown 65534:65534 {}",
+        v.join("big.log").display()
+    ));
     let mut m = Manifest::default();
     sync_tier(&r.tier, &mut m).unwrap();
     reboot(&r);

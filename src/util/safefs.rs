@@ -161,7 +161,10 @@ impl Dir {
         let fd = nix::fcntl::openat2(nix::fcntl::AT_FDCWD, path, how).map_err(|e| {
             io::Error::new(
                 io_err(e).kind(),
-                format!("opening the directory {} (no symlink followed): {e}", path.display()),
+                format!(
+                    "opening the directory {} (no symlink followed): {e}",
+                    path.display()
+                ),
             )
         })?;
         Ok(Dir { fd })
@@ -421,9 +424,8 @@ impl Dir {
             Err(e) if e.raw_os_error() == Some(nix::libc::ENOENT) => Ok(()),
             r => r,
         };
-        let other_fs = |n: &OsStr| {
-            io::Error::other(format!("{:?} is on another filesystem; not removed", n))
-        };
+        let other_fs =
+            |n: &OsStr| io::Error::other(format!("{:?} is on another filesystem; not removed", n));
         let Some(st) = self.lstat(name)? else {
             return Ok(());
         };
