@@ -301,11 +301,15 @@ pub fn read_request(root: &Dir) -> Result<Option<Request>> {
     }
     let d = root.dir(Path::new(".mados"))?;
     let r: Option<Request> = read_json_at(&d, "restore.json")?;
-    if let Some(r) = &r
-        && safefs::decode(&r.name)
-            .is_none_or(|p| safefs::check_rel(&p).is_err() || p.components().count() != 1)
-    {
-        bail!("{REQUEST} names no set-aside dir ({:?})", r.name);
+    if let Some(r) = &r {
+        if decoded(&r.name).is_err() {
+            bail!("{REQUEST} names no set-aside dir ({:?})", r.name);
+        }
+        if let Some(a) = r.started.as_ref().and_then(|s| s.aside.as_ref())
+            && decoded(a).is_err()
+        {
+            bail!("{REQUEST} names no set-aside dir to set aside into ({a:?})");
+        }
     }
     Ok(r)
 }
@@ -642,7 +646,11 @@ pub fn observe(root: &Dir, r: &Request, current: Option<&IsoBuild>) -> Result<Fa
 /// A set-aside name as a single plain component.
 pub fn decoded(name: &str) -> Result<OsString> {
     let p = safefs::decode(name).with_context(|| format!("{name:?} is not a name"))?;
-    if p.components().count() != 1 {
+    // one plain name: not `.` (one `CurDir`, which `check_rel` allows)
+    if !matches!(
+        p.components().collect::<Vec<_>>()[..],
+        [std::path::Component::Normal(_)]
+    ) {
         bail!("{name:?} is not one name");
     }
     safefs::check_rel(&p)?;

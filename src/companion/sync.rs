@@ -614,6 +614,10 @@ pub(crate) struct Appended {
     in_lower: bool,
     rel: PathBuf,
     len: u64,
+    /// The file itself, as it was appended to: cut back through this fd,
+    /// never by its path again (a bind tier's lower runs through a user's
+    /// dirs, which may have been swapped for a symlink meanwhile).
+    file: fs::File,
 }
 
 impl Ctx<'_> {
@@ -723,21 +727,9 @@ pub fn sync_tier(t: &Tier, manifest: &mut Manifest) -> Result<Report> {
 /// tmp emptied, the unswitched generation record gone. Each step is
 /// tried, a failure only logged (the sync's own error is what counts).
 fn undo_failed(t: &Tier, appended_at: &[Appended]) {
-    let (stage, lower) = (
-        Dir::open(Path::new(&t.stage)),
-        Dir::open(Path::new(&t.lower)),
-    );
     for a in appended_at {
-        let (parent, name) = split(&a.rel);
-        let root = if a.in_lower { &lower } else { &stage };
-        let r = match root {
-            Ok(d) => d
-                .dir(parent)
-                .and_then(|d| d.open_write(name))
-                .and_then(|(f, _)| f.set_len(a.len)),
-            Err(e) => Err(std::io::Error::new(e.kind(), e.to_string())),
-        };
-        if let Err(e) = r {
+        // by the fd appended to: its path may lead elsewhere now
+        if let Err(e) = a.file.set_len(a.len) {
             log::warn!(
                 "cutting {} in the {} of {} back to its synced {} bytes: {e}",
                 a.rel.display(),
@@ -773,7 +765,8 @@ fn sync_tier_inner(
     // and making it again would cost a journal commit on every sync)
     let tmp = open_tmp(Path::new(&t.tmp))?;
     let held = load_held(&base);
-    let lower = Dir::open(Path::new(&t.lower)).ok();
+    // a bind tier's lower is in a user's home: no symlink on its way
+    let lower = Dir::open_no_symlinks(Path::new(&t.lower)).ok();
     let (entries, too_deep) = walk(&up)?;
     let now: BTreeSet<&str> = entries.iter().map(|e| e.key.as_str()).collect();
     let mut c = Ctx {
@@ -1502,6 +1495,9 @@ fn copy_file(c: &mut Ctx, t: &Tier, e: &Ent, old: Option<&Rec>) -> Result<Copied
             in_lower: lower,
             rel: e.rel.clone(),
             len: at,
+            file: to
+                .try_clone()
+                .with_context(|| format!("appending {label}"))?,
         });
         // durable with the rest at the syncfs below, before the
         // generation switches (an fdatasync each would cost a commit each)

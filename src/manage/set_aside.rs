@@ -118,10 +118,29 @@ pub fn list(device: Option<PathBuf>, json: bool) -> Result<()> {
     Ok(())
 }
 
+/// Text from the partition or the stick (names, labels, notes) as it may
+/// reach a terminal: control characters escaped (a crafted stick's escape
+/// sequences would act on root's terminal).
+fn clean(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().collect()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
 fn render(l: &Listing) -> String {
     let mut o = String::new();
     if let Some(c) = &l.stick {
-        o.push_str(&format!("the stick carries {} ({})\n", c.label, c.uuid));
+        o.push_str(&format!(
+            "the stick carries {} ({})\n",
+            clean(&c.label),
+            clean(&c.uuid)
+        ));
     }
     if l.entries.is_empty() {
         o.push_str("nothing is set aside on the partition\n");
@@ -130,8 +149,8 @@ fn render(l: &Listing) -> String {
         let x = &e.entry;
         o.push_str(&format!(
             "{}\n  from {}; set aside {}; {}{}\n",
-            x.name,
-            x.origin.describe(),
+            clean(&x.name),
+            clean(&x.origin.describe()),
             when(x.at),
             x.size
                 .map_or("size unknown".into(), |s| format!("{}B", human(s))),
@@ -144,13 +163,13 @@ fn render(l: &Listing) -> String {
             }
         ));
         if let Some(n) = &x.note {
-            o.push_str(&format!("  note: {n}\n"));
+            o.push_str(&format!("  note: {}\n", clean(n)));
         }
     }
     if let Some(r) = &l.restore_requested {
         o.push_str(&format!(
             "restore requested: {}{}\n",
-            r.name,
+            clean(&r.name),
             if r.started.is_some() {
                 " (interrupted; the next boot finishes it)"
             } else {
@@ -173,13 +192,16 @@ pub fn restore(device: Option<PathBuf>, name: Option<String>, cancel: bool) -> R
     if old.as_ref().is_some_and(|o| o.started.is_some()) {
         return refuse(format!(
             "a restore of {} was interrupted; boot the stick once to finish it first",
-            old.as_ref().map_or("", |o| o.name.as_str())
+            old.as_ref().map_or(String::new(), |o| clean(&o.name))
         ));
     }
     if cancel {
         set_aside::clear_request(&r.root)?;
         match old {
-            Some(o) => println!("The restore of {} is withdrawn; nothing was moved.", o.name),
+            Some(o) => println!(
+                "The restore of {} is withdrawn; nothing was moved.",
+                clean(&o.name)
+            ),
             None => println!("No restore was requested."),
         }
         return Ok(());
@@ -209,13 +231,16 @@ pub fn restore(device: Option<PathBuf>, name: Option<String>, cancel: bool) -> R
         },
     )?;
     if let Some(o) = old.filter(|o| o.name != name) {
-        println!("(this replaces the restore of {} requested before)", o.name);
+        println!(
+            "(this replaces the restore of {} requested before)",
+            clean(&o.name)
+        );
     }
     match &r.current {
         Some(c) if e.origin.matches(c) => println!(
             "{name} (made on {}) is restored at the next boot: the overlays {} are set aside in turn, \
              then {name}'s /etc /usr /var /opt are layered. /home is not touched.",
-            e.origin.describe(),
+            clean(&e.origin.describe()),
             if r.active {
                 "in use now"
             } else {
@@ -226,14 +251,14 @@ pub fn restore(device: Option<PathBuf>, name: Option<String>, cancel: bool) -> R
             "Not now: {name} was made on {}, and the stick carries {} ({}). The request is kept: it is \
              carried out at the first boot with that release written to the stick again (each boot until \
              then leaves it and says why). `set-aside restore --cancel` withdraws it.",
-            e.origin.describe(),
-            c.label,
-            c.uuid
+            clean(&e.origin.describe()),
+            clean(&c.label),
+            clean(&c.uuid)
         ),
         None => println!(
             "{name} (made on {}) is restored at the next boot that carries that release; the release on \
              the stick now could not be read.",
-            e.origin.describe()
+            clean(&e.origin.describe())
         ),
     }
     Ok(())
@@ -254,7 +279,7 @@ pub fn delete(device: Option<PathBuf>, name: String, yes: bool) -> Result<()> {
     };
     println!(
         "This permanently deletes set-aside/{name} (from {}, {}): the /etc /usr /var /opt changes made on that release.",
-        e.origin.describe(),
+        clean(&e.origin.describe()),
         e.size
             .map_or("size unknown".into(), |s| format!("{}B", human(s)))
     );
@@ -276,6 +301,39 @@ pub fn delete(device: Option<PathBuf>, name: String, yes: bool) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A stick from anyone, inspected with `--device`: its set-aside names
+    /// and records reach root's terminal. No control character may (an
+    /// escape sequence can retitle, rewrite or answer the terminal).
+    #[test]
+    fn list_shows_no_control_characters() {
+        let evil = "x\u{1b}]0;owned\u{7}\u{1b}[2J\r";
+        let l = Listing {
+            stick: Some(IsoBuild {
+                label: evil.into(),
+                uuid: "u".into(),
+            }),
+            restore_requested: None,
+            entries: vec![Listed {
+                entry: Entry {
+                    name: crate::util::safefs::encode(std::path::Path::new(evil)),
+                    origin: set_aside::Origin::Record {
+                        build: IsoBuild {
+                            label: evil.into(),
+                            uuid: evil.into(),
+                        },
+                    },
+                    at: None,
+                    size: None,
+                    has_overlays: true,
+                    note: Some(evil.into()),
+                },
+                restorable_now: false,
+            }],
+        };
+        let out = render(&l);
+        assert!(!out.chars().any(|c| c.is_control() && c != '\n'), "{out:?}");
+    }
 
     #[test]
     fn dates_in_utc() {

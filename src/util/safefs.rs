@@ -150,6 +150,26 @@ impl Dir {
         Ok(Dir { fd })
     }
 
+    /// `open`, but no symlink is followed in any component of `path`
+    /// (mounts are crossed): for a root-chosen path that runs through a
+    /// user's directories (a bind tier's lower, `home/<user>/...` on the
+    /// partition), which the user may swap for a symlink at any time.
+    pub fn open_no_symlinks(path: &Path) -> io::Result<Dir> {
+        let how = OpenHow::new()
+            .flags(OFlag::O_RDONLY | OFlag::O_DIRECTORY | entry_flags())
+            .resolve(ResolveFlag::RESOLVE_NO_SYMLINKS);
+        let fd = nix::fcntl::openat2(nix::fcntl::AT_FDCWD, path, how).map_err(|e| {
+            io::Error::new(
+                io_err(e).kind(),
+                format!(
+                    "opening the directory {} (no symlink followed): {e}",
+                    path.display()
+                ),
+            )
+        })?;
+        Ok(Dir { fd })
+    }
+
     /// `open`, creating `path` (and its missing parents) first.
     pub fn open_or_create(path: &Path) -> io::Result<Dir> {
         std::fs::create_dir_all(path)?;
@@ -400,33 +420,76 @@ impl Dir {
     }
 
     fn remove_all_on(&self, name: &OsStr, dev: u64) -> io::Result<()> {
+        let absent_ok = |r: io::Result<()>| match r {
+            Err(e) if e.raw_os_error() == Some(nix::libc::ENOENT) => Ok(()),
+            r => r,
+        };
+        let other_fs =
+            |n: &OsStr| io::Error::other(format!("{:?} is on another filesystem; not removed", n));
         let Some(st) = self.lstat(name)? else {
             return Ok(());
         };
-        if kind(&st) == Kind::Dir {
-            if st.st_dev != dev {
-                return Err(io::Error::other(format!(
-                    "{:?} is on another filesystem; not removed",
-                    name
-                )));
-            }
-            let d = self.dir(Path::new(name))?;
-            if !same(&d.stat()?, &st) {
-                return Err(changed(format!("{:?} changed while removed", name)));
-            }
-            for n in d.list()? {
-                d.remove_all_on(&n, dev)?;
-            }
-            match self.rmdir(name) {
-                Err(e) if e.raw_os_error() == Some(nix::libc::ENOENT) => Ok(()),
-                r => r,
-            }
-        } else {
-            match self.unlink(name) {
-                Err(e) if e.raw_os_error() == Some(nix::libc::ENOENT) => Ok(()),
-                r => r,
-            }
+        if kind(&st) != Kind::Dir {
+            return absent_ok(self.unlink(name));
         }
+        if st.st_dev != dev {
+            return Err(other_fs(name));
+        }
+        let top = self.dir(Path::new(name))?;
+        if !same(&top.stat()?, &st) {
+            return Err(changed(format!("{:?} changed while removed", name)));
+        }
+        // Depth first with one directory open whatever the depth (a user's
+        // tree may be deeper than the fds a process may hold, or than its
+        // stack would take by recursion): each level keeps its name, stat
+        // and the names left to remove, not its fd; going back up opens
+        // `..`, which must be the directory we came down from.
+        let mut levels: Vec<(OsString, Stat, std::vec::IntoIter<OsString>)> =
+            vec![(name.to_os_string(), st, top.list()?.into_iter())];
+        let mut cur = top;
+        loop {
+            let next = levels.last_mut().and_then(|l| l.2.next());
+            if let Some(n) = next {
+                let Some(cst) = cur.lstat(&n)? else { continue };
+                if kind(&cst) != Kind::Dir {
+                    absent_ok(cur.unlink(&n))?;
+                    continue;
+                }
+                if cst.st_dev != dev {
+                    return Err(other_fs(&n));
+                }
+                let d = cur.dir(Path::new(&n))?;
+                if !same(&d.stat()?, &cst) {
+                    return Err(changed(format!("{:?} changed while removed", n)));
+                }
+                let names = d.list()?.into_iter();
+                levels.push((n, cst, names));
+                cur = d;
+                continue;
+            }
+            // `cur` is empty: it goes, from its parent
+            let (n, _, _) = levels.pop().expect("a level");
+            let Some((_, pst, _)) = levels.last() else {
+                break;
+            };
+            let fd = nix::fcntl::openat(
+                &cur.fd,
+                "..",
+                OFlag::O_RDONLY | OFlag::O_DIRECTORY | entry_flags(),
+                Mode::empty(),
+            )
+            .map_err(io_err)?;
+            let parent = Dir { fd };
+            if !same(&parent.stat()?, pst) {
+                return Err(changed(format!("{:?} was moved while removed", n)));
+            }
+            match parent.rmdir(&n) {
+                Err(e) if e.raw_os_error() == Some(nix::libc::ENOENT) => {}
+                r => r?,
+            }
+            cur = parent;
+        }
+        absent_ok(self.rmdir(name))
     }
 
     /// Remove everything in this directory (it stays).
