@@ -765,8 +765,19 @@ fn sync_tier_inner(
     // and making it again would cost a journal commit on every sync)
     let tmp = open_tmp(Path::new(&t.tmp))?;
     let held = load_held(&base);
-    // a bind tier's lower is in a user's home: no symlink on its way
-    let lower = Dir::open_no_symlinks(Path::new(&t.lower)).ok();
+    // Appends onto the lower's own file only where no user can reach
+    // that file between two boots: the tier's own `lower` under its base
+    // (the partition's root is root's alone). A bind tier's lower is a dir
+    // of a user's home, theirs to write in a boot without the tier: its
+    // owner could rewrite a file in place and set its mtime back (inode,
+    // generation and length unchanged), and the record would then vouch
+    // for bytes the stick does not hold; such a tier copies whole after a
+    // boot (tests/root_attack_tier.rs).
+    let lower = if Path::new(&t.lower) == Path::new(&t.base).join("lower") {
+        Dir::open_no_symlinks(Path::new(&t.lower)).ok()
+    } else {
+        None
+    };
     let (entries, too_deep) = walk(&up)?;
     let now: BTreeSet<&str> = entries.iter().map(|e| e.key.as_str()).collect();
     let mut c = Ctx {
