@@ -11,6 +11,12 @@
 //! The daemon drains the queue once a second; an overflowed queue counts as
 //! a write. Without fanotify (a kernel without it, no `CAP_SYS_ADMIN`)
 //! `new` fails and the daemon samples only.
+//!
+//! With `track`, each event's file is `fstat`ed (through the event's fd,
+//! no path) and its size fed to `health::Written`: the bytes written into
+//! RAM that `status` weighs against what reached the stick. The daemon
+//! keeps one such watch on the tier overlays and one, for the count
+//! only, on the tmpfs dirs.
 
 use anyhow::{Context, Result};
 use nix::sys::fanotify::{Fanotify, InitFlags, MarkFlags, MaskFlags};
@@ -18,11 +24,16 @@ use std::path::Path;
 
 pub struct Watch {
     fan: Fanotify,
+    /// The bytes written, when tracked.
+    pub written: Option<super::health::Written>,
+    /// Queue overflows seen (writes then not counted).
+    pub overflows: u64,
 }
 
 impl Watch {
-    /// Mark the filesystem mounted at each of `dirs`.
-    pub fn new(dirs: &[&Path]) -> Result<Watch> {
+    /// Mark the filesystem mounted at each of `dirs`; with `track`, count
+    /// the bytes written (`written`).
+    pub fn new(dirs: &[&Path], track: bool) -> Result<Watch> {
         let fan = Fanotify::init(
             InitFlags::FAN_CLASS_NOTIF | InitFlags::FAN_CLOEXEC | InitFlags::FAN_NONBLOCK,
             super::hot::EVENT_FLAGS,
@@ -37,7 +48,11 @@ impl Watch {
             )
             .with_context(|| format!("fanotify_mark on {}", d.display()))?;
         }
-        Ok(Watch { fan })
+        Ok(Watch {
+            fan,
+            written: track.then(Default::default),
+            overflows: 0,
+        })
     }
 
     /// Whether a write was seen since the last call; drains the queue, at
@@ -45,7 +60,7 @@ impl Watch {
     /// is closed as it is dropped): a user writing without pause cannot
     /// hold the daemon's loop here. What is left is read at the next call;
     /// a queue that overflows meanwhile counts as a write.
-    pub fn wrote(&self) -> bool {
+    pub fn wrote(&mut self) -> bool {
         let mut any = false;
         let mut seen = 0;
         while seen < super::hot::DRAIN_MAX {
@@ -53,10 +68,20 @@ impl Watch {
                 Ok(ev) if ev.is_empty() => return any,
                 Ok(ev) => {
                     seen += ev.len();
-                    any |= ev.iter().any(|e| {
-                        e.mask()
-                            .intersects(MaskFlags::FAN_MODIFY | MaskFlags::FAN_Q_OVERFLOW)
-                    })
+                    for e in &ev {
+                        if e.mask().contains(MaskFlags::FAN_Q_OVERFLOW) {
+                            self.overflows += 1;
+                        }
+                        any |= e
+                            .mask()
+                            .intersects(MaskFlags::FAN_MODIFY | MaskFlags::FAN_Q_OVERFLOW);
+                        if let (Some(w), Some(fd)) = (self.written.as_mut(), e.fd())
+                            && let Ok(st) = nix::sys::stat::fstat(fd)
+                            && st.st_mode & nix::libc::S_IFMT == nix::libc::S_IFREG
+                        {
+                            w.seen(st.st_dev, st.st_ino, st.st_size as u64);
+                        }
+                    }
                 }
                 // EAGAIN: drained; anything else leaves the sampling of
                 // the tmpfs use and the interval to see the writes

@@ -993,6 +993,7 @@ mod tests {
                     last_plan_unix_ms: 1_295_000,
                     ..Default::default()
                 },
+                health: Default::default(),
             }),
             stats_note: None,
             deleted_open: vec![],
