@@ -67,6 +67,10 @@ pub struct Status {
     /// The companion: RAM tiers, live stats, cleanup, deleted-but-open
     /// files (null when not gathered).
     pub companion: Option<Companion>,
+    /// The stick's health: writes, what the RAM kept off it, what is at
+    /// risk now, faults, fullness (`manage::health`; null in RAM mode or
+    /// when not gathered).
+    pub health: Option<super::health::Health>,
 }
 
 /// What the companion publishes and what is held by deleted files.
@@ -143,6 +147,7 @@ pub fn build(
             user_caches: vec![],
             kernel_modules: None,
             companion: None,
+            health: None,
         };
     };
     let root = if st.root.is_empty() {
@@ -200,7 +205,7 @@ pub fn build(
         reason: st.reason.clone(),
         boot_device: st.boot_device.clone(),
         partition: st.partition.clone(),
-        full_warning: partition_usage.is_some_and(|u| u.percent() > FULL_PERCENT),
+        full_warning: partition_usage.is_some_and(|u| u.percent() >= FULL_PERCENT),
         partition_usage,
         mounts,
         next_boot,
@@ -212,10 +217,11 @@ pub fn build(
         user_caches: st.user_caches.clone(),
         kernel_modules: st.kernel_modules.clone(),
         companion: None,
+        health: None,
     }
 }
 
-fn ago(now_ms: u64, then_ms: u64) -> String {
+pub fn ago(now_ms: u64, then_ms: u64) -> String {
     let s = now_ms.saturating_sub(then_ms) / 1000;
     match s {
         0..=59 => format!("{s} s ago"),
@@ -484,6 +490,11 @@ pub fn render_companion(c: &Companion) -> String {
 }
 
 fn h(b: u64) -> String {
+    human(b)
+}
+
+/// Bytes as `status` shows them.
+pub fn human(b: u64) -> String {
     if b < 1024 {
         // "14" alone reads as a count
         return format!("{b} B");
@@ -594,7 +605,7 @@ pub fn render(s: &Status) -> String {
         line(
             "WARNING:",
             format!(
-                "persistence is over {FULL_PERCENT}% full; free space or the system may stop saving changes"
+                "persistence is {FULL_PERCENT}% full or more; free space or the system may stop saving changes"
             ),
         );
     }
@@ -656,6 +667,10 @@ pub fn render(s: &Status) -> String {
         o.push('\n');
         o.push_str(&render_companion(c));
     }
+    if let Some(x) = &s.health {
+        o.push_str("\nhealth of the stick:\n");
+        o.push_str(&super::health::render(x));
+    }
     o.push_str(&format!("\nlog: {}   state: {}\n", s.log, s.state_file));
     o
 }
@@ -700,6 +715,9 @@ pub fn gather() -> Status {
     );
     let mut s = s;
     s.companion = Some(gather_companion(st.as_ref()));
+    s.health = st
+        .as_ref()
+        .and_then(|st| super::health::gather(st, s.companion.as_ref(), s.partition_usage));
     s
 }
 
@@ -820,7 +838,7 @@ mod tests {
         assert!(!status.mounts[1].mounted);
         let text = render(&status);
         assert!(text.contains("ACTIVE: your changes are saved"), "{text}");
-        assert!(text.contains("over 90% full"), "{text}");
+        assert!(text.contains("90% full or more"), "{text}");
         let etc = text
             .lines()
             .find(|l| l.trim_start().starts_with("/etc "))
