@@ -757,22 +757,144 @@ fn gather_companion(st: Option<&State>) -> Companion {
     }
 }
 
-/// `status`: once, or every `watch` seconds until interrupted (the text
-/// redrawn in place; with `--json`, one document a line).
+/// How often `status --watch` refreshes: 1 s to 1 h.
+pub fn watch_interval(secs: u64) -> std::time::Duration {
+    std::time::Duration::from_secs(secs.clamp(1, 3600))
+}
+
+/// Whether keys typed during `status --watch` ask it to quit (pure): `q`,
+/// or Ctrl-C / Ctrl-D read as bytes.
+pub fn wants_quit(keys: &[u8]) -> bool {
+    keys.iter().any(|&k| matches!(k, b'q' | b'Q' | 3 | 4))
+}
+
+/// The terminal in stdin set to pass keys at once without echo (signals
+/// kept: Ctrl-C still interrupts), restored on drop.
+struct Keys {
+    saved: nix::sys::termios::Termios,
+}
+
+impl Keys {
+    fn new() -> Option<Keys> {
+        use nix::sys::termios::{
+            LocalFlags, SetArg, SpecialCharacterIndices, tcgetattr, tcsetattr,
+        };
+        let stdin = std::io::stdin();
+        let saved = tcgetattr(&stdin).ok()?;
+        let mut t = saved.clone();
+        t.local_flags.remove(LocalFlags::ICANON | LocalFlags::ECHO);
+        t.control_chars[SpecialCharacterIndices::VMIN as usize] = 0;
+        t.control_chars[SpecialCharacterIndices::VTIME as usize] = 0;
+        tcsetattr(&stdin, SetArg::TCSANOW, &t).ok()?;
+        Some(Keys { saved })
+    }
+}
+
+impl Drop for Keys {
+    fn drop(&mut self) {
+        let _ = nix::sys::termios::tcsetattr(
+            std::io::stdin(),
+            nix::sys::termios::SetArg::TCSANOW,
+            &self.saved,
+        );
+    }
+}
+
+/// `status`: once, or every `watch` seconds (1 s to 1 h) until `q`,
+/// Ctrl-C or a termination signal. On a terminal the text is redrawn in
+/// place; when stdout is not a terminal (a pipe, a file) each refresh is
+/// printed after the last, once per interval; with `--json`, one document
+/// a line.
 pub fn status(json: bool, watch: Option<u64>) -> Result<()> {
+    use std::io::{IsTerminal, Write};
+    let Some(secs) = watch else {
+        let s = gather();
+        if json {
+            println!("{}", serde_json::to_string_pretty(&s)?);
+        } else {
+            print!("{}", render(&s));
+        }
+        return Ok(());
+    };
+    let interval = watch_interval(secs);
+    let tty = std::io::stdout().is_terminal();
+    // the signals through a signalfd: the terminal is restored on Ctrl-C
+    let mut mask = nix::sys::signal::SigSet::empty();
+    for sig in [
+        nix::sys::signal::Signal::SIGINT,
+        nix::sys::signal::Signal::SIGTERM,
+        nix::sys::signal::Signal::SIGHUP,
+    ] {
+        mask.add(sig);
+    }
+    mask.thread_block()?;
+    let sfd = nix::sys::signalfd::SignalFd::with_flags(
+        &mask,
+        nix::sys::signalfd::SfdFlags::SFD_NONBLOCK | nix::sys::signalfd::SfdFlags::SFD_CLOEXEC,
+    )?;
+    let keys = (tty && std::io::stdin().is_terminal())
+        .then(Keys::new)
+        .flatten();
     loop {
         let s = gather();
-        match (json, watch.is_some()) {
-            (true, false) => println!("{}", serde_json::to_string_pretty(&s)?),
-            (true, true) => println!("{}", serde_json::to_string(&s)?),
-            (false, false) => print!("{}", render(&s)),
-            (false, true) => print!("\x1b[H\x1b[2J{}", render(&s)),
+        let mut out = std::io::stdout().lock();
+        let r = match (json, tty) {
+            (true, _) => writeln!(out, "{}", serde_json::to_string(&s)?),
+            (false, true) => write!(
+                out,
+                "\x1b[H\x1b[2J{}\n(every {} s; q or Ctrl-C quits)\n",
+                render(&s),
+                interval.as_secs()
+            ),
+            (false, false) => write!(out, "{}\n", render(&s)),
+        };
+        // a reader gone (a closed pipe) ends the watch
+        if r.and_then(|()| out.flush()).is_err() {
+            return Ok(());
         }
-        use std::io::Write;
-        std::io::stdout().flush()?;
-        match watch {
-            Some(secs) => std::thread::sleep(std::time::Duration::from_secs(secs.max(1))),
-            None => return Ok(()),
+        drop(out);
+        let deadline = std::time::Instant::now() + interval;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            let stdin = std::io::stdin();
+            let mut fds = vec![nix::poll::PollFd::new(
+                std::os::fd::AsFd::as_fd(&sfd),
+                nix::poll::PollFlags::POLLIN,
+            )];
+            if keys.is_some() {
+                fds.push(nix::poll::PollFd::new(
+                    std::os::fd::AsFd::as_fd(&stdin),
+                    nix::poll::PollFlags::POLLIN,
+                ));
+            }
+            let ms = u16::try_from(left.as_millis()).unwrap_or(u16::MAX);
+            match nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(ms)) {
+                Ok(0) => continue,
+                Ok(_) => {}
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => return Err(e.into()),
+            }
+            if fds[0].any().unwrap_or(false) {
+                return Ok(());
+            }
+            if let Some(k) = fds.get(1) {
+                let ev = k.revents().unwrap_or(nix::poll::PollFlags::empty());
+                if ev.intersects(nix::poll::PollFlags::POLLHUP | nix::poll::PollFlags::POLLERR) {
+                    return Ok(());
+                }
+                if ev.contains(nix::poll::PollFlags::POLLIN) {
+                    let mut b = [0u8; 64];
+                    let n = nix::unistd::read(&stdin, &mut b).unwrap_or(0);
+                    if wants_quit(&b[..n]) {
+                        return Ok(());
+                    }
+                    // any other key: refresh now
+                    break;
+                }
+            }
         }
     }
 }
@@ -1142,6 +1264,37 @@ mod tests {
         assert_eq!(j["deleted_open"][0]["holders"][0], "123 firefox");
         assert_eq!(j["stats"]["pin"]["pinned_bytes"], 90 << 20);
         assert_eq!(j["pinned"][0]["path"], "/usr/lib/libLLVM.so");
+    }
+
+    #[test]
+    fn watch_keys_and_interval() {
+        assert!(wants_quit(b"q") && wants_quit(b"xQ") && wants_quit(&[3]) && wants_quit(&[4]));
+        assert!(!wants_quit(b"") && !wants_quit(b" r\n"));
+        assert_eq!(watch_interval(0).as_secs(), 1);
+        assert_eq!(watch_interval(5).as_secs(), 5);
+        assert_eq!(watch_interval(u64::MAX).as_secs(), 3600);
+    }
+
+    #[test]
+    fn the_health_is_rendered_in_status() {
+        let s = st(PERSISTENT);
+        let mut status = build(Some(&s), "/x", &|_| true, &|_| None, None);
+        assert!(!render(&status).contains("health of the stick:"));
+        status.health = super::super::health::build(
+            &s,
+            &super::super::health::Inputs {
+                now_ms: 1,
+                ..Default::default()
+            },
+        );
+        let text = render(&status);
+        assert!(
+            text.contains("\nhealth of the stick:\nwrites:       not known"),
+            "{text}"
+        );
+        let j = serde_json::to_value(&status).unwrap();
+        assert_eq!(j["health"]["failing"], false);
+        assert!(j["health"]["faults"]["boots"].is_array());
     }
 
     #[test]
