@@ -117,7 +117,7 @@ impl History {
         } else {
             self.lifetime_kb
         };
-        let grew = lifetime_kb.checked_sub(from).unwrap_or(0);
+        let grew = lifetime_kb.saturating_sub(from);
         let today = u32::try_from(now_s / 86_400)
             .unwrap_or(u32::MAX)
             .min(MAX_DAY);

@@ -910,7 +910,8 @@ mod tests {
     #[test]
     fn a_failing_stick_says_back_up_now() {
         // each sign alone makes the warning
-        let signs: Vec<Box<dyn Fn(&mut State, &mut Inputs)>> = vec![
+        type Sign = Box<dyn Fn(&mut State, &mut Inputs)>;
+        let signs: Vec<Sign> = vec![
             Box::new(|_, i| {
                 i.fs = i.fs.map(|f| Ext4Live {
                     errors_count: Some(3),

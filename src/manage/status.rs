@@ -846,7 +846,7 @@ pub fn status(json: bool, watch: Option<u64>) -> Result<()> {
                 render(&s),
                 interval.as_secs()
             ),
-            (false, false) => write!(out, "{}\n", render(&s)),
+            (false, false) => writeln!(out, "{}", render(&s)),
         };
         // a reader gone (a closed pipe) ends the watch
         if r.and_then(|()| out.flush()).is_err() {
