@@ -143,8 +143,9 @@ fn tmpfs_dirs(st: &crate::boot::state::State) -> Vec<std::path::PathBuf> {
         .collect()
 }
 
-/// Whether the daemon counts what is written into RAM for `status`
-/// (`MADOS_PERSISTENCE_HEALTH=off` turns it off, for measuring its cost).
+/// Whether the daemon counts what is written into RAM for `status` and
+/// keeps the health history (`MADOS_PERSISTENCE_HEALTH=off` turns both
+/// off, for measuring their cost).
 fn health_tracking() -> bool {
     std::env::var("MADOS_PERSISTENCE_HEALTH").map_or(true, |v| v != "off")
 }
@@ -429,7 +430,9 @@ pub fn run() -> Result<()> {
             if let Some(p) = pinning.as_mut() {
                 p.save_now();
             }
-            save_history(&st, live.stats.started_unix_ms);
+            if track {
+                save_history(&st, live.stats.started_unix_ms);
+            }
             live.refresh_dirty(&run, &tiers);
             if !ok {
                 // the last word on what this boot loses
@@ -549,7 +552,9 @@ pub fn run() -> Result<()> {
             }
             last_refresh = Instant::now();
             stale = false;
-            if history_at.is_none_or(|t| t.elapsed().as_secs() >= super::health::SAVE_EVERY) {
+            if track
+                && history_at.is_none_or(|t| t.elapsed().as_secs() >= super::health::SAVE_EVERY)
+            {
                 save_history(&st, live.stats.started_unix_ms);
                 history_at = Some(Instant::now());
             }
