@@ -16,7 +16,9 @@
 //! as the daemon sees them: each file a write event names (fanotify
 //! `FAN_MODIFY`, drained once a second) counts its growth since it was
 //! last seen, or its whole size when it is new to the count or shrank (a
-//! rewrite). Writes over a file's own bytes without growing it, and
+//! rewrite). A file is its device, inode number and birth time (an inode
+//! number reused by a new file is a new file); one seen already removed
+//! is forgotten. Writes over a file's own bytes without growing it, and
 //! several rewrites within one second, are not seen: an estimate from
 //! below. At most `MAX_TRACKED` files are remembered; past that the
 //! memory starts again (files then count whole once more).
@@ -159,28 +161,47 @@ impl History {
 /// At most this many files remembered by `Written`.
 pub const MAX_TRACKED: usize = 100_000;
 
+/// A file a write event named, as `statx` of the event's fd saw it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Seen {
+    pub dev: u64,
+    pub ino: u64,
+    /// Birth time (ns; 0 where the filesystem keeps none): an inode
+    /// number reused by a new file is another file.
+    pub born: u64,
+    pub size: u64,
+    /// Unlinked already (nlink 0): counted, then forgotten.
+    pub gone: bool,
+}
+
 /// Bytes written into RAM as seen from file sizes (module doc).
 #[derive(Debug, Default)]
 pub struct Written {
-    sizes: HashMap<(u64, u64), u64>,
+    sizes: HashMap<(u64, u64, u64), u64>,
     pub bytes: u64,
     /// Times the memory of sizes was dropped for being full.
     pub resets: u64,
 }
 
 impl Written {
-    /// A write event for the file `(dev, ino)`, now `size` bytes long.
-    pub fn seen(&mut self, dev: u64, ino: u64, size: u64) {
-        let added = match self.sizes.get(&(dev, ino)) {
-            Some(&last) if size >= last => size - last,
-            _ => size,
+    /// A write event for the file `f`.
+    pub fn seen(&mut self, f: Seen) {
+        let key = (f.dev, f.ino, f.born);
+        let added = match self.sizes.get(&key) {
+            Some(&last) if f.size >= last => f.size - last,
+            _ => f.size,
         };
-        if self.sizes.len() >= MAX_TRACKED && !self.sizes.contains_key(&(dev, ino)) {
+        self.bytes = self.bytes.saturating_add(added);
+        if f.gone {
+            // removed: its number may come back as another file
+            self.sizes.remove(&key);
+            return;
+        }
+        if self.sizes.len() >= MAX_TRACKED && !self.sizes.contains_key(&key) {
             self.sizes.clear();
             self.resets += 1;
         }
-        self.sizes.insert((dev, ino), size);
-        self.bytes = self.bytes.saturating_add(added);
+        self.sizes.insert(key, f.size);
     }
 
     pub fn tracked(&self) -> usize {
@@ -312,19 +333,36 @@ mod tests {
 
     #[test]
     fn written_counts_growth_and_rewrites() {
+        let f = |ino, born, size, gone| Seen {
+            dev: 1,
+            ino,
+            born,
+            size,
+            gone,
+        };
         let mut w = Written::default();
-        w.seen(1, 10, 100); // new: whole
-        w.seen(1, 10, 250); // append: the tail
-        w.seen(1, 10, 250); // no growth seen
-        w.seen(1, 10, 40); // truncated and rewritten: whole
-        w.seen(1, 11, 1000); // another file
+        w.seen(f(10, 5, 100, false)); // new: whole
+        w.seen(f(10, 5, 250, false)); // append: the tail
+        w.seen(f(10, 5, 250, false)); // no growth seen
+        w.seen(f(10, 5, 40, false)); // truncated and rewritten: whole
+        w.seen(f(11, 5, 1000, false)); // another file
         assert_eq!(w.bytes, 100 + 150 + 40 + 1000);
+        // inode 11's number reused by a new file (another birth): whole
+        w.seen(f(11, 6, 1000, false));
+        assert_eq!(w.bytes, 100 + 150 + 40 + 2000);
+        // a file seen removed is forgotten: its number may come back
+        // where there is no birth time
+        w.seen(f(12, 0, 30, false));
+        w.seen(f(12, 0, 30, true));
+        assert_eq!(w.tracked(), 3);
+        w.seen(f(12, 0, 30, false));
+        assert_eq!(w.bytes, 100 + 150 + 40 + 2000 + 30 + 30);
         assert_eq!(kept_off(1390, 1000, 200, 50), 240);
         // more synced than seen (a restarted daemon): never below the tmpfs part
         assert_eq!(kept_off(10, 1000, 0, 50), 50);
         let mut w = Written::default();
         for i in 0..(MAX_TRACKED as u64 + 5) {
-            w.seen(1, i, 1);
+            w.seen(f(i, 0, 1, false));
         }
         assert_eq!(w.resets, 1);
         assert!(w.tracked() <= MAX_TRACKED);

@@ -76,10 +76,9 @@ impl Watch {
                             .mask()
                             .intersects(MaskFlags::FAN_MODIFY | MaskFlags::FAN_Q_OVERFLOW);
                         if let (Some(w), Some(fd)) = (self.written.as_mut(), e.fd())
-                            && let Ok(st) = nix::sys::stat::fstat(fd)
-                            && st.st_mode & nix::libc::S_IFMT == nix::libc::S_IFREG
+                            && let Some(f) = identity(fd)
                         {
-                            w.seen(st.st_dev, st.st_ino, st.st_size as u64);
+                            w.seen(f);
                         }
                     }
                 }
@@ -95,4 +94,42 @@ impl Watch {
         // more queued: a write in any case (only FAN_MODIFY is marked)
         true
     }
+}
+
+/// A written file as `health::Written` counts it, from `statx` of the
+/// event's fd (no path): its identity with its birth time where the
+/// filesystem keeps one (tmpfs and ext4 do), so an inode number reused by
+/// a new file is a new file; None for anything but a regular file.
+fn identity(fd: std::os::fd::BorrowedFd) -> Option<super::health::Seen> {
+    use nix::libc;
+    use std::os::fd::AsRawFd;
+    // SAFETY: statx fills the zeroed struct it is given; an empty path
+    // with AT_EMPTY_PATH names the fd itself.
+    let mut sx: libc::statx = unsafe { std::mem::zeroed() };
+    let r = unsafe {
+        libc::statx(
+            fd.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH,
+            libc::STATX_BASIC_STATS | libc::STATX_BTIME,
+            &mut sx,
+        )
+    };
+    if r != 0 || u32::from(sx.stx_mode) & libc::S_IFMT != libc::S_IFREG {
+        return None;
+    }
+    let born = if sx.stx_mask & libc::STATX_BTIME != 0 {
+        (sx.stx_btime.tv_sec as u64)
+            .wrapping_mul(1_000_000_000)
+            .wrapping_add(u64::from(sx.stx_btime.tv_nsec))
+    } else {
+        0
+    };
+    Some(super::health::Seen {
+        dev: (u64::from(sx.stx_dev_major) << 32) | u64::from(sx.stx_dev_minor),
+        ino: sx.stx_ino,
+        born,
+        size: sx.stx_size,
+        gone: sx.stx_nlink == 0,
+    })
 }
