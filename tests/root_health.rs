@@ -79,9 +79,20 @@ fn kept_off_counts_match_a_known_workload() {
         std::thread::sleep(Duration::from_millis(1200));
         synced += sync_tier(&r.tier, m).unwrap().bytes;
     };
-    // 1. a new 8 MiB file, synced: it reaches the stick
+    // 1. a new 8 MiB file, synced: it reaches the stick; before, it is
+    //    at risk, and the oldest change is its own (seconds old, not the
+    //    live image's older files')
     write(&v.join("kept"), 8 * MIB);
+    let p = pending(&r.tier, &m).unwrap();
+    let now_ms = mados_persistence::companion::stats::now_ms();
+    assert!(p.files >= 1 && p.bytes >= 8 * MIB, "{p:?}");
+    assert!(
+        p.oldest_ms <= now_ms && now_ms - p.oldest_ms < 10_000,
+        "oldest change {} ms ago",
+        now_ms.saturating_sub(p.oldest_ms)
+    );
     sync(&mut m);
+    assert_eq!(pending(&r.tier, &m).unwrap().oldest_ms, 0, "all synced");
     // 2. a 4 MiB file written and deleted before a sync: kept off
     write(&v.join("scratch"), 4 * MIB);
     std::thread::sleep(Duration::from_millis(1200));
