@@ -677,6 +677,24 @@ pub fn largest_dirs(pmount: &Path) -> Vec<DirSize> {
         .collect()
 }
 
+/// `largest_dirs`, walked at most once a minute in one process (`status
+/// --watch` refreshes every second; the walk may take 100,000 lstats).
+fn largest_cached(pmount: &Path) -> Vec<DirSize> {
+    use std::sync::Mutex;
+    use std::time::{Duration, Instant};
+    static LAST: Mutex<Option<(Instant, PathBuf, Vec<DirSize>)>> = Mutex::new(None);
+    let mut last = LAST.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((at, p, v)) = last.as_ref()
+        && p == pmount
+        && at.elapsed() < Duration::from_secs(60)
+    {
+        return v.clone();
+    }
+    let v = largest_dirs(pmount);
+    *last = Some((Instant::now(), pmount.to_path_buf(), v.clone()));
+    v
+}
+
 /// Read what the health needs now (thin).
 pub fn gather(
     st: &State,
@@ -704,7 +722,7 @@ pub fn gather(
     .ok()
     .and_then(|b| health::parse(&b));
     let largest = if partition_usage.is_some_and(|u| u.percent() >= FULL_PERCENT) {
-        largest_dirs(Path::new(&p.mountpoint))
+        largest_cached(Path::new(&p.mountpoint))
     } else {
         vec![]
     };
