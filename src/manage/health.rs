@@ -150,6 +150,8 @@ pub struct Health {
     pub note: Option<String>,
     /// When this was read (Unix ms), for the ages shown.
     pub now_unix_ms: u64,
+    /// The stick is write-protected: nothing of this boot is saved.
+    pub read_only: bool,
 }
 
 /// `YYYY-MM-DD` of a day number since 1970-01-01 (proleptic Gregorian,
@@ -404,6 +406,7 @@ pub fn build(st: &State, i: &Inputs) -> Option<Health> {
             "the per-day history and the last boots are root's: `sudo mados-persistence status` shows them".into()
         }),
         now_unix_ms: i.now_ms,
+        read_only: st.read_only,
     })
 }
 
@@ -498,6 +501,10 @@ pub fn render(x: &Health) -> String {
         ),
     }
     match &x.at_risk {
+        None if x.read_only => line(
+            "at risk:",
+            "everything changed this boot: the stick is write-protected, nothing is saved".into(),
+        ),
         None => line(
             "at risk:",
             "nothing waits in RAM: no RAM tier (changes go to the stick as they are written)".into(),
@@ -1083,6 +1090,14 @@ mod tests {
         i.stats.as_mut().unwrap().health.synced = 0;
         let t = render(&build(&state(true), &i).unwrap());
         assert!(t.contains("nothing reached the stick yet"), "{t}");
+        // a write-protected stick: all of this boot is at risk
+        let mut ro = state(true);
+        ro.read_only = true;
+        let t = render(&build(&ro, &healthy()).unwrap());
+        assert!(
+            t.contains("at risk:      everything changed this boot: the stick is write-protected"),
+            "{t}"
+        );
         // RAM mode has no stick health
         let mut ram = state(true);
         ram.mode = "ram".into();
