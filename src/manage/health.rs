@@ -630,8 +630,9 @@ pub fn pick_largest(totals: &[(PathBuf, u64)], n: usize) -> Vec<(PathBuf, u64)> 
     v
 }
 
-/// The space each dir under the partition's `overlays/` and `home/` takes
-/// (allocated blocks), walked by fd (`util::safefs`: no symlink followed,
+/// The space each dir under the partition's `overlays/` (the persistent
+/// uppers), `home/`, `cache/` (the cache binds) and `tier/` (the RAM
+/// tiers' lower and stage) takes (allocated blocks), walked by fd (`util::safefs`: no symlink followed,
 /// no mount crossed), at most `WALK_MAX` entries; the largest five.
 pub fn largest_dirs(pmount: &Path) -> Vec<DirSize> {
     use crate::util::safefs::{self, Dir, Kind};
@@ -640,7 +641,10 @@ pub fn largest_dirs(pmount: &Path) -> Vec<DirSize> {
         return vec![];
     };
     let mut totals: HashMap<PathBuf, u64> = HashMap::new();
-    let mut stack: Vec<PathBuf> = ["overlays", "home"].iter().map(PathBuf::from).collect();
+    let mut stack: Vec<PathBuf> = ["overlays", "home", "cache", "tier"]
+        .iter()
+        .map(PathBuf::from)
+        .collect();
     let mut seen = 0usize;
     while let Some(rel) = stack.pop() {
         let Ok(d) = root.dir(&rel) else { continue };
@@ -1141,6 +1145,9 @@ mod tests {
         std::fs::create_dir_all(&big).unwrap();
         std::fs::write(big.join("f"), vec![1u8; 1 << 20]).unwrap();
         std::fs::create_dir_all(d.join("home/alice")).unwrap();
+        // outside the four trees: not walked
+        std::fs::create_dir_all(d.join("lost+found")).unwrap();
+        std::fs::write(d.join("lost+found/huge"), vec![1u8; 4 << 20]).unwrap();
         std::fs::write(d.join("home/alice/g"), vec![1u8; 256 << 10]).unwrap();
         // a symlink out is not followed
         std::os::unix::fs::symlink("/usr", d.join("home/alice/usr")).unwrap();
