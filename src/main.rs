@@ -55,8 +55,9 @@ enum Cmd {
         /// Print one JSON document (schema in README: \"status --json\").
         #[arg(long)]
         json: bool,
-        /// Refresh every SECS seconds (default 1) until interrupted; the live
-        /// numbers come from the daemon's shared-memory stats.
+        /// Refresh every SECS seconds (default 1, at most 3600) until q or
+        /// Ctrl-C; the live numbers come from the daemon's shared-memory
+        /// stats. Into a pipe or file: one status after another.
         #[arg(long, value_name = "SECS", num_args = 0..=1, default_missing_value = "1")]
         watch: Option<u64>,
     },

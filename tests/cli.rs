@@ -139,3 +139,48 @@ fn plan_refuses_a_table_the_kernel_and_libfdisk_read_differently() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// `status --watch` into a pipe prints a whole status once per interval
+/// (no screen clearing), and Ctrl-C (SIGINT) ends it with exit 0; on a
+/// terminal (a pty from `script`), `q` ends it.
+#[test]
+fn status_watch_prints_once_per_interval_and_quits() {
+    use std::time::{Duration, Instant};
+    let bin = env!("CARGO_BIN_EXE_mados-persistence");
+    let c = Command::new(bin)
+        .args(["status", "--watch", "1"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(2500));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(c.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let t = Instant::now();
+    let o = c.wait_with_output().unwrap();
+    assert!(t.elapsed() < Duration::from_secs(2), "slow to stop");
+    assert!(o.status.success(), "{:?}", o.status);
+    let text = stdout(&o);
+    let n = text.matches("persistence:").count();
+    assert!((2..=4).contains(&n), "{n} refreshes in 2.5 s:\n{text}");
+    assert!(!text.contains("\x1b[2J"), "cleared a pipe's screen");
+    // a pty: q quits long before the next refresh
+    if Command::new("script").arg("--version").output().is_ok() {
+        let mut c = Command::new("script")
+            .args(["-qfec", &format!("{bin} status --watch 30"), "/dev/null"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(1500));
+        use std::io::Write;
+        c.stdin.as_mut().unwrap().write_all(b"q").unwrap();
+        let t = Instant::now();
+        let o = c.wait_with_output().unwrap();
+        assert!(t.elapsed() < Duration::from_secs(5), "q did not quit");
+        assert!(o.status.success(), "{:?}", o.status);
+        assert!(stdout(&o).contains("q or Ctrl-C quits"));
+    }
+}

@@ -269,7 +269,8 @@ fn writes_through_the_tier_are_seen_by_the_watch() {
         return;
     }
     let r = rig("watch");
-    let w = mados_persistence::companion::watch::Watch::new(&[r.view.as_path()]).unwrap();
+    let mut w =
+        mados_persistence::companion::watch::Watch::new(&[r.view.as_path()], false).unwrap();
     assert!(!w.wrote(), "nothing written yet");
     let _ = fs::read(r.view.join("keep")).unwrap();
     assert!(!w.wrote(), "a read is not a write");

@@ -379,6 +379,7 @@ mod tests {
             clean: true,
             needs_recovery: false,
             group: 0,
+            wear: Default::default(),
         }))
     }
 

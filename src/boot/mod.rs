@@ -378,15 +378,28 @@ fn root_writable(root: &Path) -> bool {
 }
 
 /// How the last boot left the filesystem on `via` (its superblock, read
-/// before e2fsck); logged when it was not unmounted.
-fn last_shutdown(via: &Path, created: bool) -> Option<state::LastShutdown> {
+/// before e2fsck), and its write counter and error record; logged when it
+/// was not unmounted.
+fn last_shutdown(
+    via: &Path,
+    created: bool,
+) -> (Option<state::LastShutdown>, Option<superblock::Ext4Wear>) {
     let sb = File::open(via)
         .and_then(|mut f| superblock::probe(&mut f))
         .map_err(|e| log::warn!("reading the superblock of {}: {e}", via.display()))
-        .ok()??;
-    let Fs::Ext4(sb) = sb else {
-        return None;
+        .ok()
+        .flatten();
+    let Some(Fs::Ext4(sb)) = sb else {
+        return (None, None);
     };
+    if sb.wear.error_count > 0 {
+        log::warn!(
+            "{}: the kernel recorded {} filesystem errors on it (last at {} s)",
+            via.display(),
+            sb.wear.error_count,
+            sb.wear.last_error_unix_s
+        );
+    }
     let last = state::LastShutdown::from_superblock(&sb, created);
     if last == state::LastShutdown::Unclean {
         log::warn!(
@@ -394,7 +407,7 @@ fn last_shutdown(via: &Path, created: bool) -> Option<state::LastShutdown> {
             via.display()
         );
     }
-    Some(last)
+    (Some(last), Some(sb.wear))
 }
 
 /// Where the persistence partition is and how it is reached.
@@ -420,7 +433,7 @@ fn mount_persistence(
     tg: Target,
 ) -> Result<(), Reason> {
     // how the last boot left it, before e2fsck replays the journal
-    let last_shutdown = last_shutdown(&tg.via, tg.created);
+    let (last_shutdown, at_boot) = last_shutdown(&tg.via, tg.created);
     let fsck = e2fs::fsck(&tg.via).map_err(|e| Reason::new("fsck_failed", format!("{e:#}")))?;
     t.lap("fsck");
     log::info!(
@@ -441,6 +454,7 @@ fn mount_persistence(
         mountpoint: o.pmount().display().to_string(),
         fsck: Some(fsck.clone()),
         last_shutdown,
+        at_boot,
     });
     if !fsck.mountable() {
         return Err(Reason::new(
@@ -705,7 +719,7 @@ fn mount_read_only(
     t: &mut Timer,
     tg: Target,
 ) -> Result<(), Reason> {
-    let last_shutdown = last_shutdown(&tg.via, false);
+    let (last_shutdown, at_boot) = last_shutdown(&tg.via, false);
     let node = tg.node.display().to_string();
     st.read_only = true;
     st.partition = Some(Partition {
@@ -719,6 +733,7 @@ fn mount_read_only(
         mountpoint: o.pmount().display().to_string(),
         fsck: None,
         last_shutdown,
+        at_boot,
     });
     log::info!("not checking {node} with e2fsck: the stick is write-protected");
     if last_shutdown == Some(state::LastShutdown::Unclean) {

@@ -45,6 +45,12 @@ pub struct Partition {
     /// release, or the superblock could not be read).
     #[serde(default)]
     pub last_shutdown: Option<LastShutdown>,
+    /// The superblock's write counter and error record as this boot found
+    /// them, before e2fsck (which clears the error record when it
+    /// repairs): `status` shows what was written this boot against it.
+    /// Null: an older release, or the superblock could not be read.
+    #[serde(default)]
+    pub at_boot: Option<crate::disk::superblock::Ext4Wear>,
 }
 
 /// How the last boot left the persistence filesystem.
@@ -140,6 +146,7 @@ mod tests {
             clean,
             needs_recovery,
             group: 0,
+            wear: Default::default(),
         }
     }
 

@@ -63,14 +63,20 @@ impl Live {
 
     /// Per-tier RAM use and what a sync would carry now.
     fn refresh_dirty(&mut self, run: &Path, tiers: &[Tier]) {
+        let mut oldest = 0u64;
         for (t, ts) in tiers.iter().zip(self.stats.tiers.iter_mut()) {
             let m = sync::Manifest::load(&super::manifest_path(run, t)).unwrap_or_default();
             if let Ok(p) = sync::pending(t, &m) {
                 ts.dirty_files = p.files;
                 ts.dirty_bytes = p.bytes;
                 ts.ram_bytes = p.ram;
+                oldest = match (oldest, p.oldest_ms) {
+                    (0, o) | (o, 0) => o,
+                    (a, b) => a.min(b),
+                };
             }
         }
+        self.stats.health.oldest_dirty_unix_ms = oldest;
     }
 
     /// Take the sync counts from the log every sync writes (the daemon's
@@ -90,7 +96,118 @@ impl Live {
                 ts.last_sync_bytes = t.last_bytes;
             }
         }
+        self.stats.health.synced = log
+            .tiers
+            .iter()
+            .fold(0u64, |a, t| a.saturating_add(t.bytes_total));
         true
+    }
+
+    /// The counts of bytes written into RAM, from the watches.
+    fn count_written(
+        &mut self,
+        tier: Option<&super::watch::Watch>,
+        tmpfs: Option<&super::watch::Watch>,
+    ) {
+        fn w(x: Option<&super::watch::Watch>) -> Option<&super::health::Written> {
+            x.and_then(|w| w.written.as_ref())
+        }
+        let h = &mut self.stats.health;
+        h.tier_written = w(tier).map_or(0, |w| w.bytes);
+        h.tmpfs_written = w(tmpfs).map_or(0, |w| w.bytes);
+        h.tracked_files = [w(tier), w(tmpfs)]
+            .iter()
+            .flatten()
+            .map(|w| w.tracked() as u64)
+            .sum();
+        h.overflows = [tier, tmpfs].iter().flatten().map(|w| w.overflows).sum();
+    }
+}
+
+/// The tmpfs dirs this boot mounted (not the RAM upper of RAM mode, nor a
+/// tier's own tmpfs), as paths of the running system.
+fn tmpfs_dirs(st: &crate::boot::state::State) -> Vec<std::path::PathBuf> {
+    let root = if st.root.is_empty() {
+        "/new_root"
+    } else {
+        st.root.as_str()
+    };
+    st.mounts
+        .iter()
+        .filter(|m| m.fstype == "tmpfs" && m.source != "cow")
+        .filter_map(|m| {
+            let rest = m.target.strip_prefix(root).ok()?;
+            Some(Path::new("/").join(rest))
+        })
+        .filter(|p| st.tiers.iter().all(|t| !p.starts_with(&t.dir)))
+        .collect()
+}
+
+/// Whether the daemon counts what is written into RAM for `status` and
+/// keeps the health history (`MADOS_PERSISTENCE_HEALTH=off` turns both
+/// off, for measuring their cost).
+fn health_tracking() -> bool {
+    std::env::var("MADOS_PERSISTENCE_HEALTH").map_or(true, |v| v != "off")
+}
+
+/// Add what the persistence filesystem wrote since the last save to the
+/// health history on the partition (`companion::health`) and this boot's
+/// record. Its loss or a failure costs nothing but the record: logged.
+fn save_history(st: &crate::boot::state::State, started_ms: u64) {
+    use super::health::{self, Boot};
+    let Some(p) = st
+        .partition
+        .as_ref()
+        .filter(|_| st.mode == "persistent" && !st.read_only)
+    else {
+        return;
+    };
+    let Some(dev) = Path::new(&p.mounted_from)
+        .file_name()
+        .and_then(|n| n.to_str())
+    else {
+        return;
+    };
+    let Some(fs) = crate::disk::sysfs::ext4_live(Path::new("/sys"), dev) else {
+        log::debug!("health: no ext4 counters for {dev}");
+        return;
+    };
+    let path = Path::new(&p.mountpoint).join(health::HEALTH_FILE);
+    let mut h = crate::util::fsutil::read_nofollow(&path, health::MAX_FILE)
+        .ok()
+        .and_then(|b| {
+            let h = health::parse(&b);
+            if h.is_none() {
+                log::warn!("{}: not a health record; started again", path.display());
+            }
+            h
+        })
+        .unwrap_or_default();
+    let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default();
+    let now_s = stats::now_ms() / 1000;
+    h.update(
+        now_s,
+        fs.lifetime_write_kbytes,
+        p.at_boot.map(|w| w.kbytes_written),
+        Boot {
+            boot_id,
+            started_unix_s: started_ms / 1000,
+            fsck_code: p.fsck.as_ref().map(|f| f.code),
+            fsck: p.fsck.as_ref().map(|f| f.summary.clone()),
+            last_shutdown: p.last_shutdown,
+            errors: p.at_boot.map_or(0, |w| w.error_count),
+        },
+    );
+    let r = path
+        .parent()
+        .map_or(Ok(()), std::fs::create_dir_all)
+        .map_err(anyhow::Error::from)
+        .and_then(|()| Ok(serde_json::to_vec(&h)?))
+        .and_then(|b| crate::util::fsutil::write_atomic_mode(&path, &b, 0o600));
+    if let Err(e) = r {
+        log::warn!("health: saving {}: {e:#}", path.display());
     }
 }
 
@@ -217,8 +334,9 @@ pub fn run() -> Result<()> {
         Err(e) => log::warn!("no live stats: {e:#}"),
     }
     let dirs: Vec<&Path> = tiers.iter().map(|t| Path::new(t.dir.as_str())).collect();
-    let watch = (!dirs.is_empty())
-        .then(|| super::watch::Watch::new(&dirs))
+    let track = health_tracking() && !st.read_only;
+    let mut watch = (!dirs.is_empty())
+        .then(|| super::watch::Watch::new(&dirs, track))
         .and_then(|w| {
             w.map_err(|e| {
                 log::info!(
@@ -227,6 +345,24 @@ pub fn run() -> Result<()> {
             })
             .ok()
         });
+    live.stats.health.tracking = track && (dirs.is_empty() || watch.is_some());
+    let tdirs = if track && st.mode == "persistent" {
+        tmpfs_dirs(&st)
+    } else {
+        vec![]
+    };
+    let tref: Vec<&Path> = tdirs.iter().map(|p| p.as_path()).collect();
+    let mut tmpfs_watch = (!tref.is_empty())
+        .then(|| super::watch::Watch::new(&tref, true))
+        .and_then(|w| {
+            w.map_err(|e| log::info!("bytes written to the tmpfs dirs not counted ({e:#})"))
+                .ok()
+        });
+    if !track {
+        log::info!("not counting bytes written into RAM (MADOS_PERSISTENCE_HEALTH=off)");
+    }
+    // the health record: after a sync at most every SAVE_EVERY s, and at stop
+    let mut history_at: Option<Instant> = None;
     let mut pinning = if s.pin.enabled {
         super::pinning::Pinning::start(&st, &s, &run)
             .map_err(|e| log::info!("no pinning ({e:#})"))
@@ -294,6 +430,9 @@ pub fn run() -> Result<()> {
             if let Some(p) = pinning.as_mut() {
                 p.save_now();
             }
+            if track {
+                save_history(&st, live.stats.started_unix_ms);
+            }
             live.refresh_dirty(&run, &tiers);
             if !ok {
                 // the last word on what this boot loses
@@ -335,7 +474,17 @@ pub fn run() -> Result<()> {
         if let Some(p) = pinning.as_mut() {
             p.tick(&mut live.stats.pin);
         }
+        if let Some(w) = tmpfs_watch.as_mut() {
+            w.wrote();
+        }
         if tiers.is_empty() {
+            live.count_written(None, tmpfs_watch.as_ref());
+            if track
+                && history_at.is_none_or(|t| t.elapsed().as_secs() >= super::health::SAVE_EVERY)
+            {
+                save_history(&st, live.stats.started_unix_ms);
+                history_at = Some(Instant::now());
+            }
             live.publish();
             continue;
         }
@@ -345,7 +494,8 @@ pub fn run() -> Result<()> {
         if live.read_sync_log(&run) {
             stale = true;
         }
-        let wrote = watch.as_ref().is_some_and(|w| w.wrote());
+        let wrote = watch.as_mut().is_some_and(|w| w.wrote());
+        live.count_written(watch.as_ref(), tmpfs_watch.as_ref());
         let changed = wrote || now.map(|u| (u.0, u.1)) != last_seen.map(|u| (u.0, u.1));
         if changed {
             dirty = true;
@@ -402,14 +552,49 @@ pub fn run() -> Result<()> {
             }
             last_refresh = Instant::now();
             stale = false;
+            if track
+                && history_at.is_none_or(|t| t.elapsed().as_secs() >= super::health::SAVE_EVERY)
+            {
+                save_history(&st, live.stats.started_unix_ms);
+                history_at = Some(Instant::now());
+            }
         } else if stale && last_refresh.elapsed() >= Duration::from_secs(5) {
             // what is dirty costs a walk of the RAM upper: at most every 5 s
             live.refresh_dirty(&run, &tiers);
             last_refresh = Instant::now();
             stale = false;
         }
+        live.stats.health.next_sync_unix_ms =
+            next_sync(dirty, last_sync, interval, last_write, idle, retry_at);
         live.publish();
     }
+}
+
+/// When the loop syncs next at the latest (Unix ms): the interval or the
+/// idle time, whichever comes first, not before a backoff ends; 0 when
+/// nothing waits to be synced.
+fn next_sync(
+    dirty: bool,
+    last_sync: Instant,
+    interval: Duration,
+    last_write: Option<Instant>,
+    idle: Duration,
+    retry_at: Option<Instant>,
+) -> u64 {
+    if !dirty {
+        return 0;
+    }
+    let mut at = last_sync + interval;
+    if let Some(w) = last_write {
+        at = at.min(w + idle);
+    }
+    if let Some(r) = retry_at {
+        at = at.max(r);
+    }
+    let now = Instant::now();
+    stats::now_ms().saturating_add(
+        u64::try_from(at.saturating_duration_since(now).as_millis()).unwrap_or(u64::MAX),
+    )
 }
 
 /// How long to wait before the next try after `failures` failed syncs

@@ -23,6 +23,7 @@
 
 pub mod cleanup;
 pub mod daemon;
+pub mod health;
 pub mod heat;
 pub mod hot;
 pub mod hotset;
@@ -105,6 +106,10 @@ pub struct TierLog {
     pub last_unix_ms: u64,
     pub last_us: u64,
     pub last_bytes: u64,
+    /// Bytes all of this boot's syncs of the tier wrote (for `status`'s
+    /// "kept off the stick").
+    #[serde(default)]
+    pub bytes_total: u64,
     /// Why the last sync failed (`sync::fault`'s sentence, never a file
     /// name: this file is readable by all); null after a good one.
     #[serde(default)]
@@ -144,6 +149,7 @@ impl SyncLog {
                     t.syncs += 1;
                     t.last_us = r.micros;
                     t.last_bytes = r.bytes;
+                    t.bytes_total = t.bytes_total.saturating_add(r.bytes);
                     t.last_error = None;
                     t.failing_since_unix_ms = 0;
                 }
@@ -426,6 +432,7 @@ mod tests {
                 last_unix_ms: 2000,
                 last_us: 7,
                 last_bytes: 20,
+                bytes_total: 30,
                 last_error: None,
                 failing_since_unix_ms: 0,
             }

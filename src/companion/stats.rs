@@ -29,6 +29,13 @@
 //! force, pins that failed, the last pin decision (Unix ms). Flag bit 2:
 //! pinning is on.
 //!
+//! Then the health (`HEALTH_WORDS`, version 3 on): bytes seen written into
+//! the RAM tiers, into the tmpfs dirs, bytes the syncs of this boot wrote
+//! to the stick, the oldest change not yet synced and the next sync due
+//! (Unix ms; 0: none), files tracked, event queue overflows, then flags
+//! (bit 0: the counting is on). A version 2 block (a daemon started
+//! before an upgrade) is still read, with no health.
+//!
 //! Written by hand (no crate does a cross-process seqlock over a file
 //! mapping): each word is an `AtomicU64` in the mapping, so the copy is
 //! defined behaviour even while the daemon writes.
@@ -44,15 +51,19 @@ use std::sync::atomic::{AtomicU64, Ordering, fence};
 
 pub const STATS_FILE: &str = "stats";
 pub const MAGIC: u64 = u64::from_le_bytes(*b"MADOSTAT");
-pub const VERSION: u64 = 2;
+pub const VERSION: u64 = 3;
 pub const MAX_TIERS: usize = 8;
 const HEADER: usize = 16;
 const SLOT: usize = 16;
 const NAME_WORDS: usize = 8;
 const PIN_AT: usize = HEADER + MAX_TIERS * SLOT;
 const PIN_WORDS: usize = 8;
-pub const WORDS: usize = PIN_AT + PIN_WORDS;
+const HEALTH_AT: usize = PIN_AT + PIN_WORDS;
+const HEALTH_WORDS: usize = 8;
+pub const WORDS: usize = HEALTH_AT + HEALTH_WORDS;
 pub const BYTES: usize = WORDS * 8;
+/// The size of a version 2 block (no health words).
+const BYTES_V2: usize = HEALTH_AT * 8;
 const W_SEQ: usize = 2;
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -84,6 +95,25 @@ pub struct PinStats {
     pub last_plan_unix_ms: u64,
 }
 
+/// What the RAM kept off the stick and what is at risk now
+/// (`companion::health`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct HealthStats {
+    /// The daemon counts bytes written (off: `MADOS_PERSISTENCE_HEALTH=off`,
+    /// no fanotify, or a daemon of an older release).
+    pub tracking: bool,
+    pub tier_written: u64,
+    pub tmpfs_written: u64,
+    /// Bytes this boot's syncs wrote to the stick.
+    pub synced: u64,
+    /// The oldest change not yet synced (Unix ms; 0: none).
+    pub oldest_dirty_unix_ms: u64,
+    /// When the daemon syncs next at the latest (Unix ms; 0: no tier).
+    pub next_sync_unix_ms: u64,
+    pub tracked_files: u64,
+    pub overflows: u64,
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct Stats {
     /// The daemon's pid; 0 once it stopped.
@@ -102,6 +132,7 @@ pub struct Stats {
     pub last_cleanup_unix_ms: u64,
     pub tiers: Vec<TierStats>,
     pub pin: PinStats,
+    pub health: HealthStats,
 }
 
 pub fn now_ms() -> u64 {
@@ -168,7 +199,7 @@ pub fn encode(s: &Stats) -> [u64; WORDS] {
         ]);
     }
     let p = &s.pin;
-    w[PIN_AT..].copy_from_slice(&[
+    w[PIN_AT..HEALTH_AT].copy_from_slice(&[
         p.tracked_files,
         p.open_events,
         p.overflows,
@@ -177,6 +208,17 @@ pub fn encode(s: &Stats) -> [u64; WORDS] {
         p.budget,
         p.failures,
         p.last_plan_unix_ms,
+    ]);
+    let h = &s.health;
+    w[HEALTH_AT..].copy_from_slice(&[
+        h.tier_written,
+        h.tmpfs_written,
+        h.synced,
+        h.oldest_dirty_unix_ms,
+        h.next_sync_unix_ms,
+        h.tracked_files,
+        h.overflows,
+        u64::from(h.tracking),
     ]);
     w
 }
@@ -187,7 +229,7 @@ pub fn decode(w: &[u64; WORDS]) -> Result<Stats> {
     if w[0] != MAGIC {
         bail!("not a mados-persistence stats block (bad magic)");
     }
-    if w[1] != VERSION {
+    if w[1] != VERSION && w[1] != 2 {
         bail!(
             "stats block version {} (this program reads {VERSION})",
             w[1]
@@ -240,16 +282,33 @@ pub fn decode(w: &[u64; WORDS]) -> Result<Stats> {
             failures: w[PIN_AT + 6],
             last_plan_unix_ms: w[PIN_AT + 7],
         },
+        // a version 2 block's words past the pinning are the zeros `read` padded
+        health: HealthStats {
+            tier_written: w[HEALTH_AT],
+            tmpfs_written: w[HEALTH_AT + 1],
+            synced: w[HEALTH_AT + 2],
+            oldest_dirty_unix_ms: w[HEALTH_AT + 3],
+            next_sync_unix_ms: w[HEALTH_AT + 4],
+            tracked_files: w[HEALTH_AT + 5],
+            overflows: w[HEALTH_AT + 6],
+            tracking: w[1] >= 3 && w[HEALTH_AT + 7] & 1 != 0,
+        },
     })
 }
 
 /// A shared mapping of the block's file.
 struct Map {
     ptr: NonNull<std::ffi::c_void>,
+    len: usize,
 }
 
 impl Map {
     fn new(f: &fs::File, write: bool) -> Result<Map> {
+        Self::new_len(f, write, BYTES)
+    }
+
+    /// A mapping of `len` bytes (`BYTES`, or a version 2 block's).
+    fn new_len(f: &fs::File, write: bool, len: usize) -> Result<Map> {
         use nix::sys::mman::{MapFlags, ProtFlags, mmap};
         let prot = if write {
             ProtFlags::PROT_READ | ProtFlags::PROT_WRITE
@@ -261,7 +320,7 @@ impl Map {
         let ptr = unsafe {
             mmap(
                 None,
-                NonZeroUsize::new(BYTES).unwrap(),
+                NonZeroUsize::new(len).unwrap(),
                 prot,
                 MapFlags::MAP_SHARED,
                 f.as_fd(),
@@ -269,20 +328,21 @@ impl Map {
             )
         }
         .context("mapping the stats block")?;
-        Ok(Map { ptr })
+        Ok(Map { ptr, len })
     }
 
-    fn words(&self) -> &[AtomicU64; WORDS] {
-        // SAFETY: the mapping is BYTES long, page-aligned, lives as long as
-        // self, and every access goes through AtomicU64.
-        unsafe { &*(self.ptr.as_ptr() as *const [AtomicU64; WORDS]) }
+    fn words(&self) -> &[AtomicU64] {
+        // SAFETY: the mapping is `len` bytes long (a multiple of 8),
+        // page-aligned, lives as long as self, and every access goes
+        // through AtomicU64.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr() as *const AtomicU64, self.len / 8) }
     }
 }
 
 impl Drop for Map {
     fn drop(&mut self) {
         // SAFETY: unmapping what `new` mapped; no reference outlives self.
-        let _ = unsafe { nix::sys::mman::munmap(self.ptr, BYTES) };
+        let _ = unsafe { nix::sys::mman::munmap(self.ptr, self.len) };
     }
 }
 
@@ -335,7 +395,7 @@ impl Writer {
 
 /// A consistent copy of the words, or `None` if the writer was busy every
 /// time in `tries` attempts.
-fn snapshot(words: &[AtomicU64; WORDS], tries: usize) -> Option<[u64; WORDS]> {
+fn snapshot(words: &[AtomicU64], tries: usize) -> Option<[u64; WORDS]> {
     for _ in 0..tries {
         let s1 = words[W_SEQ].load(Ordering::Acquire);
         if s1 & 1 == 1 {
@@ -363,13 +423,13 @@ pub fn read(path: &Path) -> Result<Option<Stats>> {
         Err(e) => return Err(e).with_context(|| format!("opening {}", path.display())),
     };
     let len = f.metadata()?.len();
-    if len != BYTES as u64 {
+    if len != BYTES as u64 && len != BYTES_V2 as u64 {
         bail!(
             "{} is {len} bytes, not the {BYTES} of stats layout {VERSION}",
             path.display()
         );
     }
-    let map = Map::new(&f, false)?;
+    let map = Map::new_len(&f, false, len as usize)?;
     // a reader preempted mid-copy tries again; after a pause if it must
     let w = (0..20)
         .find_map(|i| {
@@ -445,7 +505,39 @@ mod tests {
                 failures: 2,
                 last_plan_unix_ms: 1_700_000_004_500,
             },
+            health: HealthStats {
+                tracking: true,
+                tier_written: 90 << 20,
+                tmpfs_written: 300 << 20,
+                synced: 12 << 20,
+                oldest_dirty_unix_ms: 1_700_000_003_000,
+                next_sync_unix_ms: 1_700_000_030_000,
+                tracked_files: 55,
+                overflows: 1,
+            },
         }
+    }
+
+    #[test]
+    fn a_version_2_block_is_read_without_health() {
+        // a daemon started before an upgrade keeps its older, shorter block
+        let dir = std::env::temp_dir().join(format!("mados-stats-v2-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let mut w = encode(&sample());
+        w[1] = 2;
+        let b: Vec<u8> = w[..BYTES_V2 / 8]
+            .iter()
+            .flat_map(|x| x.to_le_bytes())
+            .collect();
+        fs::write(dir.join("v2"), &b).unwrap();
+        let back = read(&dir.join("v2")).unwrap().unwrap();
+        assert_eq!(back.health, HealthStats::default());
+        assert_eq!(back.pin, sample().pin);
+        assert_eq!(back.tiers, sample().tiers);
+        // any other length is refused
+        fs::write(dir.join("odd"), &b[..b.len() - 8]).unwrap();
+        assert!(read(&dir.join("odd")).is_err());
+        fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -1222,6 +1222,9 @@ pub struct Pending {
     pub bytes: u64,
     /// What the upper takes in RAM (allocated blocks).
     pub ram: u64,
+    /// The oldest modification time among the changed entries still in
+    /// the upper (Unix ms; 0: none, or only removals).
+    pub oldest_ms: u64,
 }
 
 pub fn pending(t: &Tier, manifest: &Manifest) -> Result<Pending> {
@@ -1241,7 +1244,14 @@ pub fn pending(t: &Tier, manifest: &Manifest) -> Result<Pending> {
             .saturating_add((e.st.st_blocks as u64).saturating_mul(512));
         let rec = rec_of(e);
         match manifest.entries.get(&e.key) {
-            Some(o) if same_identity(o, &rec) => {}
+            Some(o) if same_identity(o, &rec) => continue,
+            _ => {}
+        }
+        let ms = u64::try_from(rec.mtime_ns / 1_000_000).unwrap_or(0);
+        if ms > 0 && (p.oldest_ms == 0 || ms < p.oldest_ms) {
+            p.oldest_ms = ms;
+        }
+        match manifest.entries.get(&e.key) {
             Some(o)
                 if o.kind == 'f' && rec.kind == 'f' && o.ino == rec.ino && rec.size >= o.size =>
             {

@@ -33,6 +33,24 @@ pub struct Ext4Info {
     /// s_block_group_nr: 0 for the primary superblock, else the group of a
     /// backup copy (found where the filesystem does not start).
     pub group: u16,
+    /// What the filesystem has written in its life and the errors it
+    /// recorded (for `status`'s health).
+    pub wear: Ext4Wear,
+}
+
+/// The superblock's lifetime write counter and error record. The kernel
+/// keeps them up to date in memory and writes them with the superblock;
+/// e2fsck clears the error record when it repairs, so a boot reads them
+/// before e2fsck. Values only shown, never used as offsets.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct Ext4Wear {
+    /// s_kbytes_written: KiB written to the filesystem since mkfs.
+    pub kbytes_written: u64,
+    /// s_error_count: errors the kernel recorded since the last repair.
+    pub error_count: u32,
+    /// s_first_error_time, s_last_error_time (Unix s; 0: none).
+    pub first_error_unix_s: u64,
+    pub last_error_unix_s: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -83,6 +101,18 @@ fn le16(b: &[u8], o: usize) -> u16 {
 }
 fn le32(b: &[u8], o: usize) -> u32 {
     u32::from_le_bytes(b[o..o + 4].try_into().unwrap())
+}
+
+/// The wear fields of a superblock (at least 1024 bytes, checked by the
+/// caller; every offset below is under 1024).
+fn ext4_wear(sb: &[u8]) -> Ext4Wear {
+    let time = |lo: usize, hi: usize| u64::from(le32(sb, lo)) | u64::from(sb[hi]) << 32;
+    Ext4Wear {
+        kbytes_written: u64::from_le_bytes(sb[0x178..0x180].try_into().unwrap()),
+        error_count: le32(sb, 0x194),
+        first_error_unix_s: time(0x198, 0x278),
+        last_error_unix_s: time(0x1CC, 0x279),
+    }
 }
 
 /// The primary volume descriptor at 32 KiB.
@@ -162,6 +192,7 @@ pub fn parse_ext4(sb: &[u8]) -> Option<Ext4Info> {
         clean: le16(sb, 58) & 1 != 0,
         needs_recovery: incompat & 0x4 != 0,
         group: le16(sb, 90),
+        wear: ext4_wear(sb),
     })
 }
 
@@ -270,6 +301,7 @@ mod tests {
         assert_eq!(e.label, "persistence");
         assert_eq!((e.block_size, e.blocks, e.free_blocks), (4096, 1000, 400));
         assert!(e.has_journal && e.clean && !e.needs_recovery);
+        assert_eq!(e.wear, Ext4Wear::default());
         // a journalled ext4 left mounted (a power cut, no unmount)
         img[1024 + 96..1024 + 100].copy_from_slice(&(0x4u32 | 0x40 | 0x80).to_le_bytes());
         let Some(Fs::Ext4(e)) = probe(&mut Cursor::new(img.clone())).unwrap() else {
@@ -280,6 +312,25 @@ mod tests {
         // a hostile block size is not ext4, and no panic
         img[1024 + 24..1024 + 28].copy_from_slice(&200u32.to_le_bytes());
         assert_eq!(probe(&mut Cursor::new(img)).unwrap(), None);
+    }
+
+    #[test]
+    fn wear_fields_are_read() {
+        let mut sb = vec![0u8; 1024];
+        sb[56..58].copy_from_slice(&0xEF53u16.to_le_bytes());
+        sb[0x178..0x180].copy_from_slice(&(u64::MAX - 1).to_le_bytes());
+        sb[0x194..0x198].copy_from_slice(&7u32.to_le_bytes());
+        sb[0x198..0x19C].copy_from_slice(&1_700_000_000u32.to_le_bytes());
+        sb[0x1CC..0x1D0].copy_from_slice(&u32::MAX.to_le_bytes());
+        // the high bytes of the times (ext4 past 2038)
+        sb[0x279] = 1;
+        let w = parse_ext4(&sb).unwrap().wear;
+        assert_eq!(w.kbytes_written, u64::MAX - 1);
+        assert_eq!(w.error_count, 7);
+        assert_eq!(w.first_error_unix_s, 1_700_000_000);
+        assert_eq!(w.last_error_unix_s, (1u64 << 32) | u64::from(u32::MAX));
+        // a short buffer is no superblock, not a panic
+        assert_eq!(parse_ext4(&sb[..1023]), None);
     }
 
     #[test]

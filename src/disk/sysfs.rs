@@ -189,6 +189,83 @@ impl Sysfs {
     }
 }
 
+/// What the kernel counts for a mounted ext4 filesystem
+/// (`/sys/fs/ext4/<dev>/`, readable by all): KiB written in its life and
+/// since this mount, and its error record.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Ext4Live {
+    pub lifetime_write_kbytes: u64,
+    pub session_write_kbytes: Option<u64>,
+    pub errors_count: Option<u64>,
+    pub first_error_unix_s: Option<u64>,
+    pub last_error_unix_s: Option<u64>,
+}
+
+/// A device name as sysfs lists it: one plain path component.
+fn plain_name(n: &str) -> bool {
+    !n.is_empty() && n != "." && n != ".." && !n.contains('/') && n.len() < 64
+}
+
+/// One small sysfs attribute as text (at most a page, no symlink as the
+/// last component).
+fn attr(p: &Path) -> Option<String> {
+    let b = crate::util::fsutil::read_nofollow(p, 4096).ok()?;
+    Some(String::from_utf8_lossy(&b).trim().to_string())
+}
+
+/// A sysfs number: decimal, or hex with `0x` (SCSI's `ioerr_cnt`).
+pub fn parse_number(t: &str) -> Option<u64> {
+    let t = t.trim();
+    match t.strip_prefix("0x") {
+        Some(h) => u64::from_str_radix(h, 16).ok(),
+        None => t.parse().ok(),
+    }
+}
+
+/// `dev`'s ext4 counters under `sys` (`/sys`); None when it is not a
+/// mounted ext4 (or the kernel has no such attribute).
+pub fn ext4_live(sys: &Path, dev: &str) -> Option<Ext4Live> {
+    if !plain_name(dev) {
+        return None;
+    }
+    let d = sys.join("fs/ext4").join(dev);
+    let n = |a: &str| attr(&d.join(a)).and_then(|t| parse_number(&t));
+    Some(Ext4Live {
+        lifetime_write_kbytes: n("lifetime_write_kbytes")?,
+        session_write_kbytes: n("session_write_kbytes"),
+        errors_count: n("errors_count"),
+        first_error_unix_s: n("first_error_time"),
+        last_error_unix_s: n("last_error_time"),
+    })
+}
+
+/// The sectors (512 bytes) written to a disk since it appeared: the 7th
+/// field of `/sys/block/<disk>/stat` (Documentation/block/stat.rst).
+pub fn parse_stat_written(t: &str) -> Option<u64> {
+    t.split_ascii_whitespace().nth(6)?.parse().ok()
+}
+
+/// What a whole disk has written since it appeared (all its partitions)
+/// and the I/O errors its SCSI layer counted (`device/ioerr_cnt`: USB
+/// sticks are SCSI disks; None where the bus has no such count).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct DiskIo {
+    pub bytes_written: u64,
+    pub io_errors: Option<u64>,
+}
+
+pub fn disk_io(sys: &Path, disk: &str) -> Option<DiskIo> {
+    if !plain_name(disk) {
+        return None;
+    }
+    let d = sys.join("block").join(disk);
+    let sectors = parse_stat_written(&attr(&d.join("stat"))?)?;
+    Some(DiskIo {
+        bytes_written: sectors.saturating_mul(512),
+        io_errors: attr(&d.join("device/ioerr_cnt")).and_then(|t| parse_number(&t)),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -262,5 +339,45 @@ mod tests {
             }]
         );
         std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn wear_counters_from_a_fake_sysfs() {
+        let d = std::env::temp_dir().join(format!("mados-sysfs-wear-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        let e = d.join("fs/ext4/sda3");
+        std::fs::create_dir_all(&e).unwrap();
+        std::fs::write(e.join("lifetime_write_kbytes"), "123456\n").unwrap();
+        std::fs::write(e.join("errors_count"), "2\n").unwrap();
+        std::fs::write(e.join("last_error_time"), "0x6553f100\n").unwrap();
+        let l = ext4_live(&d, "sda3").unwrap();
+        assert_eq!(l.lifetime_write_kbytes, 123456);
+        assert_eq!(l.errors_count, Some(2));
+        assert_eq!(l.last_error_unix_s, Some(0x6553f100));
+        assert_eq!(l.session_write_kbytes, None);
+        assert_eq!(ext4_live(&d, "../fs/ext4/sda3"), None);
+        assert_eq!(ext4_live(&d, "sdb1"), None);
+        let b = d.join("block/sda");
+        std::fs::create_dir_all(b.join("device")).unwrap();
+        std::fs::write(
+            b.join("stat"),
+            "    1234     5   67890   100   4321   9   8000   300 0 400 500 0 0 0 0 0 0\n",
+        )
+        .unwrap();
+        assert_eq!(
+            disk_io(&d, "sda"),
+            Some(DiskIo {
+                bytes_written: 8000 * 512,
+                io_errors: None
+            })
+        );
+        std::fs::write(b.join("device/ioerr_cnt"), "0x1f\n").unwrap();
+        assert_eq!(disk_io(&d, "sda").unwrap().io_errors, Some(31));
+        // garbage and short lines are no number
+        std::fs::write(b.join("stat"), "1 2 3\n").unwrap();
+        assert_eq!(disk_io(&d, "sda"), None);
+        std::fs::write(b.join("stat"), "1 2 3 4 5 6 -7\n").unwrap();
+        assert_eq!(disk_io(&d, "sda"), None);
+        std::fs::remove_dir_all(&d).unwrap();
     }
 }

@@ -69,6 +69,10 @@ pub struct Status {
     /// The companion: RAM tiers, live stats, cleanup, deleted-but-open
     /// files (null when not gathered).
     pub companion: Option<Companion>,
+    /// The stick's health: writes, what the RAM kept off it, what is at
+    /// risk now, faults, fullness (`manage::health`; null in RAM mode or
+    /// when not gathered).
+    pub health: Option<super::health::Health>,
 }
 
 /// What the companion publishes and what is held by deleted files.
@@ -146,6 +150,7 @@ pub fn build(
             kernel_modules: None,
             set_aside_restore: None,
             companion: None,
+            health: None,
         };
     };
     let root = if st.root.is_empty() {
@@ -203,7 +208,7 @@ pub fn build(
         reason: st.reason.clone(),
         boot_device: st.boot_device.clone(),
         partition: st.partition.clone(),
-        full_warning: partition_usage.is_some_and(|u| u.percent() > FULL_PERCENT),
+        full_warning: partition_usage.is_some_and(|u| u.percent() >= FULL_PERCENT),
         partition_usage,
         mounts,
         next_boot,
@@ -216,10 +221,11 @@ pub fn build(
         kernel_modules: st.kernel_modules.clone(),
         set_aside_restore: st.set_aside_restore.clone(),
         companion: None,
+        health: None,
     }
 }
 
-fn ago(now_ms: u64, then_ms: u64) -> String {
+pub fn ago(now_ms: u64, then_ms: u64) -> String {
     let s = now_ms.saturating_sub(then_ms) / 1000;
     match s {
         0..=59 => format!("{s} s ago"),
@@ -488,6 +494,11 @@ pub fn render_companion(c: &Companion) -> String {
 }
 
 fn h(b: u64) -> String {
+    human(b)
+}
+
+/// Bytes as `status` shows them.
+pub fn human(b: u64) -> String {
     if b < 1024 {
         // "14" alone reads as a count
         return format!("{b} B");
@@ -607,7 +618,7 @@ pub fn render(s: &Status) -> String {
         line(
             "WARNING:",
             format!(
-                "persistence is over {FULL_PERCENT}% full; free space or the system may stop saving changes"
+                "persistence is {FULL_PERCENT}% full or more; free space or the system may stop saving changes"
             ),
         );
     }
@@ -669,6 +680,10 @@ pub fn render(s: &Status) -> String {
         o.push('\n');
         o.push_str(&render_companion(c));
     }
+    if let Some(x) = &s.health {
+        o.push_str("\nhealth of the stick:\n");
+        o.push_str(&super::health::render(x));
+    }
     o.push_str(&format!("\nlog: {}   state: {}\n", s.log, s.state_file));
     o
 }
@@ -713,6 +728,9 @@ pub fn gather() -> Status {
     );
     let mut s = s;
     s.companion = Some(gather_companion(st.as_ref()));
+    s.health = st
+        .as_ref()
+        .and_then(|st| super::health::gather(st, s.companion.as_ref(), s.partition_usage));
     s
 }
 
@@ -752,22 +770,144 @@ fn gather_companion(st: Option<&State>) -> Companion {
     }
 }
 
-/// `status`: once, or every `watch` seconds until interrupted (the text
-/// redrawn in place; with `--json`, one document a line).
+/// How often `status --watch` refreshes: 1 s to 1 h.
+pub fn watch_interval(secs: u64) -> std::time::Duration {
+    std::time::Duration::from_secs(secs.clamp(1, 3600))
+}
+
+/// Whether keys typed during `status --watch` ask it to quit (pure): `q`,
+/// or Ctrl-C / Ctrl-D read as bytes.
+pub fn wants_quit(keys: &[u8]) -> bool {
+    keys.iter().any(|&k| matches!(k, b'q' | b'Q' | 3 | 4))
+}
+
+/// The terminal in stdin set to pass keys at once without echo (signals
+/// kept: Ctrl-C still interrupts), restored on drop.
+struct Keys {
+    saved: nix::sys::termios::Termios,
+}
+
+impl Keys {
+    fn new() -> Option<Keys> {
+        use nix::sys::termios::{
+            LocalFlags, SetArg, SpecialCharacterIndices, tcgetattr, tcsetattr,
+        };
+        let stdin = std::io::stdin();
+        let saved = tcgetattr(&stdin).ok()?;
+        let mut t = saved.clone();
+        t.local_flags.remove(LocalFlags::ICANON | LocalFlags::ECHO);
+        t.control_chars[SpecialCharacterIndices::VMIN as usize] = 0;
+        t.control_chars[SpecialCharacterIndices::VTIME as usize] = 0;
+        tcsetattr(&stdin, SetArg::TCSANOW, &t).ok()?;
+        Some(Keys { saved })
+    }
+}
+
+impl Drop for Keys {
+    fn drop(&mut self) {
+        let _ = nix::sys::termios::tcsetattr(
+            std::io::stdin(),
+            nix::sys::termios::SetArg::TCSANOW,
+            &self.saved,
+        );
+    }
+}
+
+/// `status`: once, or every `watch` seconds (1 s to 1 h) until `q`,
+/// Ctrl-C or a termination signal. On a terminal the text is redrawn in
+/// place; when stdout is not a terminal (a pipe, a file) each refresh is
+/// printed after the last, once per interval; with `--json`, one document
+/// a line.
 pub fn status(json: bool, watch: Option<u64>) -> Result<()> {
+    use std::io::{IsTerminal, Write};
+    let Some(secs) = watch else {
+        let s = gather();
+        if json {
+            println!("{}", serde_json::to_string_pretty(&s)?);
+        } else {
+            print!("{}", render(&s));
+        }
+        return Ok(());
+    };
+    let interval = watch_interval(secs);
+    let tty = std::io::stdout().is_terminal();
+    // the signals through a signalfd: the terminal is restored on Ctrl-C
+    let mut mask = nix::sys::signal::SigSet::empty();
+    for sig in [
+        nix::sys::signal::Signal::SIGINT,
+        nix::sys::signal::Signal::SIGTERM,
+        nix::sys::signal::Signal::SIGHUP,
+    ] {
+        mask.add(sig);
+    }
+    mask.thread_block()?;
+    let sfd = nix::sys::signalfd::SignalFd::with_flags(
+        &mask,
+        nix::sys::signalfd::SfdFlags::SFD_NONBLOCK | nix::sys::signalfd::SfdFlags::SFD_CLOEXEC,
+    )?;
+    let keys = (tty && std::io::stdin().is_terminal())
+        .then(Keys::new)
+        .flatten();
     loop {
         let s = gather();
-        match (json, watch.is_some()) {
-            (true, false) => println!("{}", serde_json::to_string_pretty(&s)?),
-            (true, true) => println!("{}", serde_json::to_string(&s)?),
-            (false, false) => print!("{}", render(&s)),
-            (false, true) => print!("\x1b[H\x1b[2J{}", render(&s)),
+        let mut out = std::io::stdout().lock();
+        let r = match (json, tty) {
+            (true, _) => writeln!(out, "{}", serde_json::to_string(&s)?),
+            (false, true) => write!(
+                out,
+                "\x1b[H\x1b[2J{}\n(every {} s; q or Ctrl-C quits)\n",
+                render(&s),
+                interval.as_secs()
+            ),
+            (false, false) => writeln!(out, "{}", render(&s)),
+        };
+        // a reader gone (a closed pipe) ends the watch
+        if r.and_then(|()| out.flush()).is_err() {
+            return Ok(());
         }
-        use std::io::Write;
-        std::io::stdout().flush()?;
-        match watch {
-            Some(secs) => std::thread::sleep(std::time::Duration::from_secs(secs.max(1))),
-            None => return Ok(()),
+        drop(out);
+        let deadline = std::time::Instant::now() + interval;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            let stdin = std::io::stdin();
+            let mut fds = vec![nix::poll::PollFd::new(
+                std::os::fd::AsFd::as_fd(&sfd),
+                nix::poll::PollFlags::POLLIN,
+            )];
+            if keys.is_some() {
+                fds.push(nix::poll::PollFd::new(
+                    std::os::fd::AsFd::as_fd(&stdin),
+                    nix::poll::PollFlags::POLLIN,
+                ));
+            }
+            let ms = u16::try_from(left.as_millis()).unwrap_or(u16::MAX);
+            match nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(ms)) {
+                Ok(0) => continue,
+                Ok(_) => {}
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => return Err(e.into()),
+            }
+            if fds[0].any().unwrap_or(false) {
+                return Ok(());
+            }
+            if let Some(k) = fds.get(1) {
+                let ev = k.revents().unwrap_or(nix::poll::PollFlags::empty());
+                if ev.intersects(nix::poll::PollFlags::POLLHUP | nix::poll::PollFlags::POLLERR) {
+                    return Ok(());
+                }
+                if ev.contains(nix::poll::PollFlags::POLLIN) {
+                    let mut b = [0u8; 64];
+                    let n = nix::unistd::read(&stdin, &mut b).unwrap_or(0);
+                    if wants_quit(&b[..n]) {
+                        return Ok(());
+                    }
+                    // any other key: refresh now
+                    break;
+                }
+            }
         }
     }
 }
@@ -833,7 +973,7 @@ mod tests {
         assert!(!status.mounts[1].mounted);
         let text = render(&status);
         assert!(text.contains("ACTIVE: your changes are saved"), "{text}");
-        assert!(text.contains("over 90% full"), "{text}");
+        assert!(text.contains("90% full or more"), "{text}");
         let etc = text
             .lines()
             .find(|l| l.trim_start().starts_with("/etc "))
@@ -1006,6 +1146,7 @@ mod tests {
                     last_plan_unix_ms: 1_295_000,
                     ..Default::default()
                 },
+                health: Default::default(),
             }),
             stats_note: None,
             deleted_open: vec![],
@@ -1136,6 +1277,37 @@ mod tests {
         assert_eq!(j["deleted_open"][0]["holders"][0], "123 firefox");
         assert_eq!(j["stats"]["pin"]["pinned_bytes"], 90 << 20);
         assert_eq!(j["pinned"][0]["path"], "/usr/lib/libLLVM.so");
+    }
+
+    #[test]
+    fn watch_keys_and_interval() {
+        assert!(wants_quit(b"q") && wants_quit(b"xQ") && wants_quit(&[3]) && wants_quit(&[4]));
+        assert!(!wants_quit(b"") && !wants_quit(b" r\n"));
+        assert_eq!(watch_interval(0).as_secs(), 1);
+        assert_eq!(watch_interval(5).as_secs(), 5);
+        assert_eq!(watch_interval(u64::MAX).as_secs(), 3600);
+    }
+
+    #[test]
+    fn the_health_is_rendered_in_status() {
+        let s = st(PERSISTENT);
+        let mut status = build(Some(&s), "/x", &|_| true, &|_| None, None);
+        assert!(!render(&status).contains("health of the stick:"));
+        status.health = super::super::health::build(
+            &s,
+            &super::super::health::Inputs {
+                now_ms: 1,
+                ..Default::default()
+            },
+        );
+        let text = render(&status);
+        assert!(
+            text.contains("\nhealth of the stick:\nwrites:       not known"),
+            "{text}"
+        );
+        let j = serde_json::to_value(&status).unwrap();
+        assert_eq!(j["health"]["failing"], false);
+        assert!(j["health"]["faults"]["boots"].is_array());
     }
 
     #[test]

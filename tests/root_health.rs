@@ -1,0 +1,151 @@
+//! Root test of the daemon's "kept off the stick" counters (issue 20):
+//! a known workload on a RAM tier (the overlay over a tmpfs upper, synced
+//! to an ext4 partition on a loop device, as `boot` mounts it) and on a
+//! tmpfs dir, counted the way the daemon counts: its fanotify watches
+//! (`companion::watch`, with `track`) drained once a second by another
+//! thread while the workload runs, the syncs' own byte counts, and
+//! `health::kept_off`. Each count must be within 5% of what the workload
+//! wrote, synced and kept off.
+
+mod common;
+
+use common::tier::*;
+use common::*;
+use mados_persistence::companion::health;
+use mados_persistence::companion::sync::{Manifest, pending, sync_tier};
+use mados_persistence::companion::watch::Watch;
+use std::fs;
+use std::io::Write;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+const MIB: u64 = 1 << 20;
+
+/// Drains `w` once a second (as the daemon's loop does) until `stop`;
+/// gives it back after a last drain.
+fn drainer(mut w: Watch, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<Watch> {
+    std::thread::spawn(move || {
+        while !stop.load(Ordering::Relaxed) {
+            w.wrote();
+            std::thread::sleep(Duration::from_secs(1));
+        }
+        w.wrote();
+        w
+    })
+}
+
+fn write(p: &Path, bytes: u64) {
+    let mut f = fs::File::create(p).unwrap();
+    // 64 KiB writes, as a program writes
+    let chunk = vec![7u8; 64 << 10];
+    let mut left = bytes;
+    while left > 0 {
+        let n = left.min(chunk.len() as u64) as usize;
+        f.write_all(&chunk[..n]).unwrap();
+        left -= n as u64;
+    }
+}
+
+fn near(what: &str, got: u64, want: u64) {
+    let diff = got.abs_diff(want);
+    assert!(
+        diff * 20 <= want,
+        "{what}: counted {got} bytes, the workload {want} (more than 5% apart)"
+    );
+}
+
+#[test]
+fn kept_off_counts_match_a_known_workload() {
+    if !require_root("kept_off_counts_match_a_known_workload") {
+        return;
+    }
+    let r = rig("health-kept-off");
+    let v = &r.view;
+    let tmp = r.d.join("tmpdir");
+    fs::create_dir_all(&tmp).unwrap();
+    sh(&format!(
+        "mount -t tmpfs -o size=64M tmpfs {}",
+        tmp.display()
+    ));
+    let stop = Arc::new(AtomicBool::new(false));
+    let tier_w = drainer(Watch::new(&[v.as_path()], true).unwrap(), stop.clone());
+    let tmp_w = drainer(Watch::new(&[tmp.as_path()], true).unwrap(), stop.clone());
+    let mut m = Manifest::default();
+    let mut synced = 0u64;
+    let mut sync = |m: &mut Manifest| {
+        // what the daemon's loop has seen before it syncs
+        std::thread::sleep(Duration::from_millis(1200));
+        synced += sync_tier(&r.tier, m).unwrap().bytes;
+    };
+    // 1. a new 8 MiB file, synced: it reaches the stick; before, it is
+    //    at risk, and the oldest change is its own (seconds old, not the
+    //    live image's older files')
+    write(&v.join("kept"), 8 * MIB);
+    let p = pending(&r.tier, &m).unwrap();
+    let now_ms = mados_persistence::companion::stats::now_ms();
+    assert!(p.files >= 1 && p.bytes >= 8 * MIB, "{p:?}");
+    assert!(
+        p.oldest_ms <= now_ms && now_ms - p.oldest_ms < 10_000,
+        "oldest change {} ms ago",
+        now_ms.saturating_sub(p.oldest_ms)
+    );
+    sync(&mut m);
+    assert_eq!(pending(&r.tier, &m).unwrap().oldest_ms, 0, "all synced");
+    // 2. a 4 MiB file written and deleted before a sync: kept off
+    write(&v.join("scratch"), 4 * MIB);
+    std::thread::sleep(Duration::from_millis(1200));
+    fs::remove_file(v.join("scratch")).unwrap();
+    // 3. a 2 MiB file saved three times (temp file and rename, as editors
+    //    and databases do), synced once: 4 MiB kept off
+    for i in 0..3 {
+        write(&v.join(format!(".conf.{i}")), 2 * MIB);
+        fs::rename(v.join(format!(".conf.{i}")), v.join("conf")).unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    sync(&mut m);
+    // 4. a log appended to in 16 KiB writes across two syncs: all of it
+    //    reaches the stick (1 MiB whole, then only the 1 MiB tail)
+    let mut log = fs::File::create(v.join("app.log")).unwrap();
+    for round in 0..2 {
+        for _ in 0..64 {
+            log.write_all(&[b'l'; 16 << 10]).unwrap();
+            if round == 0 {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        log.flush().unwrap();
+        sync(&mut m);
+    }
+    // 5. the tmpfs dir: 10 MiB kept, 5 MiB written and removed
+    write(&tmp.join("download.part"), 10 * MIB);
+    write(&tmp.join("build.o"), 5 * MIB);
+    fs::remove_file(tmp.join("build.o")).unwrap();
+    std::thread::sleep(Duration::from_millis(1200));
+    stop.store(true, Ordering::Relaxed);
+    let tier_w = tier_w.join().unwrap();
+    let tmp_w = tmp_w.join().unwrap();
+    let tier_written = tier_w.written.as_ref().unwrap().bytes;
+    let tmpfs_written = tmp_w.written.as_ref().unwrap().bytes;
+    let waiting = pending(&r.tier, &m).unwrap().bytes;
+    assert_eq!(waiting, 0, "everything synced");
+    assert_eq!(tier_w.overflows + tmp_w.overflows, 0);
+    eprintln!(
+        "counted: tier written {tier_written}, synced {synced}, tmpfs written {tmpfs_written}, files tracked {}",
+        tier_w.written.as_ref().unwrap().tracked() + tmp_w.written.as_ref().unwrap().tracked()
+    );
+    // written into the tier: 8 + 4 + 3 x 2 + 2 MiB; reached the stick:
+    // 8 + 2 + 1 + 1 MiB; kept off: 4 deleted + 4 overwritten
+    near("written into the tier", tier_written, 20 * MIB);
+    near("synced to the stick", synced, 12 * MIB);
+    let tier_kept = health::kept_off(tier_written, synced, waiting, 0);
+    near("kept off the stick by the tier", tier_kept, 8 * MIB);
+    near("written to the tmpfs dir", tmpfs_written, 15 * MIB);
+    near(
+        "kept off in all",
+        health::kept_off(tier_written, synced, waiting, tmpfs_written),
+        23 * MIB,
+    );
+    sh(&format!("umount {}", tmp.display()));
+}
