@@ -73,6 +73,16 @@ enum Cmd {
         /// Do not ask for confirmation.
         #[arg(long)]
         yes: bool,
+        /// Encrypt it (LUKS2, argon2id): every boot asks for the passphrase.
+        #[arg(long)]
+        encrypt: bool,
+        /// With --encrypt: read the passphrase from FILE (`-`: stdin; one
+        /// trailing newline is not part of it) instead of asking twice.
+        #[arg(long, value_name = "FILE", requires = "encrypt")]
+        passphrase_file: Option<PathBuf>,
+        /// Tests only: argon2id MEMORY_KIB:ITERATIONS instead of the default cost.
+        #[arg(long, hide = true, requires = "encrypt")]
+        pbkdf_test_cost: Option<String>,
     },
     /// Boot in RAM mode from the next boot on (or once), keeping the data.
     #[command(
@@ -218,8 +228,26 @@ fn run(cli: Cli) -> Result<ExitCode> {
             manage::status(json, watch)?;
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Enable { device, size, yes } => {
-            manage::enable(device, size, yes)?;
+        Cmd::Enable {
+            device,
+            size,
+            yes,
+            encrypt,
+            passphrase_file,
+            pbkdf_test_cost,
+        } => {
+            let enc = if encrypt {
+                Some(manage::enable::EncryptOpts {
+                    passphrase_file,
+                    pbkdf: match pbkdf_test_cost {
+                        Some(c) => mados_persistence::disk::cryptsetup::Pbkdf::parse(&c)?,
+                        None => mados_persistence::disk::cryptsetup::DEFAULT_PBKDF,
+                    },
+                })
+            } else {
+                None
+            };
+            manage::enable(device, size, yes, enc)?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Disable { once, device } => {

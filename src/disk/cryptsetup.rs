@@ -19,90 +19,7 @@ const DIRS: &[&str] = &["/usr/sbin", "/sbin", "/usr/bin", "/bin"];
 /// The LUKS2 label our volume carries (found without unlocking it).
 pub const LABEL: &str = "persistence";
 
-/// A passphrase is at most this long: cryptsetup's own limit for a typed
-/// one (512 characters); anything longer is refused, not cut.
-pub const MAX_PASSPHRASE: usize = 512;
-
-/// A passphrase in memory: overwritten with zeros when dropped (volatile
-/// writes, so the compiler cannot drop the wipe as a dead store), never
-/// printed (`Debug` shows its length only), never cloned implicitly.
-pub struct Secret(Vec<u8>);
-
-impl Secret {
-    /// Takes `bytes` (its buffer is reused, not copied). Refused when
-    /// empty or longer than `MAX_PASSPHRASE`.
-    pub fn new(bytes: Vec<u8>) -> Result<Secret> {
-        let s = Secret(bytes);
-        if s.0.is_empty() {
-            bail!("the passphrase is empty");
-        }
-        if s.0.len() > MAX_PASSPHRASE {
-            bail!("the passphrase is longer than {MAX_PASSPHRASE} bytes");
-        }
-        Ok(s)
-    }
-    /// A passphrase file's content: one trailing newline (an editor's, or
-    /// `echo`'s) is not part of it, as when it is typed.
-    pub fn from_file_bytes(mut bytes: Vec<u8>) -> Result<Secret> {
-        if bytes.last() == Some(&b'\n') {
-            bytes.pop();
-            wipe_spare(&mut bytes);
-        }
-        Secret::new(bytes)
-    }
-    pub fn expose(&self) -> &[u8] {
-        &self.0
-    }
-    pub fn len(&self) -> usize {
-        self.0.len()
-    }
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-    /// Equal in constant time for equal lengths (the two entries of a new
-    /// passphrase).
-    pub fn same_as(&self, other: &Secret) -> bool {
-        self.0.len() == other.0.len()
-            && self
-                .0
-                .iter()
-                .zip(&other.0)
-                .fold(0u8, |a, (x, y)| a | (x ^ y))
-                == 0
-    }
-}
-
-/// Zero the bytes past `len` up to the capacity (what `pop`/`truncate`
-/// left behind).
-fn wipe_spare(v: &mut Vec<u8>) {
-    let spare = v.spare_capacity_mut();
-    for b in spare {
-        // SAFETY: a valid, aligned pointer into the Vec's own allocation.
-        unsafe { std::ptr::write_volatile(b.as_mut_ptr(), 0) };
-    }
-}
-
-/// Overwrite every byte of `buf` (a buffer a secret passed through).
-pub fn wipe(buf: &mut [u8]) {
-    for b in buf.iter_mut() {
-        // SAFETY: a valid, aligned, exclusive reference.
-        unsafe { std::ptr::write_volatile(b, 0) };
-    }
-    std::sync::atomic::compiler_fence(std::sync::atomic::Ordering::SeqCst);
-}
-
-impl Drop for Secret {
-    fn drop(&mut self) {
-        wipe(&mut self.0);
-        wipe_spare(&mut self.0);
-    }
-}
-
-impl std::fmt::Debug for Secret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Secret({} bytes)", self.0.len())
-    }
-}
+pub use crate::util::secret::{MAX_PASSPHRASE, Secret, wipe};
 
 /// The argon2id cost written into a key slot. Fixed iterations
 /// (`--pbkdf-force-iterations`): no benchmark, so the cost does not depend
@@ -432,8 +349,87 @@ pub fn close(name: &str) -> Result<()> {
         .map(drop)
 }
 
+/// Can this kernel map a volume? Opening device-mapper's control node
+/// loads dm_mod where it is a module (its devname alias); a node left by
+/// libdevmapper on a kernel without device-mapper fails to open (ENODEV).
+pub fn device_mapper_available() -> bool {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/mapper/control")
+        .is_ok()
+}
+
 pub fn mapper_path(name: &str) -> PathBuf {
     Path::new("/dev/mapper").join(name)
+}
+
+/// An unlocked volume, closed when dropped unless `keep` is called (the
+/// boot hands its mapping on to the running system).
+#[derive(Debug)]
+pub struct Mapping {
+    pub name: String,
+    pub path: PathBuf,
+    keep: bool,
+}
+
+impl Mapping {
+    /// Unlock `dev` as /dev/mapper/`name`; an error when the passphrase
+    /// opens no key slot.
+    pub fn open(dev: &Path, name: &str, pass: &Secret) -> Result<Mapping> {
+        if !open(dev, name, pass)? {
+            bail!(
+                "unlocking {}: no key slot opens with this passphrase",
+                dev.display()
+            );
+        }
+        Ok(Mapping {
+            name: name.into(),
+            path: mapper_path(name),
+            keep: false,
+        })
+    }
+    /// Leave it open after this value is gone.
+    pub fn keep(mut self) -> PathBuf {
+        self.keep = true;
+        self.path.clone()
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        if !self.keep
+            && let Err(e) = close(&self.name)
+        {
+            log::error!("{e:#}");
+        }
+    }
+}
+
+/// The bytes at the start of a volume we made that hold its headers and
+/// key slots (cryptsetup's LUKS2 default data offset): zeroed when its
+/// creation fails, so nothing half-made is taken for a volume later.
+pub const HEADER_AREA: u64 = 16 << 20;
+
+/// Zero the header area of a volume this run made on `dev` (never one
+/// found there: the callers refuse to format over any LUKS header).
+pub fn wipe_new_header(dev: &Path) -> Result<()> {
+    use std::io::{Seek, SeekFrom};
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(dev)
+        .with_context(|| format!("opening {}", dev.display()))?;
+    let len = f.seek(SeekFrom::End(0))?.min(HEADER_AREA);
+    f.seek(SeekFrom::Start(0))?;
+    let zeros = vec![0u8; 1 << 20];
+    let mut done = 0;
+    while done < len {
+        let n = (len - done).min(zeros.len() as u64) as usize;
+        f.write_all(&zeros[..n])?;
+        done += n as u64;
+    }
+    f.sync_all()
+        .with_context(|| format!("wiping the LUKS header made on {}", dev.display()))
 }
 
 /// Change the passphrase, crash-safe: the new one is added as a new key
@@ -682,39 +678,6 @@ mod tests {
         );
         assert!(Pbkdf::parse("65536").is_err());
         assert!(Pbkdf::parse("x:4").is_err());
-    }
-
-    #[test]
-    fn secrets_are_checked_wiped_and_never_printed() {
-        assert!(Secret::new(vec![]).is_err());
-        assert!(Secret::new(vec![b'a'; MAX_PASSPHRASE + 1]).is_err());
-        assert!(Secret::new(vec![b'a'; MAX_PASSPHRASE]).is_ok());
-        let s = Secret::from_file_bytes(b"hunter2\n".to_vec()).unwrap();
-        assert_eq!(s.expose(), b"hunter2");
-        assert_eq!(format!("{s:?}"), "Secret(7 bytes)");
-        assert!(
-            Secret::from_file_bytes(b"\n".to_vec()).is_err(),
-            "a lone newline is empty"
-        );
-        // only one newline is taken off: the rest is the passphrase
-        assert_eq!(
-            Secret::from_file_bytes(b"a\n\n".to_vec()).unwrap().expose(),
-            b"a\n"
-        );
-        let a = Secret::new(b"same".to_vec()).unwrap();
-        assert!(a.same_as(&Secret::new(b"same".to_vec()).unwrap()));
-        assert!(!a.same_as(&Secret::new(b"sama".to_vec()).unwrap()));
-        assert!(!a.same_as(&Secret::new(b"same!".to_vec()).unwrap()));
-        // the wipe itself
-        let mut buf = *b"topsecret";
-        wipe(&mut buf);
-        assert_eq!(buf, [0u8; 9]);
-        let mut v = b"abc\n".to_vec();
-        v.pop();
-        wipe_spare(&mut v);
-        // SAFETY: reading the byte past len inside the capacity, written just above
-        let past = unsafe { *v.as_ptr().add(3) };
-        assert_eq!(past, 0);
     }
 
     #[test]

@@ -6,8 +6,10 @@
 
 use crate::disk::blockdev::{self, Loop};
 use crate::disk::claim::{CLAIM_LEN, Claim, FS_RESERVE};
+use crate::disk::cryptsetup::{self, Pbkdf, Secret};
 use crate::disk::e2fs;
 use crate::disk::layout::{self, Layout};
+use crate::disk::luks;
 use crate::disk::partplan::{self, PlanOptions};
 use crate::disk::superblock::{self, Fs};
 use crate::disk::sysfs::Sysfs;
@@ -98,6 +100,43 @@ pub fn find_persistence(o: &mut Opened, label: &str) -> Option<Existing> {
                 _ => None,
             }
         })
+}
+
+/// The LUKS2 volume labelled `label` among the table's entries (found
+/// by its header, without unlocking it).
+pub fn find_encrypted(o: &mut Opened, label: &str) -> Option<Existing> {
+    if o.layout.disagreement.is_some() {
+        return None;
+    }
+    o.layout
+        .table_entries()
+        .into_iter()
+        .find_map(|(number, start, size)| {
+            let h = luks_at(&mut o.file, start, size)?;
+            (h.label == label).then_some(Existing {
+                number,
+                start,
+                size,
+                uuid: h.uuid,
+            })
+        })
+}
+
+/// A LUKS2 header (either copy) at the start of the partition at `start`.
+fn luks_at(f: &mut File, start: u64, size: u64) -> Option<luks::Luks2Header> {
+    let mut w = superblock::Window::new(f, start, size);
+    luks::probe(&mut w).ok().flatten()
+}
+
+/// What `execute` makes inside a new partition when persistence is to be
+/// encrypted: LUKS2 at this cost, the passphrase given once (already
+/// entered twice where it is typed).
+pub struct Encrypt {
+    pub passphrase: Secret,
+    pub pbkdf: Pbkdf,
+    /// The device-mapper name the new volume is opened under while the
+    /// filesystem is made.
+    pub mapper: String,
 }
 
 /// Delete the persistence partition: restore the table saved at creation
@@ -262,6 +301,9 @@ pub struct Created {
     pub size: u64,
     pub backup: table::Backup,
     pub origin: Origin,
+    /// The unlocked volume (`target` is its /dev/mapper node), closed
+    /// when dropped.
+    pub mapping: Option<cryptsetup::Mapping>,
     pub _loop: Option<Loop>,
 }
 
@@ -372,6 +414,7 @@ fn unfinished(o: &mut Opened, label: &str, device: &str) -> Option<Claim> {
         if let Some(c) = read_claim(&mut o.file, start, o.layout.size, device)
             && (c.number, c.start, c.size) == (number, start, size)
             && persistence_at(&mut o.file, start, size, label).is_none()
+            && luks_at(&mut o.file, start, size).is_none()
         {
             return Some(c);
         }
@@ -544,7 +587,7 @@ pub fn create_partition(disk: &Path, s: &Settings, backup_dir: &Path) -> Result<
         log::info!("layout: {finding}");
     }
     let p = prepare(&mut o, s)?;
-    execute(o, disk, s, p, backup_dir)
+    execute(o, disk, s, p, backup_dir, None)
 }
 
 /// Carry out what `prepare` decided. A new partition: the claim (table
@@ -557,6 +600,7 @@ pub fn execute(
     s: &Settings,
     p: Prepared,
     backup_dir: &Path,
+    enc: Option<&Encrypt>,
 ) -> Result<Created> {
     // /dev/disk/by-id/usb-… → /dev/sdb: partition nodes and sysfs go by it
     let disk = &std::fs::canonicalize(disk).unwrap_or_else(|_| disk.to_path_buf());
@@ -570,7 +614,7 @@ pub fn execute(
                 c.start
             );
             table::replay(&mut o.file, &c.backup, &mut sync_dev)?;
-            return finish(o, disk, s, c.number, c.start, c.size, c.backup, origin);
+            return finish(o, disk, s, c.number, c.start, c.size, c.backup, origin, enc);
         }
         Prepared::Adopt(plan) => {
             log::warn!(
@@ -639,7 +683,16 @@ pub fn execute(
         plan.size,
         backup,
         origin,
+        enc,
     )
+}
+
+/// A LUKS volume this run made, its creation failed: its header area
+/// zeroed (only ever called after our own luksFormat).
+fn wipe_made(part: &Path) {
+    if let Err(e) = cryptsetup::wipe_new_header(part) {
+        log::error!("{e:#}");
+    }
 }
 
 fn restore_table(f: &mut File, backup: &table::Backup, disk: &Path, why: &anyhow::Error) {
@@ -667,6 +720,7 @@ fn finish(
     size: u64,
     backup: table::Backup,
     origin: Origin,
+    enc: Option<&Encrypt>,
 ) -> Result<Created> {
     let f = &mut o.file;
     let node = blockdev::partition_path(disk, number);
@@ -706,13 +760,67 @@ fn finish(
             return Err(e);
         }
     };
+    let mut mapping = None;
+    let part = target.clone();
+    let mut target = target;
     if origin != Origin::Adopted {
-        // the last guard: mke2fs never runs over a persistence filesystem
+        // the last guard: mke2fs never runs over a persistence filesystem,
+        // nor luksFormat over any LUKS volume
         if persistence_at(f, start, size, &s.label).is_some() {
             bail!(
                 "partition {number} at byte {start} already holds a '{}' filesystem: not formatting it",
                 s.label
             );
+        }
+        if let Some(h) = luks_at(f, start, size) {
+            bail!(
+                "partition {number} at byte {start} already holds a LUKS2 volume labelled '{}': not formatting it",
+                h.label
+            );
+        }
+        let mut fs_size = size.saturating_sub(FS_RESERVE);
+        if let Some(enc) = enc {
+            cut_point("luks");
+            log::info!(
+                "making {} a LUKS2 volume (argon2id, {} KiB, {} passes)",
+                target.display(),
+                enc.pbkdf.memory_kib,
+                enc.pbkdf.iterations
+            );
+            let opened = cryptsetup::format(&target, &enc.passphrase, &enc.pbkdf)
+                .and_then(|_| cryptsetup::Mapping::open(&target, &enc.mapper, &enc.passphrase));
+            match opened {
+                Ok(m) => {
+                    // the volume's data ends where the partition does: the
+                    // filesystem leaves the same last MiB out
+                    let data = std::fs::File::open(&m.path)
+                        .map_err(anyhow::Error::from)
+                        .and_then(|f| blockdev::geometry(&f))
+                        .map(|(bytes, _)| bytes);
+                    match data {
+                        Ok(bytes) => fs_size = bytes.saturating_sub(FS_RESERVE),
+                        Err(e) => {
+                            drop(m);
+                            wipe_made(&part);
+                            undo(f, &e);
+                            if let Some(lp) = lp {
+                                let _ = lp.detach();
+                            }
+                            return Err(e);
+                        }
+                    }
+                    target = m.path.clone();
+                    mapping = Some(m);
+                }
+                Err(e) => {
+                    wipe_made(&part);
+                    undo(f, &e);
+                    if let Some(lp) = lp {
+                        let _ = lp.detach();
+                    }
+                    return Err(e);
+                }
+            }
         }
         cut_point("mkfs");
         log::info!(
@@ -722,7 +830,10 @@ fn finish(
         );
         // the partition's last MiB stays out of the filesystem: the
         // claim's end copy goes there
-        if let Err(e) = e2fs::mkfs(&target, &s.label, size.saturating_sub(FS_RESERVE)) {
+        if let Err(e) = e2fs::mkfs(&target, &s.label, fs_size) {
+            if mapping.take().is_some() {
+                wipe_made(&part);
+            }
             undo(f, &e);
             if let Some(lp) = lp {
                 let _ = lp.detach();
@@ -752,6 +863,7 @@ fn finish(
         size,
         backup,
         origin,
+        mapping,
         _loop: lp,
     })
 }

@@ -1,0 +1,300 @@
+//! Root tests of encrypted persistence: `disk::cryptsetup` against the real
+//! cryptsetup on a loop device (the cost written, the label found in the
+//! binary header without unlocking, right and wrong passphrases, a
+//! crash-safe passphrase change, header backup, erase and restore), and
+//! `enable --encrypt --device IMG`: with device-mapper in the kernel the
+//! whole creation and the marker check (a random marker written into the
+//! unlocked filesystem is not in the raw image; the same on a clear image
+//! is, so the check can fail); without it, the failure leaves the image's
+//! table and free space as they were (the whole path then runs in QEMU).
+
+mod common;
+
+use common::*;
+use mados_persistence::disk::cryptsetup::{self, Pbkdf, Secret};
+use mados_persistence::disk::luks;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+
+/// Cheap enough for tests; the default's unlock is timed separately.
+const TEST_COST: Pbkdf = Pbkdf {
+    memory_kib: 65536,
+    iterations: 4,
+    parallel: 1,
+};
+
+fn secret(s: &str) -> Secret {
+    Secret::new(s.as_bytes().to_vec()).unwrap()
+}
+
+fn mp(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_mados-persistence"))
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn has_device_mapper() -> bool {
+    let kernel = std::fs::read_to_string("/proc/misc").is_ok_and(|m| m.contains("device-mapper"));
+    assert_eq!(
+        kernel,
+        cryptsetup::device_mapper_available(),
+        "device_mapper_available() disagrees with /proc/misc"
+    );
+    kernel
+}
+
+/// Does `needle` occur anywhere in the file (read in 1 MiB chunks that
+/// overlap by the needle's length)?
+fn file_contains(path: &Path, needle: &[u8]) -> bool {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).unwrap();
+    let mut carry: Vec<u8> = vec![];
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).unwrap();
+        if n == 0 {
+            return false;
+        }
+        carry.extend_from_slice(&buf[..n]);
+        if carry.windows(needle.len()).any(|w| w == needle) {
+            return true;
+        }
+        let keep = carry.len().saturating_sub(needle.len());
+        carry.drain(..keep);
+    }
+}
+
+#[test]
+fn cryptsetup_module_on_a_loop_device() {
+    if !require_root("cryptsetup_module_on_a_loop_device") {
+        return;
+    }
+    let d = tmpdir("luks-module");
+    let img = d.join("vol.img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    let lo = LoopDev::attach(&img);
+    let dev = Path::new(&lo.0);
+    let old = secret("correct horse battery staple");
+    cryptsetup::format(dev, &old, &TEST_COST).expect("luksFormat");
+
+    // the label from the binary header, without unlocking, on the real bytes
+    let h = luks::probe(&mut std::fs::File::open(dev).unwrap())
+        .unwrap()
+        .expect("a LUKS2 header");
+    assert_eq!(h.label, "persistence");
+    assert!(!h.secondary);
+    // and from the secondary copy once the primary one is gone
+    let mut copy = bytes(&img, 0, 1 << 20);
+    copy[..4096].fill(0);
+    let h2 = luks::probe(&mut std::io::Cursor::new(copy))
+        .unwrap()
+        .unwrap();
+    assert!(h2.secondary && h2.label == "persistence" && h2.uuid == h.uuid);
+
+    // the cost as asked, fixed (not benchmarked)
+    let dump = cryptsetup::dump(dev).unwrap();
+    assert_eq!(dump.keyslots.len(), 1);
+    let k = &dump.keyslots[0];
+    assert_eq!(k.kdf, "argon2id");
+    assert_eq!(k.memory_kib, Some(65536));
+    assert_eq!(k.iterations, 4);
+    assert_eq!(k.cpus, Some(1));
+    assert!(dump.cipher.starts_with("aes-xts"), "{dump:?}");
+    let text = run("cryptsetup", &["luksDump", &lo.0]);
+    assert!(text.contains("Label:         \tpersistence"), "{text}");
+
+    assert!(cryptsetup::test_passphrase(dev, &old).unwrap());
+    assert!(!cryptsetup::test_passphrase(dev, &secret("wrong")).unwrap());
+
+    // the passphrase change: the new one works, the old one no more
+    let new = secret("new passphrase");
+    cryptsetup::change_passphrase(dev, &old, &new, &TEST_COST).unwrap();
+    assert!(cryptsetup::test_passphrase(dev, &new).unwrap());
+    assert!(!cryptsetup::test_passphrase(dev, &old).unwrap());
+    assert_eq!(cryptsetup::dump(dev).unwrap().keyslots.len(), 1);
+    // a wrong old passphrase changes nothing
+    assert!(cryptsetup::change_passphrase(dev, &old, &secret("x"), &TEST_COST).is_err());
+    assert!(cryptsetup::test_passphrase(dev, &new).unwrap());
+    assert_eq!(cryptsetup::dump(dev).unwrap().keyslots.len(), 1);
+
+    // header backup, erase (nothing opens it), restore (it opens again)
+    let hb = d.join("header.bin");
+    cryptsetup::header_backup(dev, &hb).unwrap();
+    cryptsetup::erase(dev).unwrap();
+    // no key slot left at all: cryptsetup says so (exit 1), not "wrong"
+    let after = cryptsetup::test_passphrase(dev, &new);
+    assert!(
+        after
+            .as_ref()
+            .is_err_and(|e| e.to_string().contains("No usable keyslot")),
+        "{after:?}"
+    );
+    assert!(cryptsetup::dump(dev).unwrap().keyslots.is_empty());
+    cryptsetup::header_restore(dev, &hb).unwrap();
+    assert!(cryptsetup::test_passphrase(dev, &new).unwrap());
+
+    // the default cost: what an unlock takes here (logged for README)
+    let t0 = std::time::Instant::now();
+    cryptsetup::format(dev, &old, &cryptsetup::DEFAULT_PBKDF).unwrap();
+    let fmt = t0.elapsed();
+    let t0 = std::time::Instant::now();
+    assert!(cryptsetup::test_passphrase(dev, &old).unwrap());
+    eprintln!(
+        "default cost (argon2id {} KiB, {} passes): luksFormat {:.2} s, unlock {:.2} s",
+        cryptsetup::DEFAULT_PBKDF.memory_kib,
+        cryptsetup::DEFAULT_PBKDF.iterations,
+        fmt.as_secs_f64(),
+        t0.elapsed().as_secs_f64()
+    );
+    drop(lo);
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
+fn grown_image(d: &Path) -> std::path::PathBuf {
+    let img = image("archiso", d, None);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&img)
+        .unwrap()
+        .set_len(512 << 20)
+        .unwrap();
+    img
+}
+
+/// (start, size) of partition `n` from `sfdisk --json`.
+fn partition(img: &Path, n: usize) -> (u64, u64) {
+    let v: serde_json::Value =
+        serde_json::from_str(&run("sfdisk", &["--json", img.to_str().unwrap()])).unwrap();
+    let p = &v["partitiontable"]["partitions"][n - 1];
+    let ss = v["partitiontable"]["sectorsize"].as_u64().unwrap_or(512);
+    (
+        p["start"].as_u64().unwrap() * ss,
+        p["size"].as_u64().unwrap() * ss,
+    )
+}
+
+#[test]
+fn enable_encrypt_on_an_image() {
+    if !require_root("enable_encrypt_on_an_image") {
+        return;
+    }
+    let d = tmpdir("luks-enable");
+    let img = grown_image(&d);
+    let p = img.to_str().unwrap();
+    let pw = d.join("pw");
+    std::fs::write(&pw, "marker test passphrase\n").unwrap();
+    let table_before = run("sfdisk", &["-d", p]);
+    let o = mp(&[
+        "enable",
+        "--device",
+        p,
+        "--yes",
+        "--encrypt",
+        "--passphrase-file",
+        pw.to_str().unwrap(),
+        "--pbkdf-test-cost",
+        "65536:4",
+    ]);
+    let out = text(&o);
+    assert!(
+        !out.contains("marker test passphrase"),
+        "the passphrase in the output: {out}"
+    );
+    if !has_device_mapper() {
+        // this kernel cannot map the volume: refused before anything is
+        // written (the table as before, no LUKS header in the free space)
+        eprintln!("no device-mapper in this kernel: checking the refusal (QEMU runs the rest)");
+        assert_eq!(o.status.code(), Some(3), "{out}");
+        assert!(out.contains("no device-mapper"), "{out}");
+        assert_eq!(run("sfdisk", &["-d", p]), table_before, "{out}");
+        let plan: serde_json::Value =
+            serde_json::from_str(&text(&mp(&["plan", "--device", p, "--json"]))).unwrap();
+        assert_eq!(plan["result"]["action"], "create", "{plan}");
+        let start = plan["result"]["plan"]["start"].as_u64().unwrap();
+        let mut f = std::fs::File::open(&img).unwrap();
+        let mut w = mados_persistence::disk::superblock::Window::new(&mut f, start, 64 << 20);
+        assert_eq!(
+            luks::probe(&mut w).unwrap(),
+            None,
+            "a LUKS header left behind"
+        );
+        std::fs::remove_dir_all(&d).unwrap();
+        return;
+    }
+    assert!(o.status.success(), "{out}");
+    assert!(out.contains("encrypted"), "{out}");
+    let (start, size) = partition(&img, 3);
+    let part = Command::new("losetup")
+        .args([
+            "-f",
+            "--show",
+            "-o",
+            &start.to_string(),
+            "--sizelimit",
+            &size.to_string(),
+            p,
+        ])
+        .output()
+        .unwrap();
+    let part = String::from_utf8_lossy(&part.stdout).trim().to_string();
+    let dump = cryptsetup::dump(Path::new(&part)).unwrap();
+    assert_eq!(dump.keyslots[0].kdf, "argon2id");
+    assert_eq!(dump.keyslots[0].memory_kib, Some(65536));
+    assert_eq!(dump.keyslots[0].iterations, 4);
+    assert!(run("cryptsetup", &["luksDump", &part]).contains("Label:         \tpersistence"));
+    let marker = format!(
+        "MADOS-MARKER-{:016x}{:016x}",
+        Rng(std::process::id() as u64 * 7919).next(),
+        Rng(0x5eed).next()
+    );
+    let script = format!(
+        "set -e; printf '%s' 'marker test passphrase' | cryptsetup open --key-file - {part} luks-test-{pid}; \
+         blkid -o value -s LABEL /dev/mapper/luks-test-{pid}; m=$(mktemp -d); \
+         mount /dev/mapper/luks-test-{pid} $m; for i in $(seq 50); do echo {marker}; done > $m/marker; \
+         sync; umount $m; cryptsetup close luks-test-{pid}",
+        pid = std::process::id()
+    );
+    let o = in_namespace(&script);
+    let _ = Command::new("losetup").args(["-d", &part]).status();
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("persistence"),
+        "{}",
+        text(&o)
+    );
+    assert!(
+        !file_contains(&img, marker.as_bytes()),
+        "the marker is in the raw image in clear"
+    );
+    // the control: the same on a clear image finds it
+    let clear = d.join("clear");
+    std::fs::create_dir_all(&clear).unwrap();
+    let cimg = grown_image(&clear);
+    let o = mp(&["enable", "--device", cimg.to_str().unwrap(), "--yes"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let (cs, cz) = partition(&cimg, 3);
+    let o = in_namespace(&format!(
+        "set -e; l=$(losetup -f --show -o {cs} --sizelimit {cz} {img}); m=$(mktemp -d); mount $l $m; \
+         for i in $(seq 50); do echo {marker}; done > $m/marker; sync; umount $m; losetup -d $l",
+        img = cimg.display()
+    ));
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        file_contains(&cimg, marker.as_bytes()),
+        "the check cannot fail: the marker is not found on a clear image"
+    );
+    std::fs::remove_dir_all(&d).unwrap();
+}
