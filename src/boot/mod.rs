@@ -12,6 +12,7 @@ pub mod mounts;
 pub mod session;
 pub mod state;
 pub mod tier;
+pub mod unlock;
 pub mod usercache;
 
 use crate::disk::blockdev::Loop;
@@ -267,6 +268,25 @@ pub fn run(o: &BootOptions) -> State {
                     .map_err(|e| Reason::new("open_failed", format!("{e:#}"))),
                 None => reach_partition(&disk, &dev.dev_path(), dev.start, dev.size)
                     .map_err(|e| Reason::new("open_failed", format!("{e:#}"))),
+            };
+            // an encrypted persistence: unlocked first, then used through
+            // its mapping exactly as a clear one
+            let luks = devs
+                .iter()
+                .find(|p| p.dev.name == device)
+                .and_then(|p| match &p.fs {
+                    Some(Fs::Luks2(h)) => Some(h.clone()),
+                    _ => None,
+                });
+            let opened = match (opened, luks) {
+                (Ok((part, lp)), Some(h)) => {
+                    let mut enc = unlock::describe(&part, &h);
+                    let r = unlock::unlock(&part, read_only, &mut enc);
+                    st.encryption = Some(enc);
+                    t.lap("unlock");
+                    r.map(|mapper| (mapper, lp))
+                }
+                (o, _) => o,
             };
             match opened {
                 Err(r) => Err(r),

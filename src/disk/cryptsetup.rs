@@ -120,6 +120,13 @@ pub fn open_args(dev: &Path, name: &str) -> Vec<String> {
     ]
 }
 
+/// `open --readonly`: a write-protected stick.
+pub fn open_read_only_args(dev: &Path, name: &str) -> Vec<String> {
+    let mut a = open_args(dev, name);
+    a.insert(1, "--readonly".into());
+    a
+}
+
 /// `open --test-passphrase`: the passphrase checked, nothing mapped.
 pub fn test_args(dev: &Path) -> Vec<String> {
     vec![
@@ -330,6 +337,16 @@ pub fn open(dev: &Path, name: &str, pass: &Secret) -> Result<bool> {
     match run(&open_args(dev, name), Some(pass), None)? {
         Outcome::WrongPassphrase => Ok(false),
         o => o.ok(&format!("unlocking {}", dev.display())).map(|_| true),
+    }
+}
+
+/// `open`, the mapping read-only.
+pub fn open_read_only(dev: &Path, name: &str, pass: &Secret) -> Result<bool> {
+    match run(&open_read_only_args(dev, name), Some(pass), None)? {
+        Outcome::WrongPassphrase => Ok(false),
+        o => o
+            .ok(&format!("unlocking {} read-only", dev.display()))
+            .map(|_| true),
     }
 }
 

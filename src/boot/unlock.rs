@@ -1,0 +1,119 @@
+//! Unlocking an encrypted persistence partition at boot: the passphrase
+//! asked on the console with echo off (three tries; an empty entry, Esc
+//! or nobody answering within `TIMEOUT`: this boot in RAM mode, reason
+//! `locked`), `cryptsetup open` (a wrong passphrase writes nothing on the
+//! partition), the mapping kept for the running system.
+
+use crate::boot::detect::Reason;
+use crate::boot::state::Encryption;
+use crate::disk::cryptsetup;
+use crate::disk::luks::Luks2Header;
+use crate::util::prompt::{self, Unlocked};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// The mapping the boot leaves open: /dev/mapper/mados-persistence.
+pub const MAPPER: &str = "mados-persistence";
+pub const TRIES: u32 = 3;
+/// How long one question waits for an answer before the boot goes on in
+/// RAM mode (an unattended machine still boots).
+pub const TIMEOUT: Duration = Duration::from_secs(120);
+/// Where the question is asked.
+pub const CONSOLE: &str = "/dev/console";
+
+/// What state.json says of the volume before it is unlocked.
+pub fn describe(part: &Path, h: &Luks2Header) -> Encryption {
+    let mut e = Encryption {
+        device: part.display().to_string(),
+        luks_version: 2,
+        uuid: h.uuid.clone(),
+        ..Default::default()
+    };
+    match cryptsetup::dump(part) {
+        Ok(d) => {
+            e.key_slots = d.keyslots.len() as u32;
+            if let Some(k) = d.keyslots.first() {
+                e.pbkdf = k.kdf.clone();
+                e.pbkdf_memory_kib = k.memory_kib;
+                e.pbkdf_iterations = Some(k.iterations);
+            }
+        }
+        Err(err) => log::warn!("reading the LUKS2 metadata of {}: {err:#}", part.display()),
+    }
+    e
+}
+
+/// Ask and unlock `part` (the partition node or a loop device over it) as
+/// /dev/mapper/`MAPPER`. `Ok`: the mapper node to check and mount.
+pub fn unlock(part: &Path, read_only: bool, e: &mut Encryption) -> Result<PathBuf, Reason> {
+    if !cryptsetup::device_mapper_available() {
+        return Err(Reason::new(
+            "locked",
+            format!(
+                "{} is encrypted but this initramfs cannot unlock it (no device-mapper: dm_mod/dm_crypt \
+                 missing; see README \"Encrypted persistence\" for the builder's setting)",
+                part.display()
+            ),
+        ));
+    }
+    let console = match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(nix::libc::O_NOCTTY)
+        .open(CONSOLE)
+    {
+        Ok(c) => c,
+        Err(err) => {
+            return Err(Reason::new(
+                "locked",
+                format!(
+                    "{} is encrypted and there is no console to ask for its passphrase on ({CONSOLE}: {err})",
+                    part.display()
+                ),
+            ));
+        }
+    };
+    let question = format!(
+        "\nPassphrase for the encrypted persistence on {} (Enter alone: this boot without it, in RAM): ",
+        part.display()
+    );
+    let mut out = &console;
+    let r = prompt::unlock_loop(
+        TRIES,
+        |_| prompt::ask_hidden(&console, &mut out, &question, Some(TIMEOUT)),
+        |pass| {
+            log::info!("unlocking {} (LUKS2)", part.display());
+            let opened = if read_only {
+                cryptsetup::open_read_only(part, MAPPER, pass)
+            } else {
+                cryptsetup::open(part, MAPPER, pass)
+            }?;
+            Ok(opened.then_some(()))
+        },
+        |msg| {
+            use std::io::Write;
+            let mut c = &console;
+            let _ = writeln!(c, "{msg}");
+            log::warn!("{msg}");
+        },
+    );
+    match r {
+        Unlocked::Open { try_no, .. } => {
+            e.unlocked = true;
+            e.unlocked_by = Some("console".into());
+            e.tries = try_no;
+            e.mapper = Some(cryptsetup::mapper_path(MAPPER).display().to_string());
+            log::info!("{} unlocked at try {try_no}", part.display());
+            Ok(cryptsetup::mapper_path(MAPPER))
+        }
+        Unlocked::Locked(why) => Err(Reason::new(
+            "locked",
+            format!(
+                "the encrypted persistence on {} was not unlocked ({why}); this boot runs in RAM and \
+                 nothing on the partition was changed. The next boot asks again",
+                part.display()
+            ),
+        )),
+    }
+}
