@@ -58,10 +58,11 @@ pub fn ask_hidden(
     prompt: &str,
     timeout: Option<Duration>,
 ) -> Result<Entry> {
+    // echo off before the question shows: nothing typed after it is echoed
+    let _quiet = NoEcho::new(tty);
     out.write_all(prompt.as_bytes())
         .context("writing the prompt")?;
     out.flush()?;
-    let _quiet = NoEcho::new(tty);
     let deadline = timeout.map(|t| Instant::now() + t);
     let mut line: Vec<u8> = Vec::with_capacity(MAX_PASSPHRASE + 1);
     let mut too_long = false;
