@@ -18,7 +18,7 @@ pub mod usercache;
 use crate::disk::blockdev::Loop;
 use crate::disk::e2fs;
 use crate::disk::mountinfo;
-use crate::disk::stick::{Origin, create_partition, reach_partition};
+use crate::disk::stick::{Origin, create_partition_with, reach_partition};
 use crate::disk::superblock::{self, Fs};
 use crate::disk::sysfs::Sysfs;
 use crate::disk::{layout, partplan};
@@ -313,9 +313,30 @@ pub fn run(o: &BootOptions) -> State {
         }
         Decision::Create { disk } => {
             let disk_path = PathBuf::from("/dev").join(&disk);
-            match create_partition(&disk_path, &s, &o.state_dir()) {
-                Ok(c) => {
+            // encrypted persistence asked for: a new passphrase first; none
+            // (or no way to encrypt here) is RAM mode, never a clear one
+            let enc = if s.encrypt {
+                let e = unlock::ask_new(&disk_path, &s);
+                t.lap("passphrase");
+                e.map(Some)
+            } else {
+                Ok(None)
+            };
+            let made = enc.map(|enc| {
+                let made = create_partition_with(&disk_path, &s, &o.state_dir(), enc.as_ref());
+                // the passphrase is wiped here, before anything is mounted
+                drop(enc);
+                made
+            });
+            match made {
+                Err(r) => Err(r),
+                Ok(Ok(mut c)) => {
                     t.lap("create");
+                    if let Some(m) = c.mapping.take() {
+                        // the volume stays open for this boot
+                        m.keep();
+                        st.encryption = Some(unlock::describe_new(&c.part));
+                    }
                     log::info!(
                         "{} {} ({})",
                         match c.origin {
@@ -349,7 +370,7 @@ pub fn run(o: &BootOptions) -> State {
                     }
                     r
                 }
-                Err(e) => {
+                Ok(Err(e)) => {
                     t.lap("create");
                     let code = match e.downcast_ref::<partplan::Refusal>() {
                         Some(partplan::Refusal::TooSmall { .. }) => "no_space",

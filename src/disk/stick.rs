@@ -295,6 +295,9 @@ pub enum Origin {
 
 pub struct Created {
     pub node: PathBuf,
+    /// The partition as reached (its node or a loop device over the disk);
+    /// `target` is the same unless it is encrypted.
+    pub part: PathBuf,
     pub target: PathBuf,
     pub number: u32,
     pub start: u64,
@@ -582,12 +585,32 @@ pub fn cut_point(point: &str) {
 
 /// Make the persistence partition on `disk`: `prepare`, then `execute`.
 pub fn create_partition(disk: &Path, s: &Settings, backup_dir: &Path) -> Result<Created> {
+    create_partition_with(disk, s, backup_dir, None)
+}
+
+/// `create_partition`, encrypted when `enc` says so: a new partition, or
+/// one whose creation a cut interrupted (it holds nothing yet); never over
+/// a clear filesystem found to adopt.
+pub fn create_partition_with(
+    disk: &Path,
+    s: &Settings,
+    backup_dir: &Path,
+    enc: Option<&Encrypt>,
+) -> Result<Created> {
     let mut o = open_device(disk, true)?;
     for finding in &o.layout.findings {
         log::info!("layout: {finding}");
     }
     let p = prepare(&mut o, s)?;
-    execute(o, disk, s, p, backup_dir, None)
+    if enc.is_some() && p.origin() == Origin::Adopted {
+        bail!(
+            "a clear '{}' filesystem from an earlier release lies at byte {}: it is not encrypted over \
+             (its data would be lost); refusing",
+            s.label,
+            p.partition().1
+        );
+    }
+    execute(o, disk, s, p, backup_dir, enc)
 }
 
 /// Carry out what `prepare` decided. A new partition: the claim (table
@@ -857,6 +880,7 @@ fn finish(
     }
     Ok(Created {
         node,
+        part,
         target,
         number,
         start,

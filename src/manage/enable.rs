@@ -215,12 +215,12 @@ pub fn enable(
             }
         }
     }
-    if encrypt.is_some() && prepared.origin() != Origin::Created {
+    if encrypt.is_some() && prepared.origin() == Origin::Adopted {
         return refuse(format!(
-            "{} holds an unfinished or earlier partition ({:?}); it is finished or restored as it was, not \
-             encrypted: run `enable` without --encrypt, or `remove` it first",
-            disk.display(),
-            prepared.origin()
+            "{} holds a clear persistence filesystem left by an earlier release: it is restored as it \
+             was, not encrypted over (its data would be lost): run `enable` without --encrypt, or wipe it \
+             first",
+            disk.display()
         ));
     }
     confirm("Go on?", None, yes)?;

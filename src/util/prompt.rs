@@ -176,6 +176,35 @@ pub fn unlock_loop<T>(
     Unlocked::Locked(format!("{tries} wrong passphrases"))
 }
 
+/// A new passphrase: asked twice (`ask(false)` the first entry,
+/// `ask(true)` the repeat), the same both times; entries that differ are
+/// asked again, at most `tries` times. An empty entry, Esc or a timeout
+/// ends at once: `Err` with why.
+pub fn new_passphrase_loop(
+    tries: u32,
+    mut ask: impl FnMut(bool) -> Result<Entry>,
+    mut say: impl FnMut(&str),
+) -> Result<Secret, String> {
+    let line = |e: Result<Entry>| match e {
+        Ok(Entry::Line(p)) => Ok(p),
+        Ok(Entry::Empty) => Err("no passphrase entered".to_string()),
+        Ok(Entry::Cancelled) => Err("the passphrase prompt was cancelled".to_string()),
+        Ok(Entry::Timeout) => Err("nobody answered the passphrase prompt in time".to_string()),
+        Err(e) => Err(format!("reading the passphrase failed: {e:#}")),
+    };
+    for n in 1..=tries {
+        let first = line(ask(false))?;
+        let again = line(ask(true))?;
+        if first.same_as(&again) {
+            return Ok(first);
+        }
+        if n < tries {
+            say("The two entries differ; once more.");
+        }
+    }
+    Err(format!("the two entries differed {tries} times"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -198,6 +227,35 @@ mod tests {
             |s| said.push(s.to_string()),
         );
         (r, said, attempts)
+    }
+
+    #[test]
+    fn a_new_passphrase_is_the_same_twice() {
+        let mut q = vec![line("a"), line("b"), line("c"), line("c")].into_iter();
+        let mut said = vec![];
+        let mut asked = vec![];
+        let r = new_passphrase_loop(
+            3,
+            |again| {
+                asked.push(again);
+                Ok(q.next().unwrap())
+            },
+            |s| said.push(s.to_string()),
+        );
+        assert_eq!(r.unwrap().expose(), b"c");
+        assert_eq!(asked, [false, true, false, true]);
+        assert_eq!(said, ["The two entries differ; once more."]);
+        let mut q = vec![line("a"), line("b"), line("c"), line("d")].into_iter();
+        assert!(
+            new_passphrase_loop(2, |_| Ok(q.next().unwrap()), |_| {})
+                .unwrap_err()
+                .contains("differed 2 times")
+        );
+        for (e, why) in [(Entry::Empty, "no passphrase"), (Entry::Timeout, "in time")] {
+            let mut q = vec![line("a"), e].into_iter();
+            let r = new_passphrase_loop(3, |_| Ok(q.next().unwrap()), |_| {});
+            assert!(r.unwrap_err().contains(why));
+        }
     }
 
     #[test]
