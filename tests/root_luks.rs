@@ -89,6 +89,12 @@ fn cryptsetup_module_on_a_loop_device() {
     let dev = Path::new(&lo.0);
     let old = secret("correct horse battery staple");
     cryptsetup::format(dev, &old, &TEST_COST).expect("luksFormat");
+    // not labelled until its creation is finished
+    let h = luks::probe(&mut std::fs::File::open(dev).unwrap())
+        .unwrap()
+        .expect("a LUKS2 header");
+    assert_eq!(h.label, "");
+    cryptsetup::set_label(dev).unwrap();
 
     // the label from the binary header, without unlocking, on the real bytes
     let h = luks::probe(&mut std::fs::File::open(dev).unwrap())

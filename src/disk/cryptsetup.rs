@@ -77,9 +77,13 @@ impl Pbkdf {
     }
 }
 
-/// `luksFormat`'s arguments: LUKS2, argon2id at `p`, the label, the
-/// passphrase read from stdin (`--key-file -`: all of it, no newline
-/// handling, so the bytes are exactly the passphrase).
+/// `luksFormat`'s arguments: LUKS2, argon2id at `p`, the passphrase read
+/// from stdin (`--key-file -`: all of it, no newline handling, so the
+/// bytes are exactly the passphrase). No label yet: `label_args` sets it
+/// once the filesystem inside is made, so a volume labelled `persistence`
+/// is always a finished one (a cut before leaves an unlabelled header that
+/// the next run formats again, never asking for a passphrase that was not
+/// durable).
 pub fn format_args(dev: &Path, p: &Pbkdf) -> Vec<String> {
     let mut a: Vec<String> = [
         "luksFormat",
@@ -98,13 +102,22 @@ pub fn format_args(dev: &Path, p: &Pbkdf) -> Vec<String> {
         p.iterations.to_string(),
         "--pbkdf-parallel".into(),
         p.parallel.to_string(),
-        "--label".into(),
-        LABEL.into(),
         "--key-file".into(),
         "-".into(),
         dev.display().to_string(),
     ]);
     a
+}
+
+/// `config --label persistence`: the last step of a creation.
+pub fn label_args(dev: &Path) -> Vec<String> {
+    vec![
+        "config".into(),
+        "--batch-mode".into(),
+        "--label".into(),
+        LABEL.into(),
+        dev.display().to_string(),
+    ]
 }
 
 /// `open`: map `dev` as /dev/mapper/`name`.
@@ -329,6 +342,13 @@ pub fn format(dev: &Path, pass: &Secret, p: &Pbkdf) -> Result<()> {
     run(&format_args(dev, p), Some(pass), None)?
         .ok(&format!("formatting {} as LUKS2", dev.display()))
         .map(drop)
+}
+
+/// Label the volume `persistence` (`label_args`), then sync it.
+pub fn set_label(dev: &Path) -> Result<()> {
+    run(&label_args(dev), None, None)?
+        .ok(&format!("labelling the LUKS2 volume on {}", dev.display()))?;
+    sync_device(dev)
 }
 
 /// Map `dev` as /dev/mapper/`name`. `Ok(false)`: the passphrase opens no
@@ -646,7 +666,11 @@ mod tests {
         assert_eq!(
             a,
             "luksFormat --batch-mode --type luks2 --pbkdf argon2id --pbkdf-memory 262144 \
-             --pbkdf-force-iterations 4 --pbkdf-parallel 4 --label persistence --key-file - /dev/sdb3"
+             --pbkdf-force-iterations 4 --pbkdf-parallel 4 --key-file - /dev/sdb3"
+        );
+        assert_eq!(
+            label_args(Path::new("/dev/sdb3")).join(" "),
+            "config --batch-mode --label persistence /dev/sdb3"
         );
         let o = open_args(Path::new("/dev/sdb3"), "mados-persistence").join(" ");
         assert_eq!(

@@ -417,7 +417,9 @@ fn unfinished(o: &mut Opened, label: &str, device: &str) -> Option<Claim> {
         if let Some(c) = read_claim(&mut o.file, start, o.layout.size, device)
             && (c.number, c.start, c.size) == (number, start, size)
             && persistence_at(&mut o.file, start, size, label).is_none()
-            && luks_at(&mut o.file, start, size).is_none()
+            // an unlabelled LUKS2 header: our encrypted creation, cut
+            // before its last step (`cryptsetup::label_args`)
+            && luks_at(&mut o.file, start, size).is_none_or(|h| h.label != label)
         {
             return Some(c);
         }
@@ -795,7 +797,9 @@ fn finish(
                 s.label
             );
         }
-        if let Some(h) = luks_at(f, start, size) {
+        if let Some(h) = luks_at(f, start, size)
+            && (h.label == s.label || origin != Origin::Resumed)
+        {
             bail!(
                 "partition {number} at byte {start} already holds a LUKS2 volume labelled '{}': not formatting it",
                 h.label
@@ -862,6 +866,23 @@ fn finish(
                 let _ = lp.detach();
             }
             return Err(e);
+        }
+        // an encrypted one is labelled last: from here on it is found as
+        // finished (a cut before leaves it to be formatted again)
+        if mapping.is_some() {
+            let labelled = std::fs::File::open(&target)
+                .and_then(|m| m.sync_all())
+                .map_err(anyhow::Error::from)
+                .and_then(|_| {
+                    cut_point("label");
+                    cryptsetup::set_label(&part)
+                });
+            if let Err(e) = labelled {
+                mapping.take();
+                wipe_made(&part);
+                undo(f, &e);
+                return Err(e);
+            }
         }
         // the disk's pages read before mkfs (the claim, the scan for a
         // left-behind filesystem) are stale now

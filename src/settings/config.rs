@@ -756,7 +756,10 @@ mod tests {
         assert!(resolve_text(None, &yes, &mut w).encrypt);
         let no = crate::settings::cmdline::parse("mados.persistence.encrypt=no");
         assert!(resolve_text(Some("encrypt = true"), &no, &mut w).encrypt);
-        assert!(w.is_empty() || w.iter().all(|x| x.contains("cannot be turned off")), "{w:?}");
+        assert!(
+            w.is_empty() || w.iter().all(|x| x.contains("cannot be turned off")),
+            "{w:?}"
+        );
         let mut w = vec![];
         assert!(!resolve_text(Some("encrypt = \"yes\""), &none, &mut w).encrypt);
         assert!(w[0].contains("true or false"), "{w:?}");
