@@ -117,7 +117,7 @@ build_initramfs() {
 	: >"$root/modules.order"
 	for m in xhci_pci xhci_hcd usb_storage uas sd_mod sr_mod cdrom isofs squashfs loop ext4 overlay \
 		ata_piix ata_generic virtio_pci virtio_blk crc32c_generic \
-		dm_mod dm_crypt xts algif_skcipher; do
+		dm_mod dm_crypt xts ecb algif_skcipher; do
 		add_module "$root" "$kv" "$m"
 	done
 	add_program "$root" /usr/sbin/mke2fs

@@ -52,6 +52,16 @@ fn describe_uuid(part: &Path, uuid: &str) -> Encryption {
 /// Ask and unlock `part` (the partition node or a loop device over it) as
 /// /dev/mapper/`MAPPER`. `Ok`: the mapper node to check and mount.
 pub fn unlock(part: &Path, read_only: bool, e: &mut Encryption) -> Result<PathBuf, Reason> {
+    if let Err(err) = cryptsetup::find() {
+        return Err(Reason::new(
+            "locked",
+            format!(
+                "{} is encrypted but this initramfs cannot unlock it ({err:#}; see README \"Encrypted \
+                 persistence\" for the builder's setting)",
+                part.display()
+            ),
+        ));
+    }
     if !cryptsetup::device_mapper_available() {
         return Err(Reason::new(
             "locked",

@@ -339,8 +339,10 @@ pub fn enable(
     drop(_open);
     if encrypt.is_some() {
         println!(
-            "It is encrypted: every boot asks for the passphrase before using it. Nobody can recover \
-             the data without it."
+            "It is encrypted: every boot asks for the passphrase on the console before using it. Nobody \
+             can recover the data without it. The boot can unlock it only if the ISO's initramfs carries \
+             cryptsetup and dm_crypt (the builder's `encrypt = true`, README \"Encrypted persistence\"); \
+             otherwise it boots in RAM mode, reason 'locked'."
         );
     }
     println!(
