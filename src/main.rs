@@ -108,6 +108,40 @@ enum Cmd {
         #[arg(long)]
         device: Option<PathBuf>,
     },
+    /// Change the passphrase of an encrypted persistence (the new one is added before the old one goes).
+    #[command(after_help = "Examples:\n  sudo mados-persistence passphrase\n  \
+        mados-persistence passphrase --device madOS.img --old-passphrase-file old --new-passphrase-file new")]
+    Passphrase {
+        /// A block device or disk image file (default: the boot stick).
+        #[arg(long)]
+        device: Option<PathBuf>,
+        /// Read the current passphrase from FILE (`-`: stdin) instead of asking.
+        #[arg(long, value_name = "FILE")]
+        old_passphrase_file: Option<PathBuf>,
+        /// Read the new passphrase from FILE (`-`: stdin) instead of asking twice.
+        #[arg(long, value_name = "FILE")]
+        new_passphrase_file: Option<PathBuf>,
+    },
+    /// Save an encrypted persistence's LUKS2 header to FILE (or put one back with --restore).
+    #[command(
+        after_help = "A header backup opens the stick with the passphrases valid when it was made, \
+        forever: keep it as safe as the stick, and destroy it after changing a passphrase that leaked.\n\n\
+        Examples:\n  sudo mados-persistence header-backup /safe/place/stick-header.img\n  \
+        sudo mados-persistence header-backup --restore /safe/place/stick-header.img"
+    )]
+    HeaderBackup {
+        /// The backup file (created; never overwritten).
+        file: PathBuf,
+        /// Put the header in FILE back on the stick.
+        #[arg(long)]
+        restore: bool,
+        /// With --restore: do not ask.
+        #[arg(long)]
+        yes: bool,
+        /// A block device or disk image file (default: the boot stick).
+        #[arg(long)]
+        device: Option<PathBuf>,
+    },
     /// The companion: sync the RAM tiers (interval, idle, full, SIGUSR1) and a final sync on SIGTERM.
     #[command(
         after_help = "Run by mados-persistence.service (Type=notify); without systemd it runs in the \
@@ -256,6 +290,23 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Cmd::Remove { yes, device } => {
             manage::remove(device, yes)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Passphrase {
+            device,
+            old_passphrase_file,
+            new_passphrase_file,
+        } => {
+            manage::luks::passphrase(device, old_passphrase_file, new_passphrase_file)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::HeaderBackup {
+            file,
+            restore,
+            yes,
+            device,
+        } => {
+            manage::luks::header_backup(device, &file, restore, yes)?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Daemon => {

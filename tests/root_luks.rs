@@ -304,3 +304,206 @@ fn enable_encrypt_on_an_image() {
     );
     std::fs::remove_dir_all(&d).unwrap();
 }
+
+/// An image with an encrypted persistence made without device-mapper:
+/// `enable` makes partition 3 (its claim and table backup), then a LUKS2
+/// volume labelled `persistence` is formatted over it (no filesystem
+/// inside: what the header commands and `remove` act on is the header).
+fn encrypted_image(d: &Path, pass: &str) -> (std::path::PathBuf, String) {
+    let img = grown_image(d);
+    let p = img.to_str().unwrap().to_string();
+    let before = run("sfdisk", &["-d", &p]);
+    let o = mp(&["enable", "--device", &p, "--yes"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let (start, size) = partition(&img, 3);
+    let part = run(
+        "losetup",
+        &[
+            "-f",
+            "--show",
+            "-o",
+            &start.to_string(),
+            "--sizelimit",
+            &size.to_string(),
+            &p,
+        ],
+    );
+    let part = part.trim();
+    cryptsetup::format(Path::new(part), &secret(pass), &TEST_COST).unwrap();
+    cryptsetup::set_label(Path::new(part)).unwrap();
+    run("losetup", &["-d", part]);
+    (img, before)
+}
+
+fn opens(img: &Path, pass: &str) -> bool {
+    let (start, size) = partition(img, 3);
+    let part = run(
+        "losetup",
+        &[
+            "-f",
+            "--show",
+            "-o",
+            &start.to_string(),
+            "--sizelimit",
+            &size.to_string(),
+            img.to_str().unwrap(),
+        ],
+    );
+    let r = cryptsetup::test_passphrase(Path::new(part.trim()), &secret(pass)).unwrap();
+    run("losetup", &["-d", part.trim()]);
+    r
+}
+
+#[test]
+fn passphrase_header_backup_and_remove_on_an_encrypted_image() {
+    if !require_root("passphrase_header_backup_and_remove_on_an_encrypted_image") {
+        return;
+    }
+    let d = tmpdir("luks-cmds");
+    let (img, table_before) = encrypted_image(&d, "first secret");
+    let p = img.to_str().unwrap();
+    let f = |name: &str, content: &str| {
+        let path = d.join(name);
+        std::fs::write(&path, content).unwrap();
+        path.to_str().unwrap().to_string()
+    };
+    let (one, two, three, wrong) = (
+        f("one", "first secret\n"),
+        f("two", "second secret"),
+        f("three", "third secret"),
+        f("wrong", "not it"),
+    );
+    let plan: serde_json::Value =
+        serde_json::from_str(&text(&mp(&["plan", "--device", p, "--json"]))).unwrap();
+    assert_eq!(plan["result"]["action"], "use", "{plan}");
+    assert_eq!(plan["result"]["encrypted"], true);
+    let again = text(&mp(&["enable", "--device", p, "--yes"]));
+    assert!(
+        again.contains("already has encrypted persistence"),
+        "{again}"
+    );
+
+    // a wrong current passphrase: refused, nothing changed
+    let o = mp(&[
+        "passphrase",
+        "--device",
+        p,
+        "--old-passphrase-file",
+        &wrong,
+        "--new-passphrase-file",
+        &two,
+    ]);
+    assert_eq!(o.status.code(), Some(3), "{}", text(&o));
+    assert!(opens(&img, "first secret") && !opens(&img, "second secret"));
+    // changed: the new one opens it, the old one no more, the cost kept
+    let o = mp(&[
+        "passphrase",
+        "--device",
+        p,
+        "--old-passphrase-file",
+        &one,
+        "--new-passphrase-file",
+        &two,
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    for secret_text in ["first secret", "second secret"] {
+        assert!(
+            !text(&o).contains(secret_text),
+            "a passphrase in the output: {}",
+            text(&o)
+        );
+    }
+    assert!(opens(&img, "second secret") && !opens(&img, "first secret"));
+
+    // header backup: 0600, never over a file; restore brings back the
+    // passphrase it was made with
+    let hb = d.join("header.img");
+    let hbs = hb.to_str().unwrap();
+    let o = mp(&["header-backup", hbs, "--device", p]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains("valid NOW opens the stick forever"),
+        "{}",
+        text(&o)
+    );
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&hb).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    assert_eq!(
+        mp(&["header-backup", hbs, "--device", p]).status.code(),
+        Some(3)
+    );
+    let o = mp(&[
+        "passphrase",
+        "--device",
+        p,
+        "--old-passphrase-file",
+        &two,
+        "--new-passphrase-file",
+        &three,
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(opens(&img, "third secret") && !opens(&img, "second secret"));
+    let o = mp(&["header-backup", "--restore", hbs, "--device", p, "--yes"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(opens(&img, "second secret") && !opens(&img, "third secret"));
+
+    // remove: the table as before enable, the whole LUKS2 header area
+    // zero. Three more key slots first: the fourth lies across the first
+    // MiB (a wipe of the first MiB only would leave part of it)
+    let (start, size) = partition(&img, 3);
+    let part = run(
+        "losetup",
+        &[
+            "-f",
+            "--show",
+            "-o",
+            &start.to_string(),
+            "--sizelimit",
+            &size.to_string(),
+            p,
+        ],
+    );
+    let part = part.trim().to_string();
+    let two_nl = f("two-exact", "second secret");
+    for n in 0..3 {
+        let k = f(&format!("k{n}"), &format!("extra {n}"));
+        run(
+            "cryptsetup",
+            &[
+                "luksAddKey",
+                "--batch-mode",
+                "--pbkdf",
+                "argon2id",
+                "--pbkdf-memory",
+                "65536",
+                "--pbkdf-force-iterations",
+                "4",
+                "--key-file",
+                &two_nl,
+                "--new-keyfile",
+                &k,
+                &part,
+            ],
+        );
+    }
+    run("losetup", &["-d", &part]);
+    let beyond = bytes(&img, start + (1 << 20), start + cryptsetup::HEADER_AREA);
+    assert!(
+        beyond.iter().any(|&b| b != 0),
+        "no key slot data past the first MiB: the check below could not fail"
+    );
+    let o = mp(&["remove", "--device", p, "--yes"]);
+    let out = text(&o);
+    assert!(o.status.success(), "{out}");
+    assert!(out.contains("can no longer be decrypted"), "{out}");
+    assert_eq!(run("sfdisk", &["-d", p]), table_before);
+    let head = bytes(&img, start, start + cryptsetup::HEADER_AREA);
+    assert!(
+        head.iter().all(|&b| b == 0),
+        "the LUKS2 header area is not wiped"
+    );
+    std::fs::remove_dir_all(&d).unwrap();
+}

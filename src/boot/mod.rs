@@ -387,6 +387,14 @@ pub fn run(o: &BootOptions) -> State {
             }
         }
     };
+    // an unlocked volume not used after all (disabled, removed, a failed
+    // check or mount): closed, so the running system does not hold it
+    if persistent.is_err()
+        && st.encryption.as_ref().is_some_and(|e| e.unlocked)
+        && let Err(e) = crate::disk::cryptsetup::close(unlock::MAPPER)
+    {
+        log::warn!("{e:#}");
+    }
     match persistent {
         Ok(()) => st.mode = "persistent".into(),
         Err(reason) => {

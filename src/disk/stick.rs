@@ -182,10 +182,24 @@ pub fn remove_partition(
             "its table entry deleted"
         }
     };
-    // wipe the superblock area so the label is gone for good
-    let wipe = vec![0u8; size.min(1 << 20) as usize];
+    // wipe the superblock area so the label is gone for good; on an
+    // encrypted one the whole LUKS2 header area (both header copies and
+    // every key slot): the volume key is gone, nobody decrypts the data
+    let luks = luks_at(&mut o.file, start, size).is_some();
+    let wipe_len = if luks {
+        size.min(cryptsetup::HEADER_AREA)
+    } else {
+        size.min(1 << 20)
+    };
+    let wipe = vec![0u8; 1 << 20];
     std::io::Seek::seek(&mut o.file, std::io::SeekFrom::Start(start))?;
-    std::io::Write::write_all(&mut o.file, &wipe).context("wiping the filesystem's first MiB")?;
+    let mut done = 0;
+    while done < wipe_len {
+        let n = (wipe_len - done).min(wipe.len() as u64) as usize;
+        std::io::Write::write_all(&mut o.file, &wipe[..n])
+            .context("wiping the partition's start")?;
+        done += n as u64;
+    }
     if claim.is_some() {
         let at = Claim::offset_for(start).context("claim offset")?;
         std::io::Seek::seek(&mut o.file, std::io::SeekFrom::Start(at))?;
@@ -207,7 +221,14 @@ pub fn remove_partition(
     {
         log::warn!("the kernel keeps partition {number} until the next boot: {e:#}");
     }
-    Ok(how.into())
+    Ok(if luks {
+        format!(
+            "{how}; its LUKS2 headers and every key slot wiped: the data can no longer be decrypted, \
+             by anyone"
+        )
+    } else {
+        how.into()
+    })
 }
 
 fn random_guid() -> [u8; 16] {

@@ -5,6 +5,7 @@
 //! target device, confirmation, and a temporary mount of the partition.
 
 pub mod enable;
+pub mod luks;
 pub mod plan;
 pub mod remove;
 pub mod shutdown;
