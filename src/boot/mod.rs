@@ -316,6 +316,12 @@ pub fn run(o: &BootOptions) -> State {
             // encrypted persistence asked for: a new passphrase first; none
             // (or no way to encrypt here) is RAM mode, never a clear one
             let enc = if s.encrypt {
+                if let Some(t) = &s.test_pbkdf {
+                    st.warnings.push(format!(
+                        "mados.persistence.test_pbkdf={t}: a test-only argon2id cost for the new \
+                         encrypted partition, weaker than the default"
+                    ));
+                }
                 let e = unlock::ask_new(&disk_path, &s);
                 t.lap("passphrase");
                 e.map(Some)
