@@ -507,3 +507,54 @@ fn passphrase_header_backup_and_remove_on_an_encrypted_image() {
     );
     std::fs::remove_dir_all(&d).unwrap();
 }
+
+#[test]
+fn an_encrypted_creation_cut_is_finished_encrypted_only() {
+    if !require_root("an_encrypted_creation_cut_is_finished_encrypted_only") {
+        return;
+    }
+    let d = tmpdir("luks-cut");
+    let img = grown_image(&d);
+    let p = img.to_str().unwrap();
+    // a creation cut before mkfs: the claim and the table entry, nothing
+    // in the partition; then what luksFormat leaves (our creation labels
+    // the volume last, so a cut before leaves it unlabelled)
+    let o = Command::new(env!("CARGO_BIN_EXE_mados-persistence"))
+        .args(["enable", "--device", p, "--yes"])
+        .env("MADOS_PERSISTENCE_CUT", "mkfs")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!o.status.success(), "{}", text(&o));
+    let (start, size) = partition(&img, 3);
+    let part = run(
+        "losetup",
+        &[
+            "-f",
+            "--show",
+            "-o",
+            &start.to_string(),
+            "--sizelimit",
+            &size.to_string(),
+            p,
+        ],
+    );
+    cryptsetup::format(Path::new(part.trim()), &secret("never durable"), &TEST_COST).unwrap();
+    run("losetup", &["-d", part.trim()]);
+    let plan: serde_json::Value =
+        serde_json::from_str(&text(&mp(&["plan", "--device", p, "--json"]))).unwrap();
+    assert_eq!(plan["result"]["action"], "resume", "{plan}");
+    // not finished as a clear one
+    let o = mp(&["enable", "--device", p, "--yes"]);
+    assert_eq!(o.status.code(), Some(3), "{}", text(&o));
+    assert!(text(&o).contains("enable --encrypt"), "{}", text(&o));
+    let h = luks::probe(&mut std::io::Cursor::new(bytes(
+        &img,
+        start,
+        start + (1 << 20),
+    )))
+    .unwrap()
+    .expect("the LUKS2 header is still there");
+    assert_eq!(h.label, "");
+    std::fs::remove_dir_all(&d).unwrap();
+}

@@ -315,7 +315,20 @@ pub fn run(o: &BootOptions) -> State {
             let disk_path = PathBuf::from("/dev").join(&disk);
             // encrypted persistence asked for: a new passphrase first; none
             // (or no way to encrypt here) is RAM mode, never a clear one
-            let enc = if s.encrypt {
+            // a creation a cut interrupted that was encrypted is finished
+            // encrypted, whatever the settings say now
+            let resume_encrypted = !s.encrypt
+                && crate::disk::stick::open_device(&disk_path, false).is_ok_and(|mut od| {
+                    crate::disk::stick::unfinished_encrypted(&mut od, &s.label)
+                });
+            if resume_encrypted {
+                log::warn!(
+                    "an encrypted persistence partition was being created on {} when it was cut: finishing it \
+                     encrypted",
+                    disk_path.display()
+                );
+            }
+            let enc = if s.encrypt || resume_encrypted {
                 if let Some(t) = &s.test_pbkdf {
                     st.warnings.push(format!(
                         "mados.persistence.test_pbkdf={t}: a test-only argon2id cost for the new \

@@ -448,6 +448,14 @@ fn unfinished(o: &mut Opened, label: &str, device: &str) -> Option<Claim> {
     None
 }
 
+/// Our creation a cut interrupted, and it was an encrypted one: its
+/// partition already holds an (unlabelled) LUKS2 header. It is finished
+/// encrypted, never as a clear one.
+pub fn unfinished_encrypted(o: &mut Opened, label: &str) -> bool {
+    let device = o.path.display().to_string();
+    unfinished(o, label, &device).is_some_and(|c| luks_at(&mut o.file, c.start, c.size).is_some())
+}
+
 /// The first `persistence` filesystem in `[from, to)` at a MiB boundary:
 /// where an earlier release's partition starts after a `dd` of this one.
 /// Its size comes from its claim when that names it, else from the

@@ -215,6 +215,13 @@ pub fn enable(
             }
         }
     }
+    if encrypt.is_none() && stick::unfinished_encrypted(&mut o, &settings.label) {
+        return refuse(format!(
+            "partition {number} on {} was being created encrypted when it was cut; it is finished \
+             encrypted only: run `mados-persistence enable --encrypt`",
+            disk.display()
+        ));
+    }
     if encrypt.is_some() && prepared.origin() == Origin::Adopted {
         return refuse(format!(
             "{} holds a clear persistence filesystem left by an earlier release: it is restored as it \
