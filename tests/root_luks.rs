@@ -558,3 +558,56 @@ fn an_encrypted_creation_cut_is_finished_encrypted_only() {
     assert_eq!(h.label, "");
     std::fs::remove_dir_all(&d).unwrap();
 }
+
+#[test]
+fn an_encrypted_persistence_whose_entry_is_gone_is_adopted_not_reformatted() {
+    if !require_root("an_encrypted_persistence_whose_entry_is_gone_is_adopted_not_reformatted") {
+        return;
+    }
+    let d = tmpdir("luks-adopt");
+    let (img, _) = encrypted_image(&d, "kept secret");
+    let p = img.to_str().unwrap();
+    let (start, size) = partition(&img, 3);
+    // the entry gone as after a re-flash with the same image (the end
+    // copy of the claim names the volume)
+    run("sfdisk", &["--quiet", "--delete", p, "3"]);
+    let plan: serde_json::Value =
+        serde_json::from_str(&text(&mp(&["plan", "--device", p, "--json"]))).unwrap();
+    assert_eq!(plan["result"]["action"], "adopt", "{plan}");
+    let header = bytes(&img, start, start + (1 << 20));
+    // with --encrypt too: the volume keeps its own passphrase
+    let o = mp(&[
+        "enable",
+        "--device",
+        p,
+        "--yes",
+        "--encrypt",
+        "--passphrase-file",
+        "/dev/null",
+    ]);
+    let out = text(&o);
+    if has_device_mapper() {
+        assert!(o.status.success(), "{out}");
+    } else {
+        assert_eq!(o.status.code(), Some(3), "{out}");
+        let o = mp(&["enable", "--device", p, "--yes"]);
+        assert!(o.status.success(), "{}", text(&o));
+        assert!(text(&o).contains("it is encrypted"), "{}", text(&o));
+    }
+    assert_eq!(partition(&img, 3), (start, size));
+    assert!(
+        bytes(&img, start, start + (1 << 20)) == header,
+        "the volume's header changed"
+    );
+    assert!(opens(&img, "kept secret"));
+    let plan: serde_json::Value =
+        serde_json::from_str(&text(&mp(&["plan", "--device", p, "--json"]))).unwrap();
+    assert_eq!(
+        (
+            plan["result"]["action"].as_str(),
+            plan["result"]["encrypted"].as_bool()
+        ),
+        (Some("use"), Some(true))
+    );
+    std::fs::remove_dir_all(&d).unwrap();
+}

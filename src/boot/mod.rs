@@ -317,10 +317,20 @@ pub fn run(o: &BootOptions) -> State {
             // (or no way to encrypt here) is RAM mode, never a clear one
             // a creation a cut interrupted that was encrypted is finished
             // encrypted, whatever the settings say now
-            let resume_encrypted = !s.encrypt
-                && crate::disk::stick::open_device(&disk_path, false).is_ok_and(|mut od| {
-                    crate::disk::stick::unfinished_encrypted(&mut od, &s.label)
-                });
+            // and a partition an earlier release left (found by the claim's
+            // end copy) is adopted as it is: an encrypted one is unlocked
+            // with its own passphrase, never given a new one
+            let (resume_encrypted, adopting) = crate::disk::stick::open_device(&disk_path, false)
+                .map(|mut od| {
+                    let adopting = crate::disk::stick::prepare(&mut od, &s)
+                        .is_ok_and(|p| p.origin() == Origin::Adopted);
+                    (
+                        crate::disk::stick::unfinished_encrypted(&mut od, &s.label),
+                        adopting,
+                    )
+                })
+                .unwrap_or((false, false));
+            let resume_encrypted = resume_encrypted && !s.encrypt;
             if resume_encrypted {
                 log::warn!(
                     "an encrypted persistence partition was being created on {} when it was cut: finishing it \
@@ -328,7 +338,7 @@ pub fn run(o: &BootOptions) -> State {
                     disk_path.display()
                 );
             }
-            let enc = if s.encrypt || resume_encrypted {
+            let enc = if (s.encrypt || resume_encrypted) && !adopting {
                 if let Some(t) = &s.test_pbkdf {
                     st.warnings.push(format!(
                         "mados.persistence.test_pbkdf={t}: a test-only argon2id cost for the new \
@@ -367,27 +377,58 @@ pub fn run(o: &BootOptions) -> State {
                         crate::settings::size::human(c.size)
                     );
                     let backup = c.backup.clone();
-                    let tg = Target {
-                        disk: disk_path.clone(),
-                        node: c.node,
-                        via: c.target,
-                        number: c.number,
-                        start: c.start,
-                        size: c.size,
-                        created: c.origin != Origin::Adopted,
-                        origin: serde_json::to_value(c.origin)
-                            .ok()
-                            .and_then(|v| v.as_str().map(String::from))
-                            .unwrap_or_default(),
-                        _loop: c._loop,
-                    };
-                    let r = mount_persistence(o, &s, &mut st, &mut t, tg);
-                    if r.is_ok()
-                        && let Err(e) = flags::write_backup(&o.pmount(), &backup)
-                    {
-                        log::warn!("keeping the table backup on the partition: {e:#}");
+                    // an adopted encrypted volume: unlocked first
+                    let adopted_luks = (c.origin == Origin::Adopted)
+                        .then(|| {
+                            File::open(&c.part)
+                                .ok()
+                                .and_then(|mut f| crate::disk::luks::probe(&mut f).ok().flatten())
+                        })
+                        .flatten()
+                        .filter(|h| h.label == s.label);
+                    if s.encrypt && c.origin == Origin::Adopted && adopted_luks.is_none() {
+                        st.warnings.push(format!(
+                            "a clear persistence filesystem left by an earlier release on {} was restored as \
+                             it is: it is NOT encrypted (encrypting it would lose its data)",
+                            disk_path.display()
+                        ));
                     }
-                    r
+                    let via = match adopted_luks {
+                        Some(h) => {
+                            let mut enc = unlock::describe(&c.part, &h);
+                            let r = unlock::unlock(&c.part, false, &mut enc);
+                            st.encryption = Some(enc);
+                            t.lap("unlock");
+                            r
+                        }
+                        None => Ok(c.target),
+                    };
+                    match via {
+                        Err(r) => Err(r),
+                        Ok(via) => {
+                            let tg = Target {
+                                disk: disk_path.clone(),
+                                node: c.node,
+                                via,
+                                number: c.number,
+                                start: c.start,
+                                size: c.size,
+                                created: c.origin != Origin::Adopted,
+                                origin: serde_json::to_value(c.origin)
+                                    .ok()
+                                    .and_then(|v| v.as_str().map(String::from))
+                                    .unwrap_or_default(),
+                                _loop: c._loop,
+                            };
+                            let r = mount_persistence(o, &s, &mut st, &mut t, tg);
+                            if r.is_ok()
+                                && let Err(e) = flags::write_backup(&o.pmount(), &backup)
+                            {
+                                log::warn!("keeping the table backup on the partition: {e:#}");
+                            }
+                            r
+                        }
+                    }
                 }
                 Ok(Err(e)) => {
                     t.lap("create");

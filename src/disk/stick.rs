@@ -382,16 +382,21 @@ fn write_end_claim(f: &mut File, c: &Claim, label: &str) -> Result<()> {
     let Some(at) = c.end_offset() else {
         return Ok(());
     };
-    let Some(fs) = persistence_at(f, c.start, c.size, label) else {
-        return Ok(());
-    };
-    let fs_end = fs
-        .blocks
-        .checked_mul(fs.block_size)
-        .and_then(|b| b.checked_add(c.start));
-    if fs_end.is_none_or(|e| e > at) {
-        log::info!("the filesystem fills its partition: no room for the claim's end copy");
-        return Ok(());
+    // an encrypted one we made: its filesystem leaves the volume's last
+    // MiB out, which is the partition's last MiB (unused ciphertext)
+    let encrypted = luks_at(f, c.start, c.size).is_some_and(|h| h.label == label);
+    if !encrypted {
+        let Some(fs) = persistence_at(f, c.start, c.size, label) else {
+            return Ok(());
+        };
+        let fs_end = fs
+            .blocks
+            .checked_mul(fs.block_size)
+            .and_then(|b| b.checked_add(c.start));
+        if fs_end.is_none_or(|e| e > at) {
+            log::info!("the filesystem fills its partition: no room for the claim's end copy");
+            return Ok(());
+        }
     }
     let bytes = c.encode().map_err(|e| anyhow!("encoding the claim: {e}"))?;
     use std::io::{Seek, SeekFrom, Write};
@@ -446,6 +451,13 @@ fn unfinished(o: &mut Opened, label: &str, device: &str) -> Option<Claim> {
         }
     }
     None
+}
+
+/// The partition at `start` holds an encrypted persistence (a LUKS2 volume
+/// labelled `label`): after an adoption, it is unlocked, not checked as
+/// ext4.
+pub fn encrypted_at(o: &mut Opened, start: u64, size: u64, label: &str) -> bool {
+    luks_at(&mut o.file, start, size).is_some_and(|h| h.label == label)
 }
 
 /// Our creation a cut interrupted, and it was an encrypted one: its
@@ -555,7 +567,11 @@ pub fn prepare(o: &mut Opened, s: &Settings) -> Result<Prepared> {
     // our filesystem from before a re-flash, found by the claim's copy at
     // the device's end however far after the new image it starts
     if let Some(c) = read_end_claim(&mut o.file, o.layout.size, o.layout.sector_size, &dev_name) {
-        if persistence_at(&mut o.file, c.start, c.size, &s.label).is_some() {
+        // a clear filesystem, or an encrypted volume labelled so (made by
+        // us: its label is its last write)
+        if persistence_at(&mut o.file, c.start, c.size, &s.label).is_some()
+            || luks_at(&mut o.file, c.start, c.size).is_some_and(|h| h.label == s.label)
+        {
             let p = partplan::plan_at(&o.layout, &opts, c.start, c.size).with_context(|| {
                 format!(
                     "a '{}' filesystem lies at byte {} ({}) but does not fit where a partition may go; \

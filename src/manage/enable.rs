@@ -222,7 +222,9 @@ pub fn enable(
             disk.display()
         ));
     }
-    if encrypt.is_some() && prepared.origin() == Origin::Adopted {
+    let adopt_encrypted = prepared.origin() == Origin::Adopted
+        && stick::encrypted_at(&mut o, start, len, &settings.label);
+    if encrypt.is_some() && prepared.origin() == Origin::Adopted && !adopt_encrypted {
         return refuse(format!(
             "{} holds a clear persistence filesystem left by an earlier release: it is restored as it \
              was, not encrypted over (its data would be lost): run `enable` without --encrypt, or wipe it \
@@ -232,6 +234,8 @@ pub fn enable(
     }
     confirm("Go on?", None, yes)?;
     let enc = match &encrypt {
+        // an encrypted volume to adopt keeps its own passphrase
+        Some(_) if adopt_encrypted => None,
         Some(opts) => Some(Encrypt {
             passphrase: new_passphrase(opts.passphrase_file.as_deref())?,
             pbkdf: opts.pbkdf,
@@ -276,6 +280,16 @@ pub fn enable(
     };
     let backup = c.backup.clone();
     let c_origin = c.origin;
+    if adopt_encrypted {
+        drop(c);
+        println!(
+            "Persistence restored on {} (partition {}, its data kept): it is encrypted, and the next boot \
+             asks for its passphrase. This session's changes are not copied into it (it is not unlocked here).",
+            disk.display(),
+            e.number
+        );
+        return Ok(());
+    }
     // an encrypted one is mounted through the volume `execute` left open
     // (closed after the unmount: `m` is dropped before `_open`)
     let (_open, m) = match c.mapping.is_some() {
