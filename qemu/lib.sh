@@ -291,8 +291,9 @@ qemu_kernel() {
 		serial_typer "$logf" "$fifo.in" "$TYPE_PROMPT" "${lines[@]}" &
 		typer=$!
 	fi
-	# QEMU_KILL=1: SIGKILL at the timeout, a power cut for the guest
-	timeout ${QEMU_KILL:+-s KILL} "$timeout" qemu-system-x86_64 -machine pc,accel=tcg -m 1536 -smp 1 \
+	# QEMU_KILL=1: SIGKILL at the timeout, a power cut for the guest;
+	# QEMU_MEM: the guest's RAM in MiB (bench/luks: a 1 GiB machine)
+	timeout ${QEMU_KILL:+-s KILL} "$timeout" qemu-system-x86_64 -machine pc,accel=tcg -m "${QEMU_MEM:-1536}" -smp 1 \
 		-nographic -no-reboot -nodefaults "${serial[@]}" \
 		-kernel "$WORK/vmlinuz" -initrd "$initrd" -append "console=ttyS0 panic=-1 $append" \
 		"$@" </dev/null >/dev/null 2>"$WORK/$name.qemu.err" || true
