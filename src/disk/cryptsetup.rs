@@ -1,8 +1,9 @@
 //! The only caller of `cryptsetup` (LUKS2 on the persistence partition).
 //! Every call logs its full command line, which never holds a secret:
 //! passphrases go to cryptsetup over pipes (`--key-file -` on stdin, a
-//! second one as `/dev/fd/3`), never in argv, the environment, a log or a
-//! file. A failure carries cryptsetup's stderr.
+//! second one as `/proc/self/fd/3`: `/dev/fd` is a link only some systems
+//! make), never in argv, the environment, a log or a file. A failure
+//! carries cryptsetup's stderr.
 //!
 //! Argument building is pure (unit-tested); `luksDump --dump-json-metadata`
 //! is parsed as untrusted input (bounded, every field checked).
@@ -174,7 +175,7 @@ pub fn add_key_args(dev: &Path, p: &Pbkdf) -> Vec<String> {
         "--key-file".into(),
         "-".into(),
         "--new-keyfile".into(),
-        "/dev/fd/3".into(),
+        "/proc/self/fd/3".into(),
         dev.display().to_string(),
     ]
 }
@@ -679,7 +680,7 @@ mod tests {
         );
         let k = add_key_args(Path::new("/dev/sdb3"), &DEFAULT_PBKDF).join(" ");
         assert!(
-            k.contains("--key-file - --new-keyfile /dev/fd/3 /dev/sdb3"),
+            k.contains("--key-file - --new-keyfile /proc/self/fd/3 /dev/sdb3"),
             "{k}"
         );
         assert!(k.contains("--pbkdf-force-iterations 4"), "{k}");
