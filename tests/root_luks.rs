@@ -450,6 +450,14 @@ fn passphrase_header_backup_and_remove_on_an_encrypted_image() {
     assert!(o.status.success(), "{}", text(&o));
     assert!(opens(&img, "second secret") && !opens(&img, "third secret"));
 
+    // disable cannot leave its flag without unlocking it: refused
+    let o = mp(&["disable", "--device", p]);
+    assert_eq!(o.status.code(), Some(3), "{}", text(&o));
+    assert!(
+        text(&o).contains("encrypted and not unlocked here"),
+        "{}",
+        text(&o)
+    );
     // remove: the table as before enable, the whole LUKS2 header area
     // zero. Three more key slots first: the fourth lies across the first
     // MiB (a wipe of the first MiB only would leave part of it)

@@ -40,7 +40,7 @@ fn locate(
 
 pub fn disable(device: Option<PathBuf>, once: bool) -> Result<()> {
     let s = &running_settings();
-    let (st, disk, o, e) = locate(device, "disable", s)?;
+    let (st, disk, mut o, e) = locate(device, "disable", s)?;
     let kind = if once {
         flags::Disabled::Once
     } else {
@@ -48,6 +48,14 @@ pub fn disable(device: Option<PathBuf>, once: bool) -> Result<()> {
     };
     match active_on(st.as_ref(), e.number, &disk) {
         Some(pm) => flags::set_disabled(&pm, kind)?,
+        None if find_encrypted(&mut o, &s.label).is_some_and(|x| x.number == e.number) => {
+            return refuse(format!(
+                "partition {} on {} is encrypted and not unlocked here: run `disable` in a session booted \
+                 with it, or boot with mados.persistence=off",
+                e.number,
+                disk.display()
+            ));
+        }
         None => flags::set_disabled(&TempMount::new(&disk, o.block, &e, false)?.dir, kind)?,
     }
     println!(
