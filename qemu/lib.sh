@@ -15,7 +15,7 @@ log() { printf '\033[1m[qemu]\033[0m %s\n' "$*" >&2; }
 # Debian packages the QEMU tests need; installed when missing (as root).
 QEMU_PACKAGES=(qemu-system-x86 linux-image-amd64 busybox-static xorriso isolinux syslinux-common
 	squashfs-tools mtools dosfstools cpio e2fsprogs fdisk grub-pc-bin grub-efi-amd64-bin grub-common ovmf
-	dracut-core dracut-live)
+	dracut-core dracut-live cryptsetup-bin)
 
 ensure_packages() {
 	local missing=()
@@ -116,11 +116,15 @@ build_initramfs() {
 	busybox_tree "$root"
 	: >"$root/modules.order"
 	for m in xhci_pci xhci_hcd usb_storage uas sd_mod sr_mod cdrom isofs squashfs loop ext4 overlay \
-		ata_piix ata_generic virtio_pci virtio_blk crc32c_generic; do
+		ata_piix ata_generic virtio_pci virtio_blk crc32c_generic \
+		dm_mod dm_crypt xts ecb algif_skcipher; do
 		add_module "$root" "$kv" "$m"
 	done
 	add_program "$root" /usr/sbin/mke2fs
 	add_program "$root" /usr/sbin/e2fsck
+	# encrypted persistence (scenario w): what a builder's initramfs
+	# carries when it enables encryption (README "Encrypted persistence")
+	add_program "$root" /usr/sbin/cryptsetup
 	cp "$BIN" "$root/usr/bin/mados-persistence"
 	cp "$QEMU_DIR/initramfs-init" "$root/init"
 	chmod +x "$root/init"
@@ -147,6 +151,8 @@ build_liveroot() {
 	# a real live system has e2fsprogs (iso-profile/packages.x86_64): enable needs it
 	add_program "$root" /usr/sbin/mke2fs
 	add_program "$root" /usr/sbin/e2fsck
+	# enable --encrypt in the session (scenario w)
+	add_program "$root" /usr/sbin/cryptsetup
 	# bench/run (BENCH=1): the write-pattern tool, the fanotify probe and
 	# rsync, the peers' copier
 	if [[ -n ${BENCH:-} ]]; then
@@ -250,17 +256,54 @@ build_all() {
 	build_iso archiso "$WORK/madOS-archiso.iso"
 }
 
+# serial_typer LOG FIFO PROMPT LINE...: type each LINE (and Enter) into
+# the guest's serial console once PROMPT has appeared once more in LOG
+# than before it: a person answering the prompts in order.
+serial_typer() {
+	local logf=$1 fifo=$2 prompt=$3 n=0 line
+	shift 3
+	for line in "$@"; do
+		n=$((n + 1))
+		until (($(grep -c -- "$prompt" "$logf" 2>/dev/null) >= n)); do sleep 0.5; done
+		sleep 0.5
+		printf '%s\r' "$line" >"$fifo"
+	done
+}
+
 # qemu_kernel NAME TIMEOUT INITRD APPEND QEMU-ARGS...: boot Debian's kernel
-# with an initramfs under TCG, serial console to $WORK/NAME.log
+# with an initramfs under TCG, serial console to $WORK/NAME.log. With
+# TYPE_PROMPT and TYPE_LINES (one a line) set, the console is a pipe too
+# and serial_typer answers the prompts.
 qemu_kernel() {
 	local name=$1 timeout=$2 initrd=$3 append=$4
 	shift 4
 	local logf=$WORK/$name.log
-	# QEMU_KILL=1: SIGKILL at the timeout, a power cut for the guest
-	timeout ${QEMU_KILL:+-s KILL} "$timeout" qemu-system-x86_64 -machine pc,accel=tcg -m 1536 -smp 1 \
-		-nographic -no-reboot -nodefaults -serial "file:$logf" \
+	local serial=(-serial "file:$logf") typer='' drain=
+	if [[ -n ${TYPE_PROMPT:-} ]]; then
+		local fifo=$WORK/$name.serial lines=()
+		rm -f "$fifo.in" "$fifo.out" "$logf"
+		mkfifo "$fifo.in" "$fifo.out"
+		: >"$logf"
+		serial=(-chardev "pipe,id=ser0,path=$fifo,logfile=$logf" -serial chardev:ser0)
+		cat "$fifo.out" >/dev/null &
+		drain=$!
+		mapfile -t lines <<<"$TYPE_LINES"
+		serial_typer "$logf" "$fifo.in" "$TYPE_PROMPT" "${lines[@]}" &
+		typer=$!
+	fi
+	# QEMU_KILL=1: SIGKILL at the timeout, a power cut for the guest;
+	# QEMU_MEM: the guest's RAM in MiB (bench/luks: a 1 GiB machine)
+	timeout ${QEMU_KILL:+-s KILL} "$timeout" qemu-system-x86_64 -machine pc,accel=tcg -m "${QEMU_MEM:-1536}" -smp 1 \
+		-nographic -no-reboot -nodefaults "${serial[@]}" \
 		-kernel "$WORK/vmlinuz" -initrd "$initrd" -append "console=ttyS0 panic=-1 no_timer_check $append" \
 		"$@" </dev/null >/dev/null 2>"$WORK/$name.qemu.err" || true
+	if [[ -n $typer ]]; then
+		kill "$typer" 2>/dev/null || true
+		wait "$typer" 2>/dev/null || true
+		kill "$drain" 2>/dev/null || true
+		wait "$drain" 2>/dev/null || true
+		rm -f "$WORK/$name.serial.in" "$WORK/$name.serial.out"
+	fi
 	tr -d '\r' <"$logf" >"$logf.txt"
 	mv "$logf.txt" "$logf"
 }

@@ -74,6 +74,16 @@ enum Cmd {
         /// Do not ask for confirmation.
         #[arg(long)]
         yes: bool,
+        /// Encrypt it (LUKS2, argon2id): every boot asks for the passphrase.
+        #[arg(long)]
+        encrypt: bool,
+        /// With --encrypt: read the passphrase from FILE (`-`: stdin; one
+        /// trailing newline is not part of it) instead of asking twice.
+        #[arg(long, value_name = "FILE", requires = "encrypt")]
+        passphrase_file: Option<PathBuf>,
+        /// Tests only: argon2id MEMORY_KIB:ITERATIONS instead of the default cost.
+        #[arg(long, hide = true, requires = "encrypt")]
+        pbkdf_test_cost: Option<String>,
     },
     /// Boot in RAM mode from the next boot on (or once), keeping the data.
     #[command(
@@ -108,6 +118,40 @@ enum Cmd {
         mados-persistence set-aside delete MADOS_R1_2026-01-01-00-00-00-00 --device madOS.img --yes"
     )]
     SetAside(SetAsideCmd),
+    /// Change the passphrase of an encrypted persistence (the new one is added before the old one goes).
+    #[command(after_help = "Examples:\n  sudo mados-persistence passphrase\n  \
+        mados-persistence passphrase --device madOS.img --old-passphrase-file old --new-passphrase-file new")]
+    Passphrase {
+        /// A block device or disk image file (default: the boot stick).
+        #[arg(long)]
+        device: Option<PathBuf>,
+        /// Read the current passphrase from FILE (`-`: stdin) instead of asking.
+        #[arg(long, value_name = "FILE")]
+        old_passphrase_file: Option<PathBuf>,
+        /// Read the new passphrase from FILE (`-`: stdin) instead of asking twice.
+        #[arg(long, value_name = "FILE")]
+        new_passphrase_file: Option<PathBuf>,
+    },
+    /// Save an encrypted persistence's LUKS2 header to FILE (or put one back with --restore).
+    #[command(
+        after_help = "A header backup opens the stick with the passphrases valid when it was made, \
+        forever: keep it as safe as the stick, and destroy it after changing a passphrase that leaked.\n\n\
+        Examples:\n  sudo mados-persistence header-backup /safe/place/stick-header.img\n  \
+        sudo mados-persistence header-backup --restore /safe/place/stick-header.img"
+    )]
+    HeaderBackup {
+        /// The backup file (created; never overwritten).
+        file: PathBuf,
+        /// Put the header in FILE back on the stick.
+        #[arg(long)]
+        restore: bool,
+        /// With --restore: do not ask.
+        #[arg(long)]
+        yes: bool,
+        /// A block device or disk image file (default: the boot stick).
+        #[arg(long)]
+        device: Option<PathBuf>,
+    },
     /// The companion: sync the RAM tiers (interval, idle, full, SIGUSR1) and a final sync on SIGTERM.
     #[command(
         after_help = "Run by mados-persistence.service (Type=notify); without systemd it runs in the \
@@ -263,8 +307,26 @@ fn run(cli: Cli) -> Result<ExitCode> {
             manage::status(json, watch)?;
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Enable { device, size, yes } => {
-            manage::enable(device, size, yes)?;
+        Cmd::Enable {
+            device,
+            size,
+            yes,
+            encrypt,
+            passphrase_file,
+            pbkdf_test_cost,
+        } => {
+            let enc = if encrypt {
+                Some(manage::enable::EncryptOpts {
+                    passphrase_file,
+                    pbkdf: match pbkdf_test_cost {
+                        Some(c) => mados_persistence::disk::cryptsetup::Pbkdf::parse(&c)?,
+                        None => mados_persistence::disk::cryptsetup::DEFAULT_PBKDF,
+                    },
+                })
+            } else {
+                None
+            };
+            manage::enable(device, size, yes, enc)?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Disable { once, device } => {
@@ -287,6 +349,23 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     manage::set_aside::delete(device, name, yes)?
                 }
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Passphrase {
+            device,
+            old_passphrase_file,
+            new_passphrase_file,
+        } => {
+            manage::luks::passphrase(device, old_passphrase_file, new_passphrase_file)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::HeaderBackup {
+            file,
+            restore,
+            yes,
+            device,
+        } => {
+            manage::luks::header_backup(device, &file, restore, yes)?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Daemon => {

@@ -270,7 +270,12 @@ pub fn decide(
         Err(r) => return (Decision::Ram { reason: r }, warnings),
     };
     let disk = iso.dev.disk_name().to_string();
-    let labelled = |p: &&Probed| matches!(&p.fs, Some(Fs::Ext4(e)) if e.label == s.label);
+    // an ext4 filesystem, or a LUKS2 volume (encrypted persistence, by
+    // its header's label), labelled as the settings say
+    let labelled = |p: &&Probed| {
+        matches!(&p.fs, Some(Fs::Ext4(e)) if e.label == s.label)
+            || matches!(&p.fs, Some(Fs::Luks2(h)) if h.label == s.label)
+    };
     for p in devs
         .iter()
         .filter(labelled)
@@ -480,6 +485,49 @@ mod tests {
         assert_eq!(d, Decision::Create { disk: "sda".into() });
         assert_eq!(w.len(), 1);
         assert!(w[0].contains("ignoring /dev/vda1"), "{w:?}");
+    }
+
+    fn luks(label: &str) -> Option<Fs> {
+        Some(Fs::Luks2(crate::disk::luks::Luks2Header {
+            label: label.into(),
+            uuid: "u".into(),
+            hdr_size: 16384,
+            seqid: 1,
+            secondary: false,
+        }))
+    }
+
+    #[test]
+    fn an_encrypted_persistence_is_used_never_created_beside() {
+        let mut devs = stick();
+        devs.push(dev("sda3", Some("sda"), luks("persistence")));
+        let (d, _) = decide(&Settings::default(), &devs, Ok((&devs[0], &DiskKind::Usb)));
+        assert_eq!(
+            d,
+            Decision::Use {
+                device: "sda3".into(),
+                explicit: false,
+                read_only: false
+            }
+        );
+        // another label: not ours, so creation goes on as before
+        let mut devs = stick();
+        devs.push(dev("sda3", Some("sda"), luks("vault")));
+        let (d, _) = decide(&Settings::default(), &devs, Ok((&devs[0], &DiskKind::Usb)));
+        assert_eq!(d, Decision::Create { disk: "sda".into() });
+        // a clear and an encrypted one: which? refused
+        let mut devs = stick();
+        devs.push(dev("sda3", Some("sda"), luks("persistence")));
+        devs.push(dev("sda4", Some("sda"), ext4("persistence")));
+        let (d, _) = decide(&Settings::default(), &devs, Ok((&devs[0], &DiskKind::Usb)));
+        assert!(matches!(d, Decision::Ram { reason } if reason.code == "ambiguous"));
+        // on another disk: ignored with a warning
+        let mut devs = stick();
+        devs.push(dev("sdb", None, None));
+        devs.push(dev("sdb1", Some("sdb"), luks("persistence")));
+        let (d, w) = decide(&Settings::default(), &devs, Ok((&devs[0], &DiskKind::Usb)));
+        assert_eq!(d, Decision::Create { disk: "sda".into() });
+        assert!(w.iter().any(|w| w.contains("sdb1")), "{w:?}");
     }
 
     #[test]

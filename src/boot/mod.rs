@@ -13,12 +13,13 @@ pub mod session;
 pub mod set_aside;
 pub mod state;
 pub mod tier;
+pub mod unlock;
 pub mod usercache;
 
 use crate::disk::blockdev::Loop;
 use crate::disk::e2fs;
 use crate::disk::mountinfo;
-use crate::disk::stick::{Origin, create_partition, reach_partition};
+use crate::disk::stick::{Origin, create_partition_with, reach_partition};
 use crate::disk::superblock::{self, Fs};
 use crate::disk::sysfs::Sysfs;
 use crate::disk::{layout, partplan};
@@ -269,6 +270,25 @@ pub fn run(o: &BootOptions) -> State {
                 None => reach_partition(&disk, &dev.dev_path(), dev.start, dev.size)
                     .map_err(|e| Reason::new("open_failed", format!("{e:#}"))),
             };
+            // an encrypted persistence: unlocked first, then used through
+            // its mapping exactly as a clear one
+            let luks = devs
+                .iter()
+                .find(|p| p.dev.name == device)
+                .and_then(|p| match &p.fs {
+                    Some(Fs::Luks2(h)) => Some(h.clone()),
+                    _ => None,
+                });
+            let opened = match (opened, luks) {
+                (Ok((part, lp)), Some(h)) => {
+                    let mut enc = unlock::describe(&part, &h);
+                    let r = unlock::unlock(&part, read_only, &mut enc);
+                    st.encryption = Some(enc);
+                    t.lap("unlock");
+                    r.map(|mapper| (mapper, lp))
+                }
+                (o, _) => o,
+            };
             match opened {
                 Err(r) => Err(r),
                 Ok((via, lp)) => {
@@ -294,9 +314,59 @@ pub fn run(o: &BootOptions) -> State {
         }
         Decision::Create { disk } => {
             let disk_path = PathBuf::from("/dev").join(&disk);
-            match create_partition(&disk_path, &s, &o.state_dir()) {
-                Ok(c) => {
+            // encrypted persistence asked for: a new passphrase first; none
+            // (or no way to encrypt here) is RAM mode, never a clear one
+            // a creation a cut interrupted that was encrypted is finished
+            // encrypted, whatever the settings say now
+            // and a partition an earlier release left (found by the claim's
+            // end copy) is adopted as it is: an encrypted one is unlocked
+            // with its own passphrase, never given a new one
+            let (resume_encrypted, adopting) = crate::disk::stick::open_device(&disk_path, false)
+                .map(|mut od| {
+                    let adopting = crate::disk::stick::prepare(&mut od, &s)
+                        .is_ok_and(|p| p.origin() == Origin::Adopted);
+                    (
+                        crate::disk::stick::unfinished_encrypted(&mut od, &s.label),
+                        adopting,
+                    )
+                })
+                .unwrap_or((false, false));
+            let resume_encrypted = resume_encrypted && !s.encrypt;
+            if resume_encrypted {
+                log::warn!(
+                    "an encrypted persistence partition was being created on {} when it was cut: finishing it \
+                     encrypted",
+                    disk_path.display()
+                );
+            }
+            let enc = if (s.encrypt || resume_encrypted) && !adopting {
+                if let Some(t) = &s.test_pbkdf {
+                    st.warnings.push(format!(
+                        "mados.persistence.test_pbkdf={t}: a test-only argon2id cost for the new \
+                         encrypted partition, weaker than the default"
+                    ));
+                }
+                let e = unlock::ask_new(&disk_path, &s);
+                t.lap("passphrase");
+                e.map(Some)
+            } else {
+                Ok(None)
+            };
+            let made = enc.map(|enc| {
+                let made = create_partition_with(&disk_path, &s, &o.state_dir(), enc.as_ref());
+                // the passphrase is wiped here, before anything is mounted
+                drop(enc);
+                made
+            });
+            match made {
+                Err(r) => Err(r),
+                Ok(Ok(mut c)) => {
                     t.lap("create");
+                    if let Some(m) = c.mapping.take() {
+                        // the volume stays open for this boot
+                        m.keep();
+                        st.encryption = Some(unlock::describe_new(&c.part));
+                    }
                     log::info!(
                         "{} {} ({})",
                         match c.origin {
@@ -308,29 +378,60 @@ pub fn run(o: &BootOptions) -> State {
                         crate::settings::size::human(c.size)
                     );
                     let backup = c.backup.clone();
-                    let tg = Target {
-                        disk: disk_path.clone(),
-                        node: c.node,
-                        via: c.target,
-                        number: c.number,
-                        start: c.start,
-                        size: c.size,
-                        created: c.origin != Origin::Adopted,
-                        origin: serde_json::to_value(c.origin)
-                            .ok()
-                            .and_then(|v| v.as_str().map(String::from))
-                            .unwrap_or_default(),
-                        _loop: c._loop,
-                    };
-                    let r = mount_persistence(o, &s, &mut st, &mut t, tg);
-                    if r.is_ok()
-                        && let Err(e) = flags::write_backup(&o.pmount(), &backup)
-                    {
-                        log::warn!("keeping the table backup on the partition: {e:#}");
+                    // an adopted encrypted volume: unlocked first
+                    let adopted_luks = (c.origin == Origin::Adopted)
+                        .then(|| {
+                            File::open(&c.part)
+                                .ok()
+                                .and_then(|mut f| crate::disk::luks::probe(&mut f).ok().flatten())
+                        })
+                        .flatten()
+                        .filter(|h| h.label == s.label);
+                    if s.encrypt && c.origin == Origin::Adopted && adopted_luks.is_none() {
+                        st.warnings.push(format!(
+                            "a clear persistence filesystem left by an earlier release on {} was restored as \
+                             it is: it is NOT encrypted (encrypting it would lose its data)",
+                            disk_path.display()
+                        ));
                     }
-                    r
+                    let via = match adopted_luks {
+                        Some(h) => {
+                            let mut enc = unlock::describe(&c.part, &h);
+                            let r = unlock::unlock(&c.part, false, &mut enc);
+                            st.encryption = Some(enc);
+                            t.lap("unlock");
+                            r
+                        }
+                        None => Ok(c.target),
+                    };
+                    match via {
+                        Err(r) => Err(r),
+                        Ok(via) => {
+                            let tg = Target {
+                                disk: disk_path.clone(),
+                                node: c.node,
+                                via,
+                                number: c.number,
+                                start: c.start,
+                                size: c.size,
+                                created: c.origin != Origin::Adopted,
+                                origin: serde_json::to_value(c.origin)
+                                    .ok()
+                                    .and_then(|v| v.as_str().map(String::from))
+                                    .unwrap_or_default(),
+                                _loop: c._loop,
+                            };
+                            let r = mount_persistence(o, &s, &mut st, &mut t, tg);
+                            if r.is_ok()
+                                && let Err(e) = flags::write_backup(&o.pmount(), &backup)
+                            {
+                                log::warn!("keeping the table backup on the partition: {e:#}");
+                            }
+                            r
+                        }
+                    }
                 }
-                Err(e) => {
+                Ok(Err(e)) => {
                     t.lap("create");
                     let code = match e.downcast_ref::<partplan::Refusal>() {
                         Some(partplan::Refusal::TooSmall { .. }) => "no_space",
@@ -347,6 +448,14 @@ pub fn run(o: &BootOptions) -> State {
             }
         }
     };
+    // an unlocked volume not used after all (disabled, removed, a failed
+    // check or mount): closed, so the running system does not hold it
+    if persistent.is_err()
+        && st.encryption.as_ref().is_some_and(|e| e.unlocked)
+        && let Err(e) = crate::disk::cryptsetup::close(unlock::MAPPER)
+    {
+        log::warn!("{e:#}");
+    }
     match persistent {
         Ok(()) => st.mode = "persistent".into(),
         Err(reason) => {

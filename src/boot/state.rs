@@ -129,6 +129,33 @@ pub struct State {
     /// What this boot did about a `set-aside restore` request (null: none).
     #[serde(default)]
     pub set_aside_restore: Option<crate::boot::set_aside::Outcome>,
+    /// The persistence partition is a LUKS2 volume: how it was found and
+    /// unlocked (absent for a clear one: its state.json is as before).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<Encryption>,
+}
+
+/// An encrypted persistence partition at this boot. Never holds a
+/// passphrase or anything derived from one.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+pub struct Encryption {
+    /// The partition holding the volume.
+    pub device: String,
+    pub luks_version: u32,
+    /// The volume's UUID (from its header).
+    pub uuid: String,
+    /// The key slots' PBKDF (`argon2id`), memory (KiB) and passes, from
+    /// `luksDump` (empty when it could not be read).
+    pub pbkdf: String,
+    pub pbkdf_memory_kib: Option<u32>,
+    pub pbkdf_iterations: Option<u32>,
+    pub key_slots: u32,
+    /// Unlocked this boot: by which prompt (`console`), at which try.
+    pub unlocked: bool,
+    pub unlocked_by: Option<String>,
+    pub tries: u32,
+    /// The device-mapper node the filesystem is on.
+    pub mapper: Option<String>,
 }
 
 #[cfg(test)]

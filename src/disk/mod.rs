@@ -6,8 +6,10 @@
 
 pub mod blockdev;
 pub mod claim;
+pub mod cryptsetup;
 pub mod e2fs;
 pub mod layout;
+pub mod luks;
 pub mod mountinfo;
 pub mod partplan;
 pub mod stick;

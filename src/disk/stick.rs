@@ -6,8 +6,10 @@
 
 use crate::disk::blockdev::{self, Loop};
 use crate::disk::claim::{CLAIM_LEN, Claim, FS_RESERVE};
+use crate::disk::cryptsetup::{self, Pbkdf, Secret};
 use crate::disk::e2fs;
 use crate::disk::layout::{self, Layout};
+use crate::disk::luks;
 use crate::disk::partplan::{self, PlanOptions};
 use crate::disk::superblock::{self, Fs};
 use crate::disk::sysfs::Sysfs;
@@ -100,6 +102,43 @@ pub fn find_persistence(o: &mut Opened, label: &str) -> Option<Existing> {
         })
 }
 
+/// The LUKS2 volume labelled `label` among the table's entries (found
+/// by its header, without unlocking it).
+pub fn find_encrypted(o: &mut Opened, label: &str) -> Option<Existing> {
+    if o.layout.disagreement.is_some() {
+        return None;
+    }
+    o.layout
+        .table_entries()
+        .into_iter()
+        .find_map(|(number, start, size)| {
+            let h = luks_at(&mut o.file, start, size)?;
+            (h.label == label).then_some(Existing {
+                number,
+                start,
+                size,
+                uuid: h.uuid,
+            })
+        })
+}
+
+/// A LUKS2 header (either copy) at the start of the partition at `start`.
+fn luks_at(f: &mut File, start: u64, size: u64) -> Option<luks::Luks2Header> {
+    let mut w = superblock::Window::new(f, start, size);
+    luks::probe(&mut w).ok().flatten()
+}
+
+/// What `execute` makes inside a new partition when persistence is to be
+/// encrypted: LUKS2 at this cost, the passphrase given once (already
+/// entered twice where it is typed).
+pub struct Encrypt {
+    pub passphrase: Secret,
+    pub pbkdf: Pbkdf,
+    /// The device-mapper name the new volume is opened under while the
+    /// filesystem is made.
+    pub mapper: String,
+}
+
 /// Delete the persistence partition: restore the table saved at creation
 /// when nothing changed it since, else delete just its entry; then wipe the
 /// filesystem's first MiB and tell the kernel. Returns how it was done.
@@ -143,10 +182,24 @@ pub fn remove_partition(
             "its table entry deleted"
         }
     };
-    // wipe the superblock area so the label is gone for good
-    let wipe = vec![0u8; size.min(1 << 20) as usize];
+    // wipe the superblock area so the label is gone for good; on an
+    // encrypted one the whole LUKS2 header area (both header copies and
+    // every key slot): the volume key is gone, nobody decrypts the data
+    let luks = luks_at(&mut o.file, start, size).is_some();
+    let wipe_len = if luks {
+        size.min(cryptsetup::HEADER_AREA)
+    } else {
+        size.min(1 << 20)
+    };
+    let wipe = vec![0u8; 1 << 20];
     std::io::Seek::seek(&mut o.file, std::io::SeekFrom::Start(start))?;
-    std::io::Write::write_all(&mut o.file, &wipe).context("wiping the filesystem's first MiB")?;
+    let mut done = 0;
+    while done < wipe_len {
+        let n = (wipe_len - done).min(wipe.len() as u64) as usize;
+        std::io::Write::write_all(&mut o.file, &wipe[..n])
+            .context("wiping the partition's start")?;
+        done += n as u64;
+    }
     if claim.is_some() {
         let at = Claim::offset_for(start).context("claim offset")?;
         std::io::Seek::seek(&mut o.file, std::io::SeekFrom::Start(at))?;
@@ -168,7 +221,14 @@ pub fn remove_partition(
     {
         log::warn!("the kernel keeps partition {number} until the next boot: {e:#}");
     }
-    Ok(how.into())
+    Ok(if luks {
+        format!(
+            "{how}; its LUKS2 headers and every key slot wiped: the data can no longer be decrypted, \
+             by anyone"
+        )
+    } else {
+        how.into()
+    })
 }
 
 fn random_guid() -> [u8; 16] {
@@ -256,12 +316,18 @@ pub enum Origin {
 
 pub struct Created {
     pub node: PathBuf,
+    /// The partition as reached (its node or a loop device over the disk);
+    /// `target` is the same unless it is encrypted.
+    pub part: PathBuf,
     pub target: PathBuf,
     pub number: u32,
     pub start: u64,
     pub size: u64,
     pub backup: table::Backup,
     pub origin: Origin,
+    /// The unlocked volume (`target` is its /dev/mapper node), closed
+    /// when dropped.
+    pub mapping: Option<cryptsetup::Mapping>,
     pub _loop: Option<Loop>,
 }
 
@@ -316,16 +382,21 @@ fn write_end_claim(f: &mut File, c: &Claim, label: &str) -> Result<()> {
     let Some(at) = c.end_offset() else {
         return Ok(());
     };
-    let Some(fs) = persistence_at(f, c.start, c.size, label) else {
-        return Ok(());
-    };
-    let fs_end = fs
-        .blocks
-        .checked_mul(fs.block_size)
-        .and_then(|b| b.checked_add(c.start));
-    if fs_end.is_none_or(|e| e > at) {
-        log::info!("the filesystem fills its partition: no room for the claim's end copy");
-        return Ok(());
+    // an encrypted one we made: its filesystem leaves the volume's last
+    // MiB out, which is the partition's last MiB (unused ciphertext)
+    let encrypted = luks_at(f, c.start, c.size).is_some_and(|h| h.label == label);
+    if !encrypted {
+        let Some(fs) = persistence_at(f, c.start, c.size, label) else {
+            return Ok(());
+        };
+        let fs_end = fs
+            .blocks
+            .checked_mul(fs.block_size)
+            .and_then(|b| b.checked_add(c.start));
+        if fs_end.is_none_or(|e| e > at) {
+            log::info!("the filesystem fills its partition: no room for the claim's end copy");
+            return Ok(());
+        }
     }
     let bytes = c.encode().map_err(|e| anyhow!("encoding the claim: {e}"))?;
     use std::io::{Seek, SeekFrom, Write};
@@ -372,11 +443,29 @@ fn unfinished(o: &mut Opened, label: &str, device: &str) -> Option<Claim> {
         if let Some(c) = read_claim(&mut o.file, start, o.layout.size, device)
             && (c.number, c.start, c.size) == (number, start, size)
             && persistence_at(&mut o.file, start, size, label).is_none()
+            // an unlabelled LUKS2 header: our encrypted creation, cut
+            // before its last step (`cryptsetup::label_args`)
+            && luks_at(&mut o.file, start, size).is_none_or(|h| h.label != label)
         {
             return Some(c);
         }
     }
     None
+}
+
+/// The partition at `start` holds an encrypted persistence (a LUKS2 volume
+/// labelled `label`): after an adoption, it is unlocked, not checked as
+/// ext4.
+pub fn encrypted_at(o: &mut Opened, start: u64, size: u64, label: &str) -> bool {
+    luks_at(&mut o.file, start, size).is_some_and(|h| h.label == label)
+}
+
+/// Our creation a cut interrupted, and it was an encrypted one: its
+/// partition already holds an (unlabelled) LUKS2 header. It is finished
+/// encrypted, never as a clear one.
+pub fn unfinished_encrypted(o: &mut Opened, label: &str) -> bool {
+    let device = o.path.display().to_string();
+    unfinished(o, label, &device).is_some_and(|c| luks_at(&mut o.file, c.start, c.size).is_some())
 }
 
 /// The first `persistence` filesystem in `[from, to)` at a MiB boundary:
@@ -478,7 +567,11 @@ pub fn prepare(o: &mut Opened, s: &Settings) -> Result<Prepared> {
     // our filesystem from before a re-flash, found by the claim's copy at
     // the device's end however far after the new image it starts
     if let Some(c) = read_end_claim(&mut o.file, o.layout.size, o.layout.sector_size, &dev_name) {
-        if persistence_at(&mut o.file, c.start, c.size, &s.label).is_some() {
+        // a clear filesystem, or an encrypted volume labelled so (made by
+        // us: its label is its last write)
+        if persistence_at(&mut o.file, c.start, c.size, &s.label).is_some()
+            || luks_at(&mut o.file, c.start, c.size).is_some_and(|h| h.label == s.label)
+        {
             let p = partplan::plan_at(&o.layout, &opts, c.start, c.size).with_context(|| {
                 format!(
                     "a '{}' filesystem lies at byte {} ({}) but does not fit where a partition may go; \
@@ -547,12 +640,32 @@ pub fn cut_point(point: &str) {
 
 /// Make the persistence partition on `disk`: `prepare`, then `execute`.
 pub fn create_partition(disk: &Path, s: &Settings, backup_dir: &Path) -> Result<Created> {
+    create_partition_with(disk, s, backup_dir, None)
+}
+
+/// `create_partition`, encrypted when `enc` says so: a new partition, or
+/// one whose creation a cut interrupted (it holds nothing yet); never over
+/// a clear filesystem found to adopt.
+pub fn create_partition_with(
+    disk: &Path,
+    s: &Settings,
+    backup_dir: &Path,
+    enc: Option<&Encrypt>,
+) -> Result<Created> {
     let mut o = open_device(disk, true)?;
     for finding in &o.layout.findings {
         log::info!("layout: {finding}");
     }
     let p = prepare(&mut o, s)?;
-    execute(o, disk, s, p, backup_dir)
+    if enc.is_some() && p.origin() == Origin::Adopted {
+        bail!(
+            "a clear '{}' filesystem from an earlier release lies at byte {}: it is not encrypted over \
+             (its data would be lost); refusing",
+            s.label,
+            p.partition().1
+        );
+    }
+    execute(o, disk, s, p, backup_dir, enc)
 }
 
 /// Carry out what `prepare` decided. A new partition: the claim (table
@@ -565,6 +678,7 @@ pub fn execute(
     s: &Settings,
     p: Prepared,
     backup_dir: &Path,
+    enc: Option<&Encrypt>,
 ) -> Result<Created> {
     // /dev/disk/by-id/usb-… → /dev/sdb: partition nodes and sysfs go by it
     let disk = &std::fs::canonicalize(disk).unwrap_or_else(|_| disk.to_path_buf());
@@ -578,7 +692,7 @@ pub fn execute(
                 c.start
             );
             table::replay(&mut o.file, &c.backup, &mut sync_dev)?;
-            return finish(o, disk, s, c.number, c.start, c.size, c.backup, origin);
+            return finish(o, disk, s, c.number, c.start, c.size, c.backup, origin, enc);
         }
         Prepared::Adopt(plan) => {
             log::warn!(
@@ -647,7 +761,16 @@ pub fn execute(
         plan.size,
         backup,
         origin,
+        enc,
     )
+}
+
+/// A LUKS volume this run made, its creation failed: its header area
+/// zeroed (only ever called after our own luksFormat).
+fn wipe_made(part: &Path) {
+    if let Err(e) = cryptsetup::wipe_new_header(part) {
+        log::error!("{e:#}");
+    }
 }
 
 fn restore_table(f: &mut File, backup: &table::Backup, disk: &Path, why: &anyhow::Error) {
@@ -675,6 +798,7 @@ fn finish(
     size: u64,
     backup: table::Backup,
     origin: Origin,
+    enc: Option<&Encrypt>,
 ) -> Result<Created> {
     let f = &mut o.file;
     let node = blockdev::partition_path(disk, number);
@@ -714,13 +838,69 @@ fn finish(
             return Err(e);
         }
     };
+    let mut mapping = None;
+    let part = target.clone();
+    let mut target = target;
     if origin != Origin::Adopted {
-        // the last guard: mke2fs never runs over a persistence filesystem
+        // the last guard: mke2fs never runs over a persistence filesystem,
+        // nor luksFormat over any LUKS volume
         if persistence_at(f, start, size, &s.label).is_some() {
             bail!(
                 "partition {number} at byte {start} already holds a '{}' filesystem: not formatting it",
                 s.label
             );
+        }
+        if let Some(h) = luks_at(f, start, size)
+            && (h.label == s.label || origin != Origin::Resumed)
+        {
+            bail!(
+                "partition {number} at byte {start} already holds a LUKS2 volume labelled '{}': not formatting it",
+                h.label
+            );
+        }
+        let mut fs_size = size.saturating_sub(FS_RESERVE);
+        if let Some(enc) = enc {
+            cut_point("luks");
+            log::info!(
+                "making {} a LUKS2 volume (argon2id, {} KiB, {} passes)",
+                target.display(),
+                enc.pbkdf.memory_kib,
+                enc.pbkdf.iterations
+            );
+            let opened = cryptsetup::format(&target, &enc.passphrase, &enc.pbkdf)
+                .and_then(|_| cryptsetup::Mapping::open(&target, &enc.mapper, &enc.passphrase));
+            match opened {
+                Ok(m) => {
+                    // the volume's data ends where the partition does: the
+                    // filesystem leaves the same last MiB out
+                    let data = std::fs::File::open(&m.path)
+                        .map_err(anyhow::Error::from)
+                        .and_then(|f| blockdev::geometry(&f))
+                        .map(|(bytes, _)| bytes);
+                    match data {
+                        Ok(bytes) => fs_size = bytes.saturating_sub(FS_RESERVE),
+                        Err(e) => {
+                            drop(m);
+                            wipe_made(&part);
+                            undo(f, &e);
+                            if let Some(lp) = lp {
+                                let _ = lp.detach();
+                            }
+                            return Err(e);
+                        }
+                    }
+                    target = m.path.clone();
+                    mapping = Some(m);
+                }
+                Err(e) => {
+                    wipe_made(&part);
+                    undo(f, &e);
+                    if let Some(lp) = lp {
+                        let _ = lp.detach();
+                    }
+                    return Err(e);
+                }
+            }
         }
         cut_point("mkfs");
         log::info!(
@@ -730,12 +910,32 @@ fn finish(
         );
         // the partition's last MiB stays out of the filesystem: the
         // claim's end copy goes there
-        if let Err(e) = e2fs::mkfs(&target, &s.label, size.saturating_sub(FS_RESERVE)) {
+        if let Err(e) = e2fs::mkfs(&target, &s.label, fs_size) {
+            if mapping.take().is_some() {
+                wipe_made(&part);
+            }
             undo(f, &e);
             if let Some(lp) = lp {
                 let _ = lp.detach();
             }
             return Err(e);
+        }
+        // an encrypted one is labelled last: from here on it is found as
+        // finished (a cut before leaves it to be formatted again)
+        if mapping.is_some() {
+            let labelled = std::fs::File::open(&target)
+                .and_then(|m| m.sync_all())
+                .map_err(anyhow::Error::from)
+                .and_then(|_| {
+                    cut_point("label");
+                    cryptsetup::set_label(&part)
+                });
+            if let Err(e) = labelled {
+                mapping.take();
+                wipe_made(&part);
+                undo(f, &e);
+                return Err(e);
+            }
         }
         // the disk's pages read before mkfs (the claim, the scan for a
         // left-behind filesystem) are stale now
@@ -754,12 +954,14 @@ fn finish(
     }
     Ok(Created {
         node,
+        part,
         target,
         number,
         start,
         size,
         backup,
         origin,
+        mapping,
         _loop: lp,
     })
 }

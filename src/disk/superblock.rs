@@ -58,7 +58,11 @@ pub struct Ext4Wear {
 pub enum Fs {
     Iso9660(IsoInfo),
     Ext4(Ext4Info),
-    Vfat { label: String },
+    Vfat {
+        label: String,
+    },
+    /// A LUKS2 volume (its binary header: label and UUID, not unlocked).
+    Luks2(crate::disk::luks::Luks2Header),
 }
 
 impl Fs {
@@ -67,6 +71,7 @@ impl Fs {
             Fs::Iso9660(i) => &i.label,
             Fs::Ext4(e) => &e.label,
             Fs::Vfat { label } => label,
+            Fs::Luks2(h) => &h.label,
         }
     }
     pub fn uuid(&self) -> Option<&str> {
@@ -74,6 +79,7 @@ impl Fs {
             Fs::Iso9660(i) => Some(&i.uuid),
             Fs::Ext4(e) => Some(&e.uuid),
             Fs::Vfat { .. } => None,
+            Fs::Luks2(h) => Some(&h.uuid),
         }
     }
 }
@@ -230,6 +236,10 @@ pub fn probe<R: Read + Seek>(r: &mut R) -> io::Result<Option<Fs>> {
         && let Some(label) = parse_vfat(&b[..512])
     {
         return Ok(Some(Fs::Vfat { label }));
+    }
+    // last: nothing recognised before changes what it was
+    if let Some(h) = crate::disk::luks::probe(r)? {
+        return Ok(Some(Fs::Luks2(h)));
     }
     Ok(None)
 }

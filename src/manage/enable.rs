@@ -7,18 +7,89 @@ use super::{
 };
 use crate::boot::{flags, iso_build, mounts, session};
 use crate::disk::blockdev;
+use crate::disk::cryptsetup::Pbkdf;
 use crate::disk::mountinfo;
-use crate::disk::stick::{self, Existing, Origin, Prepared, find_persistence, open_device};
+use crate::disk::stick::{
+    self, Encrypt, Existing, Origin, Prepared, find_encrypted, find_persistence, open_device,
+};
 use crate::settings::config::Settings;
 use crate::settings::size::human;
+use crate::util::secret::Secret;
 use crate::util::treecopy;
 use anyhow::{Context, Result};
 use std::path::{Path, PathBuf};
+
+/// `enable --encrypt`: where the passphrase comes from and the cost.
+pub struct EncryptOpts {
+    /// A file holding it (one trailing newline is not part of it), `-`
+    /// for stdin; none: asked twice on the terminal.
+    pub passphrase_file: Option<PathBuf>,
+    pub pbkdf: Pbkdf,
+}
+
+/// The new passphrase: from the file or stdin, else typed twice on the
+/// terminal (echo off), the same both times.
+fn new_passphrase(from: Option<&Path>) -> Result<Secret> {
+    use std::io::Read;
+    let mut buf = Vec::with_capacity(crate::util::secret::MAX_PASSPHRASE + 2);
+    match from {
+        Some(p) if p == Path::new("-") => {
+            std::io::stdin()
+                .lock()
+                .take(crate::util::secret::MAX_PASSPHRASE as u64 + 2)
+                .read_to_end(&mut buf)
+                .context("reading the passphrase from stdin")?;
+            return Secret::from_file_bytes(buf);
+        }
+        Some(p) => {
+            std::fs::File::open(p)
+                .and_then(|f| {
+                    f.take(crate::util::secret::MAX_PASSPHRASE as u64 + 2)
+                        .read_to_end(&mut buf)
+                })
+                .with_context(|| format!("reading the passphrase from {}", p.display()))?;
+            return Secret::from_file_bytes(buf);
+        }
+        None => {}
+    }
+    let tty = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/tty")
+        .map_err(|_| {
+            super::Refused(
+                "no terminal to type a passphrase on; pass --passphrase-file FILE (or -)".into(),
+            )
+        })?;
+    use crate::util::prompt::{Entry, ask_hidden};
+    for _ in 0..3 {
+        let mut out = &tty;
+        let first = match ask_hidden(
+            &tty,
+            &mut out,
+            "New passphrase for the persistence partition: ",
+            None,
+        )? {
+            Entry::Line(p) => p,
+            _ => return refuse("no passphrase entered; nothing was changed"),
+        };
+        let second = match ask_hidden(&tty, &mut out, "The same passphrase again: ", None)? {
+            Entry::Line(p) => p,
+            _ => return refuse("no passphrase entered; nothing was changed"),
+        };
+        if first.same_as(&second) {
+            return Ok(first);
+        }
+        println!("The two entries differ; again.");
+    }
+    refuse("the passphrase was not entered the same twice; nothing was changed")
+}
 
 pub fn enable(
     device: Option<PathBuf>,
     size: Option<crate::settings::size::Size>,
     yes: bool,
+    encrypt: Option<EncryptOpts>,
 ) -> Result<()> {
     let s = &running_settings();
     let st = read_state();
@@ -28,6 +99,33 @@ pub fn enable(
         .and_then(|s| s.boot_device.as_ref())
         .is_some_and(|b| mountinfo::same_device(Path::new(&b.disk), &disk));
     let mut o = open_device(&disk, false)?;
+    if let Some(e) = find_encrypted(&mut o, &s.label) {
+        println!(
+            "{} already has encrypted persistence (partition {}, {}); nothing to create.",
+            disk.display(),
+            e.number,
+            crate::settings::size::human(e.size)
+        );
+        return Ok(());
+    }
+    if encrypt.is_some()
+        && let Some(e) = find_persistence(&mut o, &s.label)
+    {
+        return refuse(format!(
+            "{} already has persistence in clear (partition {}); encrypting it in place is not built. \
+             To start over encrypted: save what you keep, `mados-persistence remove` (its data is lost), \
+             then `mados-persistence enable --encrypt`",
+            disk.display(),
+            e.number
+        ));
+    }
+    if encrypt.is_some() && !crate::disk::cryptsetup::device_mapper_available() {
+        return refuse(format!(
+            "this kernel cannot map an encrypted volume (no device-mapper: /dev/mapper/control does not \
+             open; dm_mod and dm_crypt are needed); nothing was written to {}",
+            disk.display()
+        ));
+    }
     if let Some(e) = find_persistence(&mut o, &s.label) {
         // idempotent: already there; enable only clears disable/remove requests
         let cleared = match active_on(st.as_ref(), e.number, &disk) {
@@ -95,11 +193,16 @@ pub fn enable(
                 );
             } else {
                 println!(
-                    "Will create partition {number} on {} in the {} table: byte {start} to {} ({}), ext4 labelled '{}'.",
+                    "Will create partition {number} on {} in the {} table: byte {start} to {} ({}), {}ext4 labelled '{}'.",
                     disk.display(),
                     format!("{:?}", plan.table).to_uppercase(),
                     start + len,
                     human(len),
+                    if encrypt.is_some() {
+                        "encrypted (LUKS2, argon2id, labelled 'persistence'), holding "
+                    } else {
+                        ""
+                    },
                     settings.label
                 );
             }
@@ -112,7 +215,34 @@ pub fn enable(
             }
         }
     }
+    if encrypt.is_none() && stick::unfinished_encrypted(&mut o, &settings.label) {
+        return refuse(format!(
+            "partition {number} on {} was being created encrypted when it was cut; it is finished \
+             encrypted only: run `mados-persistence enable --encrypt`",
+            disk.display()
+        ));
+    }
+    let adopt_encrypted = prepared.origin() == Origin::Adopted
+        && stick::encrypted_at(&mut o, start, len, &settings.label);
+    if encrypt.is_some() && prepared.origin() == Origin::Adopted && !adopt_encrypted {
+        return refuse(format!(
+            "{} holds a clear persistence filesystem left by an earlier release: it is restored as it \
+             was, not encrypted over (its data would be lost): run `enable` without --encrypt, or wipe it \
+             first",
+            disk.display()
+        ));
+    }
     confirm("Go on?", None, yes)?;
+    let enc = match &encrypt {
+        // an encrypted volume to adopt keeps its own passphrase
+        Some(_) if adopt_encrypted => None,
+        Some(opts) => Some(Encrypt {
+            passphrase: new_passphrase(opts.passphrase_file.as_deref())?,
+            pbkdf: opts.pbkdf,
+            mapper: format!("mados-persistence-new-{}", std::process::id()),
+        }),
+        None => None,
+    };
     drop(o);
     let total = if is_boot { 3 } else { 2 };
     step(
@@ -139,7 +269,8 @@ pub fn enable(
             disk.display()
         ));
     }
-    let c = stick::execute(w, &disk, &settings, again, Path::new(RUN_DIR))?;
+    let c = stick::execute(w, &disk, &settings, again, Path::new(RUN_DIR), enc.as_ref())?;
+    drop(enc);
     println!("      done in {:.1} s", t0.elapsed().as_secs_f64());
     let e = Existing {
         number: c.number,
@@ -149,9 +280,33 @@ pub fn enable(
     };
     let backup = c.backup.clone();
     let c_origin = c.origin;
-    drop(c);
-    step(2, total, "saving the table backup on the new partition");
-    let m = TempMount::new(&disk, blockdev::is_block_device(&disk), &e, false)?;
+    if adopt_encrypted {
+        drop(c);
+        println!(
+            "Persistence restored on {} (partition {}, its data kept): it is encrypted, and the next boot \
+             asks for its passphrase. This session's changes are not copied into it (it is not unlocked here).",
+            disk.display(),
+            e.number
+        );
+        return Ok(());
+    }
+    // an encrypted one is mounted through the volume `execute` left open
+    // (closed after the unmount: `m` is dropped before `_open`)
+    let (_open, m) = match c.mapping.is_some() {
+        true => {
+            step(2, total, "saving the table backup on the new partition");
+            let m = super::TempMount::on(&c.target, false, None)?;
+            (Some(c), m)
+        }
+        false => {
+            drop(c);
+            step(2, total, "saving the table backup on the new partition");
+            (
+                None,
+                TempMount::new(&disk, blockdev::is_block_device(&disk), &e, false)?,
+            )
+        }
+    };
     flags::write_backup(&m.dir, &backup)?;
     if is_boot {
         step(3, total, "copying this session's changes into it");
@@ -202,6 +357,15 @@ pub fn enable(
         }
     }
     drop(m);
+    drop(_open);
+    if encrypt.is_some() {
+        println!(
+            "It is encrypted: every boot asks for the passphrase on the console before using it. Nobody \
+             can recover the data without it. The boot can unlock it only if the ISO's initramfs carries \
+             cryptsetup and dm_crypt (the builder's `encrypt = true`, README \"Encrypted persistence\"); \
+             otherwise it boots in RAM mode, reason 'locked'."
+        );
+    }
     println!(
         "Persistence {} on {} (partition {}).{}",
         match c_origin {

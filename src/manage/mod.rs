@@ -6,6 +6,7 @@
 
 pub mod enable;
 pub mod health;
+pub mod luks;
 pub mod plan;
 pub mod remove;
 pub mod set_aside;
@@ -92,6 +93,12 @@ impl TempMount {
             let lp = Loop::attach(disk, e.start, e.size)?;
             (lp.path.clone(), Some(lp))
         };
+        TempMount::on(&via, readonly, lp)
+    }
+
+    /// Mount `via` (an unlocked volume's /dev/mapper node, or a partition
+    /// already reached) for a moment.
+    fn on(via: &Path, readonly: bool, lp: Option<Loop>) -> Result<TempMount> {
         let dir = PathBuf::from(RUN_DIR).join(format!("mnt-{}", std::process::id()));
         std::fs::create_dir_all(&dir)?;
         // root's only while mounted: the partition's own root is 0755

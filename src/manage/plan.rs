@@ -33,6 +33,13 @@ pub fn plan(device: &Path, json: bool, cmdline: &str) -> Result<()> {
 pub fn plan_device(path: &Path, s: &Settings) -> Result<serde_json::Value> {
     let mut o = stick::open_device(path, false)?;
     let existing = stick::find_persistence(&mut o, &s.label);
+    // an encrypted one (a LUKS2 volume labelled so) is used as well: the
+    // boot unlocks it
+    let encrypted = match &existing {
+        Some(_) => None,
+        None => stick::find_encrypted(&mut o, &s.label),
+    };
+    let existing = existing.or(encrypted.clone());
     // what `boot` and `enable` would decide (`stick::prepare`): finish an
     // interrupted creation, put back a filesystem a re-flash left, or a
     // new partition (shown with a zero GUID, so the plan is repeatable)
@@ -50,7 +57,11 @@ pub fn plan_device(path: &Path, s: &Settings) -> Result<serde_json::Value> {
     }
     let (l, size, ss) = (&o.layout, o.layout.size, o.layout.sector_size);
     let action = match (&existing, prepared) {
-        (Some(e), _) => serde_json::json!({"action": "use", "partition": e}),
+        (Some(e), _) => serde_json::json!({
+            "action": "use",
+            "partition": e,
+            "encrypted": encrypted.is_some(),
+        }),
         (None, Some(Ok(stick::Prepared::Adopt(p)))) => {
             serde_json::json!({"action": "adopt", "plan": p})
         }
@@ -127,7 +138,12 @@ fn print_plan(v: &serde_json::Value) {
     println!();
     match r["action"].as_str() {
         Some("use") => println!(
-            "persistence partition {} exists: nothing to do",
+            "{}persistence partition {} exists: nothing to do",
+            if r["encrypted"] == true {
+                "encrypted (LUKS2) "
+            } else {
+                ""
+            },
             r["partition"]["number"]
         ),
         Some("resume") => println!(

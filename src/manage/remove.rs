@@ -7,7 +7,7 @@ use super::{
 use crate::boot::flags;
 use crate::boot::state::State;
 use crate::disk::stick::{
-    Existing, Opened, find_claimed, find_persistence, open_device, remove_partition,
+    Existing, Opened, find_claimed, find_encrypted, find_persistence, open_device, remove_partition,
 };
 use crate::settings::config::Settings;
 use anyhow::Result;
@@ -24,6 +24,7 @@ pub(super) fn locate(
     let mut o = open_device(&disk, false)?;
     match find_persistence(&mut o, &s.label) {
         Some(e) => Ok((st, disk, o, e)),
+        None if let Some(e) = find_encrypted(&mut o, &s.label) => Ok((st, disk, o, e)),
         None if verb == "remove"
             && let Some(e) = find_claimed(&mut o) =>
         {
@@ -39,7 +40,7 @@ pub(super) fn locate(
 
 pub fn disable(device: Option<PathBuf>, once: bool) -> Result<()> {
     let s = &running_settings();
-    let (st, disk, o, e) = locate(device, "disable", s)?;
+    let (st, disk, mut o, e) = locate(device, "disable", s)?;
     let kind = if once {
         flags::Disabled::Once
     } else {
@@ -47,6 +48,14 @@ pub fn disable(device: Option<PathBuf>, once: bool) -> Result<()> {
     };
     match active_on(st.as_ref(), e.number, &disk) {
         Some(pm) => flags::set_disabled(&pm, kind)?,
+        None if find_encrypted(&mut o, &s.label).is_some_and(|x| x.number == e.number) => {
+            return refuse(format!(
+                "partition {} on {} is encrypted and not unlocked here: run `disable` in a session booted \
+                 with it, or boot with mados.persistence=off",
+                e.number,
+                disk.display()
+            ));
+        }
         None => flags::set_disabled(&TempMount::new(&disk, o.block, &e, false)?.dir, kind)?,
     }
     println!(
@@ -63,13 +72,16 @@ pub fn disable(device: Option<PathBuf>, once: bool) -> Result<()> {
 
 pub fn remove(device: Option<PathBuf>, yes: bool) -> Result<()> {
     let s = &running_settings();
-    let (st, disk, o, e) = locate(device, "remove", s)?;
+    let (st, disk, mut o, e) = locate(device, "remove", s)?;
     let active = active_on(st.as_ref(), e.number, &disk);
+    let encrypted = find_encrypted(&mut o, &s.label).is_some_and(|x| x.number == e.number);
     // What is on it and the table backup kept there. A filesystem that no
     // longer mounts can still be removed: the table and the backup in the
     // claim in front of the partition are all that is needed.
     let (used, backup) = match &active {
         Some(pm) => (usage(&pm.to_string_lossy()), None),
+        // not unlocked here: the table backup comes from the claim
+        None if encrypted => (None, None),
         None => match TempMount::new(&disk, o.block, &e, true) {
             Ok(m) => (usage(&m.dir.to_string_lossy()), flags::read_backup(&m.dir)),
             // mounted elsewhere, or held: never removed from under its user
@@ -91,6 +103,12 @@ pub fn remove(device: Option<PathBuf>, yes: bool) -> Result<()> {
         crate::settings::size::human(e.size),
         used.map_or("unknown".into(), |u| crate::settings::size::human(u.used))
     );
+    if encrypted {
+        println!(
+            "It is encrypted: its LUKS2 headers and key slots are wiped, so nobody can decrypt what was on \
+             it, with any passphrase (a header backup you made would still open it: destroy it)."
+        );
+    }
     println!("The ISO and its EFI partition are not touched.");
     confirm("Remove it?", Some("remove"), yes)?;
     drop(o);

@@ -58,6 +58,10 @@ pub struct Status {
     pub state_file: String,
     /// The ISO build booted (label, uuid), when known.
     pub iso: Option<crate::boot::iso_build::IsoBuild>,
+    /// An encrypted (LUKS2) persistence partition: version, PBKDF and
+    /// its cost, unlocked or not and by which prompt (absent: clear).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<crate::boot::state::Encryption>,
     /// Set when this boot found overlays made on another ISO build.
     pub iso_change: Option<crate::boot::iso_build::IsoChange>,
     /// The users' `~/.cache` in RAM this boot, with what stays on the stick.
@@ -145,6 +149,7 @@ pub fn build(
             log,
             state_file: state_file.into(),
             iso: None,
+            encryption: None,
             iso_change: None,
             user_caches: vec![],
             kernel_modules: None,
@@ -216,6 +221,7 @@ pub fn build(
         log,
         state_file: state_file.into(),
         iso: st.iso.clone(),
+        encryption: st.encryption.clone(),
         iso_change: st.iso_change.clone(),
         user_caches: st.user_caches.clone(),
         kernel_modules: st.kernel_modules.clone(),
@@ -527,6 +533,23 @@ pub fn render(s: &Status) -> String {
     line("persistence:", headline);
     if let Some(r) = &s.reason {
         line("why:", format!("{} ({})", r.message, r.code));
+    }
+    if let Some(e) = &s.encryption {
+        let cost = match (e.pbkdf_memory_kib, e.pbkdf_iterations) {
+            (Some(m), Some(i)) => format!("{}, {} MiB, {i} passes", e.pbkdf, m / 1024),
+            (None, Some(i)) => format!("{}, {i} iterations", e.pbkdf),
+            _ => "key slots unread".into(),
+        };
+        let how = match &e.unlocked_by {
+            Some(by) if e.unlocked => format!("unlocked at the {by} prompt (try {})", e.tries),
+            _ => "LOCKED this boot: the next boot asks for the passphrase again (type it at the \
+                  console prompt; Enter alone skips it)"
+                .into(),
+        };
+        line(
+            "encryption:",
+            format!("LUKS{} on {} ({cost}); {how}", e.luks_version, e.device),
+        );
     }
     if let Some(b) = &s.boot_device {
         line(
@@ -1029,6 +1052,57 @@ mod tests {
         let old = st(PERSISTENT);
         assert!(!old.read_only);
         assert!(build(Some(&old), "x", &|_| true, &|_| None, None).active);
+    }
+
+    #[test]
+    fn encryption_is_shown_and_absent_for_a_clear_stick() {
+        let clear = build(Some(&st(PERSISTENT)), "x", &|_| true, &|_| None, None);
+        assert!(!render(&clear).contains("encryption:"));
+        assert!(
+            serde_json::to_value(&clear)
+                .unwrap()
+                .get("encryption")
+                .is_none()
+        );
+        assert!(
+            !serde_json::to_string(&st(PERSISTENT))
+                .unwrap()
+                .contains("encryption")
+        );
+        let mut s = st(PERSISTENT);
+        s.encryption = Some(state::Encryption {
+            device: "/dev/sda3".into(),
+            luks_version: 2,
+            uuid: "u".into(),
+            pbkdf: "argon2id".into(),
+            pbkdf_memory_kib: Some(262144),
+            pbkdf_iterations: Some(4),
+            key_slots: 1,
+            unlocked: true,
+            unlocked_by: Some("console".into()),
+            tries: 2,
+            mapper: Some("/dev/mapper/mados-persistence".into()),
+        });
+        let status = build(Some(&s), "x", &|_| true, &|_| None, None);
+        let text = render(&status);
+        assert!(
+            text.contains(
+                "encryption:   LUKS2 on /dev/sda3 (argon2id, 256 MiB, 4 passes); unlocked at the console prompt (try 2)"
+            ),
+            "{text}"
+        );
+        let j = serde_json::to_value(&status).unwrap();
+        assert_eq!(j["encryption"]["pbkdf_memory_kib"], 262144);
+        assert_eq!(j["encryption"]["unlocked_by"], "console");
+        let e = s.encryption.as_mut().unwrap();
+        e.unlocked = false;
+        e.unlocked_by = None;
+        s.mode = "ram".into();
+        let text = render(&build(Some(&s), "x", &|_| true, &|_| None, None));
+        assert!(
+            text.contains("LOCKED this boot: the next boot asks"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -86,6 +86,13 @@ pub struct BootParams {
     pub mode: Option<Mode>,
     pub max_size: Option<Size>,
     pub data_mode: Option<DataMode>,
+    /// `mados.persistence.encrypt=yes`: a persistence partition created
+    /// at this boot is encrypted (it can only ask for it, never turn off
+    /// what the ISO's config asks).
+    pub encrypt: bool,
+    /// `mados.persistence.test_pbkdf=MEMKIB:ITER`: tests only (argon2id
+    /// under QEMU TCG); never a default.
+    pub test_pbkdf: Option<String>,
     pub debug: bool,
     /// `mados.tier=off`: no RAM tier this boot (`on` is the default).
     pub tier_off: bool,
@@ -218,6 +225,18 @@ pub fn parse(cmdline: &str) -> BootParams {
                     }
                 }
             }
+            "mados.persistence.encrypt" => match val {
+                Some("yes" | "1" | "on") => p.encrypt = true,
+                _ => p.warnings.push(format!(
+                    "{word}: expected mados.persistence.encrypt=yes (encryption the ISO asks for cannot be \
+                     turned off here); ignored"
+                )),
+            },
+            "mados.persistence.test_pbkdf" => {
+                if let Some(v) = need(&mut p) {
+                    p.test_pbkdf = Some(v);
+                }
+            }
             "mados.tier" | "mados.usercache" | "mados.pin" | "mados.prefetch" => {
                 let off = match val {
                     Some("off" | "0" | "no") => true,
@@ -248,6 +267,25 @@ pub fn parse(cmdline: &str) -> BootParams {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn encrypt_can_be_asked_for_not_turned_off() {
+        assert!(parse("mados.persistence.encrypt=yes").encrypt);
+        let p = parse("mados.persistence.encrypt=no");
+        assert!(!p.encrypt);
+        assert!(
+            p.warnings[0].contains("cannot be turned off"),
+            "{:?}",
+            p.warnings
+        );
+        assert!(!parse("quiet").encrypt);
+        assert_eq!(
+            parse("mados.persistence.test_pbkdf=65536:4")
+                .test_pbkdf
+                .as_deref(),
+            Some("65536:4")
+        );
+    }
 
     #[test]
     fn tier_switch() {

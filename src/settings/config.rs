@@ -208,6 +208,13 @@ pub struct Settings {
     /// Less free space than this after the ISO: no partition is created.
     pub min_free: u64,
     pub data_mode: DataMode,
+    /// A partition created at boot is encrypted (LUKS2): `encrypt = true`
+    /// in the ISO's config or `mados.persistence.encrypt=yes`. Never a
+    /// clear partition when it is set.
+    pub encrypt: bool,
+    /// Tests only: the argon2id cost of a partition created at boot
+    /// (`mados.persistence.test_pbkdf=`), else the default.
+    pub test_pbkdf: Option<String>,
     /// What a boot does when the ISO build differs from the one the
     /// overlays were made on.
     pub on_iso_change: OnIsoChange,
@@ -236,6 +243,8 @@ impl Default for Settings {
             max_size: None,
             min_free: 100 * MIB,
             data_mode: DataMode::Ordered,
+            encrypt: false,
+            test_pbkdf: None,
             on_iso_change: OnIsoChange::SetAside,
             overlay_dirs: ["/etc", "/usr", "/var", "/opt"].map(String::from).to_vec(),
             bind_dirs: vec!["/home".into()],
@@ -269,6 +278,7 @@ const KEYS: &[&str] = &[
     "max_size",
     "min_free",
     "data_mode",
+    "encrypt",
     "on_iso_change",
     "overlay_dirs",
     "bind_dirs",
@@ -353,6 +363,10 @@ pub fn apply_toml(s: &mut Settings, text: &str, warnings: &mut Vec<String>) {
                 Some("set-aside") => s.on_iso_change = OnIsoChange::SetAside,
                 Some("keep") => s.on_iso_change = OnIsoChange::Keep,
                 _ => bad(warnings, "\"set-aside\" or \"keep\""),
+            },
+            "encrypt" => match val.as_bool() {
+                Some(b) => s.encrypt = b,
+                None => bad(warnings, "true or false"),
             },
             "data_mode" => match val.as_str() {
                 Some("ordered") => s.data_mode = DataMode::Ordered,
@@ -694,6 +708,11 @@ pub fn merge_params(s: &mut Settings, p: &BootParams) {
     if let Some(v) = p.data_mode {
         s.data_mode = v;
     }
+    // only ever turned on here: what the ISO's config asks stays
+    s.encrypt |= p.encrypt;
+    if p.test_pbkdf.is_some() {
+        s.test_pbkdf = p.test_pbkdf.clone();
+    }
     if p.device.is_some() {
         s.cow_device = p.device.clone();
     }
@@ -726,6 +745,25 @@ pub fn merge_params(s: &mut Settings, p: &BootParams) {
 mod tests {
     use super::*;
     use crate::settings::cmdline;
+
+    #[test]
+    fn encrypt_from_the_config_or_the_command_line_and_never_turned_off() {
+        let mut w = vec![];
+        let none = crate::settings::cmdline::parse("");
+        assert!(!resolve_text(None, &none, &mut w).encrypt);
+        assert!(resolve_text(Some("encrypt = true"), &none, &mut w).encrypt);
+        let yes = crate::settings::cmdline::parse("mados.persistence.encrypt=yes");
+        assert!(resolve_text(None, &yes, &mut w).encrypt);
+        let no = crate::settings::cmdline::parse("mados.persistence.encrypt=no");
+        assert!(resolve_text(Some("encrypt = true"), &no, &mut w).encrypt);
+        assert!(
+            w.is_empty() || w.iter().all(|x| x.contains("cannot be turned off")),
+            "{w:?}"
+        );
+        let mut w = vec![];
+        assert!(!resolve_text(Some("encrypt = \"yes\""), &none, &mut w).encrypt);
+        assert!(w[0].contains("true or false"), "{w:?}");
+    }
 
     #[test]
     fn defaults_follow_the_design() {

@@ -4,7 +4,9 @@
 pub mod fsutil;
 pub mod logging;
 pub mod overlayfs;
+pub mod prompt;
 pub mod safefs;
+pub mod secret;
 #[cfg(test)]
 pub mod testutil;
 pub mod treecopy;
