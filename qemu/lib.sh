@@ -293,7 +293,12 @@ qemu_kernel() {
 	fi
 	# QEMU_KILL=1: SIGKILL at the timeout, a power cut for the guest;
 	# QEMU_MEM: the guest's RAM in MiB (bench/luks: a 1 GiB machine)
-	timeout ${QEMU_KILL:+-s KILL} "$timeout" qemu-system-x86_64 -machine pc,accel=tcg -m "${QEMU_MEM:-1536}" -smp 1 \
+	# --foreground: timeout signals QEMU alone and waits for it to be gone.
+	# Without it, a KILL goes to timeout's own process group, timeout
+	# included, and the next boot could start while the killed QEMU still
+	# held the image's lock ("Failed to get \"write\" lock", seen in
+	# scenario q with two scenarios running at once)
+	timeout --foreground ${QEMU_KILL:+-s KILL} "$timeout" qemu-system-x86_64 -machine pc,accel=tcg -m "${QEMU_MEM:-1536}" -smp 1 \
 		-nographic -no-reboot -nodefaults "${serial[@]}" \
 		-kernel "$WORK/vmlinuz" -initrd "$initrd" -append "console=ttyS0 panic=-1 no_timer_check $append" \
 		"$@" </dev/null >/dev/null 2>"$WORK/$name.qemu.err" || true
