@@ -332,40 +332,48 @@ state_of() { sed -n '/^=== MADOS-STATE$/,/^=== MADOS-END$/p' "$WORK/$1.log" | se
 # a copy of the installed dracut (nothing is installed into it), and the
 # busybox live root's ISO booted by it.
 build_dracut() {
-	build_dracut_initramfs
+	build_dracut_initramfs initramfs-dracut
 	dracut_iso "$WORK/airootfs.sfs" "$WORK/madOS-dracut.iso"
 }
+# build_dracut_initramfs [NAME]: $WORK/NAME.img (default initramfs-dracut),
+# its own build dirs (two scenarios may build at once). With
+# MADOS_PERSISTENCE_ENCRYPT=1 in the environment, our module's builder
+# switch, the image carries cryptsetup and dm_crypt (scenario mw).
 build_dracut_initramfs() {
-	local kv base=$WORK/dracut-base
+	local kv name=${1:-initramfs-dracut}
+	local base=$WORK/dracut-base-$name bin=$WORK/dracut-bin-$name
 	kv=$(kernel_version)
-	rm -rf "$base" "$WORK/dracut-bin"
+	rm -rf "$base" "$bin"
 	cp -a /usr/lib/dracut "$base"
 	cp -rT "$DRACUT_MODULE" "$base/modules.d/90mados-persistence"
-	mkdir -p "$WORK/dracut-bin"
-	cp "$BIN" "$WORK/dracut-bin/mados-persistence"
-	DRACUT_PATH="$WORK/dracut-bin /sbin /bin /usr/sbin /usr/bin" dracutbasedir=$base dracut --quiet --force --no-hostonly --no-hostonly-cmdline \
+	mkdir -p "$bin"
+	cp "$BIN" "$bin/mados-persistence"
+	DRACUT_PATH="$bin /sbin /bin /usr/sbin /usr/bin" dracutbasedir=$base dracut --quiet --force --no-hostonly --no-hostonly-cmdline \
 		--kver "$kv" --omit "systemd systemd-initrd systemd-networkd dracut-systemd plymouth i18n resume" \
 		--add "dmsquash-live mados-persistence" \
 		--add-drivers "xhci_pci xhci_hcd usb_storage sd_mod sr_mod cdrom isofs squashfs overlay ext4 loop crc32c_generic ata_piix autofs4" \
-		"$WORK/initramfs-dracut.img" 2>"$WORK/dracut.log" || { cat "$WORK/dracut.log" >&2; return 1; }
-	cp "/boot/vmlinuz-$kv" "$WORK/vmlinuz"
+		"$WORK/$name.img" 2>"$WORK/$name.dracut.log" || { cat "$WORK/$name.dracut.log" >&2; return 1; }
+	# build_all copied it; again only when another kernel is newer (a
+	# copy over the file a running guest boots from could cut it short)
+	cmp -s "/boot/vmlinuz-$kv" "$WORK/vmlinuz" || cp "/boot/vmlinuz-$kv" "$WORK/vmlinuz"
 }
 
 # dracut_iso SFS OUT: a Fedora-style live ISO, LiveOS/squashfs.img holding
 # the live root SFS
 dracut_iso() {
-	local tree=$WORK/dracut-isotree
+	local tree=$WORK/dracut-isotree-${2##*/}
 	rm -rf "$tree"
 	mkdir -p "$tree/LiveOS"
 	cp "$1" "$tree/LiveOS/squashfs.img"
 	"$REPO/tests/fixtures/mkimage" archiso "$2" "$tree"
 }
 
-# boot_dracut NAME APPEND QEMU-ARGS...: the dracut initramfs (dmsquash-live)
+# boot_dracut NAME APPEND QEMU-ARGS...: the dracut initramfs (dmsquash-live),
+# $WORK/$DRACUT_IMG.img (default initramfs-dracut)
 boot_dracut() {
 	local name=$1 append=$2
 	shift 2
-	qemu_kernel "$name" 300 "$WORK/initramfs-dracut.img" \
+	qemu_kernel "$name" 300 "$WORK/${DRACUT_IMG:-initramfs-dracut}.img" \
 		"root=live:CDLABEL=$ISO_LABEL rd.live.image rd.live.overlay.overlayfs=1 rd.shell=0 rd.emergency=poweroff $append" "$@"
 }
 
