@@ -62,6 +62,7 @@ pub fn unlock(part: &Path, read_only: bool, e: &mut Encryption) -> Result<PathBu
             ),
         ));
     }
+    cryptsetup::load_device_mapper();
     if !cryptsetup::device_mapper_available() {
         return Err(Reason::new(
             "locked",
@@ -151,6 +152,7 @@ pub fn ask_new(disk: &Path, s: &crate::settings::config::Settings) -> Result<Enc
     if let Err(e) = cryptsetup::find() {
         return Err(unavailable(format!("{e:#}")));
     }
+    cryptsetup::load_device_mapper();
     if !cryptsetup::device_mapper_available() {
         return Err(unavailable(
             "this initramfs has no device-mapper (dm_mod, dm_crypt)".into(),
