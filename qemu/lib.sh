@@ -377,6 +377,40 @@ boot_dracut() {
 		"root=live:CDLABEL=$ISO_LABEL rd.live.image rd.live.overlay.overlayfs=1 rd.shell=0 rd.emergency=poweroff $append" "$@"
 }
 
+# build_plymouth_initramfs: $WORK/initramfs-plymouth.img, the test
+# initramfs with Debian's plymouth (plymouthd, the client, the details
+# theme; the packages fetched with apt-get download once into $CACHE,
+# unpacked there, nothing installed on this machine). initramfs-init
+# starts plymouthd with madostest.plymouth=1 (scenario wy).
+build_plymouth_initramfs() {
+	local pr=$CACHE/plymouth root=$WORK/initramfs-plymouth libdir=/usr/lib/x86_64-linux-gnu f lib
+	if [[ ! -x $pr/root/usr/sbin/plymouthd ]]; then
+		rm -rf "$pr"
+		mkdir -p "$pr"
+		chmod 777 "$pr" # apt-get download runs as _apt
+		(cd "$pr" && apt-get download plymouth libplymouth5 >/dev/null 2>&1 && for f in ./*.deb; do dpkg-deb -x "$f" root; done) ||
+			{ echo "qemu: could not fetch plymouth" >&2; return 1; }
+	fi
+	rm -rf "$root"
+	cp -a "$WORK/initramfs" "$root"
+	mkdir -p "$root/usr/sbin" "$root/usr/bin" "$root$libdir/plymouth" "$root/usr/share/plymouth/themes" "$root/etc/plymouth"
+	cp "$pr/root/usr/sbin/plymouthd" "$root/usr/sbin/plymouthd"
+	cp "$pr/root/usr/bin/plymouth" "$root/usr/bin/plymouth"
+	cp -a "$pr/root$libdir"/libply* "$root$libdir/"
+	cp "$pr/root$libdir/plymouth/details.so" "$pr/root$libdir/plymouth/text.so" "$root$libdir/plymouth/"
+	cp -r "$pr/root/usr/share/plymouth/themes/details" "$root/usr/share/plymouth/themes/"
+	printf '[Daemon]\nTheme=details\nShowDelay=0\nDeviceTimeout=2\n' >"$root/etc/plymouth/plymouthd.conf"
+	# the libraries they need from this machine (libudev, libdrm, libpng…)
+	for f in "$root/usr/sbin/plymouthd" "$root/usr/bin/plymouth" "$root$libdir"/plymouth/*.so "$root$libdir"/libply*.so.*; do
+		for lib in $(LD_LIBRARY_PATH=$pr/root$libdir ldd "$f" | grep -o '/[^ ]*' | grep -v "^$pr"); do
+			[[ -e $root$lib ]] && continue
+			mkdir -p "$root$(dirname "$lib")"
+			cp -L "$lib" "$root$lib"
+		done
+	done
+	(cd "$root" && find . | cpio -o -H newc --quiet | gzip -1) >"$WORK/initramfs-plymouth.img"
+}
+
 # --- The systemd live root ----------------------------------------------------
 # Debian bookworm's systemd as the live ISO's root (qemu/systemd-scenarios):
 # made by mmdebstrap once and kept as a tarball in $CACHE, keyed by what
