@@ -337,41 +337,83 @@ state_of() { sed -n '/^=== MADOS-STATE$/,/^=== MADOS-END$/p' "$WORK/$1.log" | se
 # a copy of the installed dracut (nothing is installed into it), and the
 # busybox live root's ISO booted by it.
 build_dracut() {
-	build_dracut_initramfs
+	build_dracut_initramfs initramfs-dracut
 	dracut_iso "$WORK/airootfs.sfs" "$WORK/madOS-dracut.iso"
 }
+# build_dracut_initramfs [NAME]: $WORK/NAME.img (default initramfs-dracut),
+# its own build dirs (two scenarios may build at once). With
+# MADOS_PERSISTENCE_ENCRYPT=1 in the environment, our module's builder
+# switch, the image carries cryptsetup and dm_crypt (scenario mw).
 build_dracut_initramfs() {
-	local kv base=$WORK/dracut-base
+	local kv name=${1:-initramfs-dracut}
+	local base=$WORK/dracut-base-$name bin=$WORK/dracut-bin-$name
 	kv=$(kernel_version)
-	rm -rf "$base" "$WORK/dracut-bin"
+	rm -rf "$base" "$bin"
 	cp -a /usr/lib/dracut "$base"
 	cp -rT "$DRACUT_MODULE" "$base/modules.d/90mados-persistence"
-	mkdir -p "$WORK/dracut-bin"
-	cp "$BIN" "$WORK/dracut-bin/mados-persistence"
-	DRACUT_PATH="$WORK/dracut-bin /sbin /bin /usr/sbin /usr/bin" dracutbasedir=$base dracut --quiet --force --no-hostonly --no-hostonly-cmdline \
+	mkdir -p "$bin"
+	cp "$BIN" "$bin/mados-persistence"
+	DRACUT_PATH="$bin /sbin /bin /usr/sbin /usr/bin" dracutbasedir=$base dracut --quiet --force --no-hostonly --no-hostonly-cmdline \
 		--kver "$kv" --omit "systemd systemd-initrd systemd-networkd dracut-systemd plymouth i18n resume" \
 		--add "dmsquash-live mados-persistence" \
 		--add-drivers "xhci_pci xhci_hcd usb_storage sd_mod sr_mod cdrom isofs squashfs overlay ext4 loop crc32c_generic ata_piix autofs4" \
-		"$WORK/initramfs-dracut.img" 2>"$WORK/dracut.log" || { cat "$WORK/dracut.log" >&2; return 1; }
-	cp "/boot/vmlinuz-$kv" "$WORK/vmlinuz"
+		"$WORK/$name.img" 2>"$WORK/$name.dracut.log" || { cat "$WORK/$name.dracut.log" >&2; return 1; }
+	# build_all copied it; again only when another kernel is newer (a
+	# copy over the file a running guest boots from could cut it short)
+	cmp -s "/boot/vmlinuz-$kv" "$WORK/vmlinuz" || cp "/boot/vmlinuz-$kv" "$WORK/vmlinuz"
 }
 
 # dracut_iso SFS OUT: a Fedora-style live ISO, LiveOS/squashfs.img holding
 # the live root SFS
 dracut_iso() {
-	local tree=$WORK/dracut-isotree
+	local tree=$WORK/dracut-isotree-${2##*/}
 	rm -rf "$tree"
 	mkdir -p "$tree/LiveOS"
 	cp "$1" "$tree/LiveOS/squashfs.img"
 	"$REPO/tests/fixtures/mkimage" archiso "$2" "$tree"
 }
 
-# boot_dracut NAME APPEND QEMU-ARGS...: the dracut initramfs (dmsquash-live)
+# boot_dracut NAME APPEND QEMU-ARGS...: the dracut initramfs (dmsquash-live),
+# $WORK/$DRACUT_IMG.img (default initramfs-dracut)
 boot_dracut() {
 	local name=$1 append=$2
 	shift 2
-	qemu_kernel "$name" 300 "$WORK/initramfs-dracut.img" \
+	qemu_kernel "$name" 300 "$WORK/${DRACUT_IMG:-initramfs-dracut}.img" \
 		"root=live:CDLABEL=$ISO_LABEL rd.live.image rd.live.overlay.overlayfs=1 rd.shell=0 rd.emergency=poweroff $append" "$@"
+}
+
+# build_plymouth_initramfs: $WORK/initramfs-plymouth.img, the test
+# initramfs with Debian's plymouth (plymouthd, the client, the details
+# theme; the packages fetched with apt-get download once into $CACHE,
+# unpacked there, nothing installed on this machine). initramfs-init
+# starts plymouthd with madostest.plymouth=1 (scenario wy).
+build_plymouth_initramfs() {
+	local pr=$CACHE/plymouth root=$WORK/initramfs-plymouth libdir=/usr/lib/x86_64-linux-gnu f lib
+	if [[ ! -x $pr/root/usr/sbin/plymouthd ]]; then
+		rm -rf "$pr"
+		mkdir -p "$pr"
+		chmod 777 "$pr" # apt-get download runs as _apt
+		(cd "$pr" && apt-get download plymouth libplymouth5 >/dev/null 2>&1 && for f in ./*.deb; do dpkg-deb -x "$f" root; done) ||
+			{ echo "qemu: could not fetch plymouth" >&2; return 1; }
+	fi
+	rm -rf "$root"
+	cp -a "$WORK/initramfs" "$root"
+	mkdir -p "$root/usr/sbin" "$root/usr/bin" "$root$libdir/plymouth" "$root/usr/share/plymouth/themes" "$root/etc/plymouth"
+	cp "$pr/root/usr/sbin/plymouthd" "$root/usr/sbin/plymouthd"
+	cp "$pr/root/usr/bin/plymouth" "$root/usr/bin/plymouth"
+	cp -a "$pr/root$libdir"/libply* "$root$libdir/"
+	cp "$pr/root$libdir/plymouth/details.so" "$pr/root$libdir/plymouth/text.so" "$root$libdir/plymouth/"
+	cp -r "$pr/root/usr/share/plymouth/themes/details" "$root/usr/share/plymouth/themes/"
+	printf '[Daemon]\nTheme=details\nShowDelay=0\nDeviceTimeout=2\n' >"$root/etc/plymouth/plymouthd.conf"
+	# the libraries they need from this machine (libudev, libdrm, libpng…)
+	for f in "$root/usr/sbin/plymouthd" "$root/usr/bin/plymouth" "$root$libdir"/plymouth/*.so "$root$libdir"/libply*.so.*; do
+		for lib in $(LD_LIBRARY_PATH=$pr/root$libdir ldd "$f" | grep -o '/[^ ]*' | grep -v "^$pr"); do
+			[[ -e $root$lib ]] && continue
+			mkdir -p "$root$(dirname "$lib")"
+			cp -L "$lib" "$root$lib"
+		done
+	done
+	(cd "$root" && find . | cpio -o -H newc --quiet | gzip -1) >"$WORK/initramfs-plymouth.img"
 }
 
 # --- The systemd live root ----------------------------------------------------

@@ -339,6 +339,8 @@ pub fn run(o: &BootOptions) -> State {
                     disk_path.display()
                 );
             }
+            // which prompt asked for a new passphrase (state.json)
+            let mut asked_by = "console";
             let enc = if (s.encrypt || resume_encrypted) && !adopting {
                 if let Some(t) = &s.test_pbkdf {
                     st.warnings.push(format!(
@@ -348,7 +350,10 @@ pub fn run(o: &BootOptions) -> State {
                 }
                 let e = unlock::ask_new(&disk_path, &s);
                 t.lap("passphrase");
-                e.map(Some)
+                e.map(|(enc, by)| {
+                    asked_by = by;
+                    Some(enc)
+                })
             } else {
                 Ok(None)
             };
@@ -365,7 +370,7 @@ pub fn run(o: &BootOptions) -> State {
                     if let Some(m) = c.mapping.take() {
                         // the volume stays open for this boot
                         m.keep();
-                        st.encryption = Some(unlock::describe_new(&c.part));
+                        st.encryption = Some(unlock::describe_new(&c.part, asked_by));
                     }
                     log::info!(
                         "{} {} ({})",

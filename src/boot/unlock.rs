@@ -1,15 +1,18 @@
 //! Unlocking an encrypted persistence partition at boot: the passphrase
-//! asked on the console with echo off (three tries; an empty entry, Esc
-//! or nobody answering within `TIMEOUT`: this boot in RAM mode, reason
-//! `locked`), `cryptsetup open` (a wrong passphrase writes nothing on the
-//! partition), the mapping kept for the running system.
+//! asked through plymouth when its daemon runs, else on the console with
+//! echo off (three tries; an empty entry, Esc or nobody answering within
+//! `TIMEOUT`: this boot in RAM mode, reason `locked`), `cryptsetup open`
+//! (a wrong passphrase writes nothing on the partition), the mapping kept
+//! for the running system.
 
 use crate::boot::detect::Reason;
 use crate::boot::state::Encryption;
 use crate::disk::cryptsetup;
 use crate::disk::luks::Luks2Header;
 use crate::disk::stick::Encrypt;
-use crate::util::prompt::{self, Unlocked};
+use crate::util::plymouth;
+use crate::util::prompt::{self, Entry, Unlocked};
+use std::fs::File;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -22,6 +25,56 @@ pub const TRIES: u32 = 3;
 pub const TIMEOUT: Duration = Duration::from_secs(120);
 /// Where the question is asked.
 pub const CONSOLE: &str = "/dev/console";
+
+/// Where the questions are asked: plymouth when it runs (`plymouth
+/// --ping`), else the console.
+enum Asker {
+    Plymouth(PathBuf),
+    Console(File),
+}
+
+impl Asker {
+    /// Plymouth if it runs, else `CONSOLE` opened (its error when it
+    /// cannot be).
+    fn new() -> std::io::Result<Asker> {
+        if let Some(c) = plymouth::choose(plymouth::find(), plymouth::running) {
+            log::info!("asking through plymouth ({})", c.display());
+            return Ok(Asker::Plymouth(c));
+        }
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(nix::libc::O_NOCTTY)
+            .open(CONSOLE)
+            .map(Asker::Console)
+    }
+    /// What state.json's `unlocked_by` says.
+    fn name(&self) -> &'static str {
+        match self {
+            Asker::Plymouth(_) => "plymouth",
+            Asker::Console(_) => "console",
+        }
+    }
+    fn ask(&self, question: &str) -> anyhow::Result<Entry> {
+        match self {
+            Asker::Plymouth(c) => plymouth::ask(c, question, Some(TIMEOUT)),
+            Asker::Console(console) => {
+                let mut out = console;
+                prompt::ask_hidden(console, &mut out, question, Some(TIMEOUT))
+            }
+        }
+    }
+    fn say(&self, msg: &str) {
+        match self {
+            Asker::Plymouth(c) => plymouth::say(c, msg),
+            Asker::Console(console) => {
+                use std::io::Write;
+                let mut c = console;
+                let _ = writeln!(c, "{msg}");
+            }
+        }
+    }
+}
 
 /// What state.json says of the volume before it is unlocked.
 pub fn describe(part: &Path, h: &Luks2Header) -> Encryption {
@@ -62,6 +115,7 @@ pub fn unlock(part: &Path, read_only: bool, e: &mut Encryption) -> Result<PathBu
             ),
         ));
     }
+    cryptsetup::load_device_mapper();
     if !cryptsetup::device_mapper_available() {
         return Err(Reason::new(
             "locked",
@@ -72,13 +126,8 @@ pub fn unlock(part: &Path, read_only: bool, e: &mut Encryption) -> Result<PathBu
             ),
         ));
     }
-    let console = match std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .custom_flags(nix::libc::O_NOCTTY)
-        .open(CONSOLE)
-    {
-        Ok(c) => c,
+    let asker = match Asker::new() {
+        Ok(a) => a,
         Err(err) => {
             return Err(Reason::new(
                 "locked",
@@ -93,10 +142,9 @@ pub fn unlock(part: &Path, read_only: bool, e: &mut Encryption) -> Result<PathBu
         "\nPassphrase for the encrypted persistence on {} (Enter alone: this boot without it, in RAM): ",
         part.display()
     );
-    let mut out = &console;
     let r = prompt::unlock_loop(
         TRIES,
-        |_| prompt::ask_hidden(&console, &mut out, &question, Some(TIMEOUT)),
+        |_| asker.ask(&question),
         |pass| {
             log::info!("unlocking {} (LUKS2)", part.display());
             let opened = if read_only {
@@ -107,16 +155,14 @@ pub fn unlock(part: &Path, read_only: bool, e: &mut Encryption) -> Result<PathBu
             Ok(opened.then_some(()))
         },
         |msg| {
-            use std::io::Write;
-            let mut c = &console;
-            let _ = writeln!(c, "{msg}");
+            asker.say(msg);
             log::warn!("{msg}");
         },
     );
     match r {
         Unlocked::Open { try_no, .. } => {
             e.unlocked = true;
-            e.unlocked_by = Some("console".into());
+            e.unlocked_by = Some(asker.name().into());
             e.tries = try_no;
             e.mapper = Some(cryptsetup::mapper_path(MAPPER).display().to_string());
             log::info!("{} unlocked at try {try_no}", part.display());
@@ -134,10 +180,13 @@ pub fn unlock(part: &Path, read_only: bool, e: &mut Encryption) -> Result<PathBu
 }
 
 /// The settings ask for encrypted persistence and none exists: a new
-/// passphrase, asked twice on the console. `Err`: this boot runs in RAM
-/// (no passphrase, no way to encrypt here); no clear partition is ever
-/// made instead.
-pub fn ask_new(disk: &Path, s: &crate::settings::config::Settings) -> Result<Encrypt, Reason> {
+/// passphrase, asked twice (plymouth or the console). `Err`: this boot
+/// runs in RAM (no passphrase, no way to encrypt here); no clear
+/// partition is ever made instead. `Ok`: with which prompt asked it.
+pub fn ask_new(
+    disk: &Path,
+    s: &crate::settings::config::Settings,
+) -> Result<(Encrypt, &'static str), Reason> {
     let unavailable = |why: String| {
         Reason::new(
             "encrypt_unavailable",
@@ -151,6 +200,7 @@ pub fn ask_new(disk: &Path, s: &crate::settings::config::Settings) -> Result<Enc
     if let Err(e) = cryptsetup::find() {
         return Err(unavailable(format!("{e:#}")));
     }
+    cryptsetup::load_device_mapper();
     if !cryptsetup::device_mapper_available() {
         return Err(unavailable(
             "this initramfs has no device-mapper (dm_mod, dm_crypt)".into(),
@@ -175,17 +225,11 @@ pub fn ask_new(disk: &Path, s: &crate::settings::config::Settings) -> Result<Enc
         },
         None => cryptsetup::DEFAULT_PBKDF,
     };
-    let console = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .custom_flags(nix::libc::O_NOCTTY)
-        .open(CONSOLE)
-        .map_err(|e| {
-            unavailable(format!(
-                "there is no console to ask for a passphrase on ({CONSOLE}: {e})"
-            ))
-        })?;
-    let mut out = &console;
+    let asker = Asker::new().map_err(|e| {
+        unavailable(format!(
+            "there is no console to ask for a passphrase on ({CONSOLE}: {e})"
+        ))
+    })?;
     let first = format!(
         "\nNew passphrase for the encrypted persistence on {} (Enter alone: this boot in RAM, asked again next boot): ",
         disk.display()
@@ -198,20 +242,19 @@ pub fn ask_new(disk: &Path, s: &crate::settings::config::Settings) -> Result<Enc
             } else {
                 first.as_str()
             };
-            prompt::ask_hidden(&console, &mut out, q, Some(TIMEOUT))
+            asker.ask(q)
         },
-        |msg| {
-            use std::io::Write;
-            let mut c = &console;
-            let _ = writeln!(c, "{msg}");
-        },
+        |msg| asker.say(msg),
     );
     match r {
-        Ok(passphrase) => Ok(Encrypt {
-            passphrase,
-            pbkdf,
-            mapper: MAPPER.into(),
-        }),
+        Ok(passphrase) => Ok((
+            Encrypt {
+                passphrase,
+                pbkdf,
+                mapper: MAPPER.into(),
+            },
+            asker.name(),
+        )),
         Err(why) => Err(Reason::new(
             "no_passphrase",
             format!(
@@ -223,8 +266,9 @@ pub fn ask_new(disk: &Path, s: &crate::settings::config::Settings) -> Result<Enc
     }
 }
 
-/// state.json's `encryption` for a volume made at this boot.
-pub fn describe_new(part: &Path) -> Encryption {
+/// state.json's `encryption` for a volume made at this boot, its
+/// passphrase asked by the `asked_by` prompt.
+pub fn describe_new(part: &Path, asked_by: &str) -> Encryption {
     let uuid = std::fs::File::open(part)
         .ok()
         .and_then(|mut f| crate::disk::luks::probe(&mut f).ok().flatten())
@@ -232,7 +276,7 @@ pub fn describe_new(part: &Path) -> Encryption {
         .unwrap_or_default();
     let mut e = describe_uuid(part, &uuid);
     e.unlocked = true;
-    e.unlocked_by = Some("console-new".into());
+    e.unlocked_by = Some(format!("{asked_by}-new"));
     e.tries = 1;
     e.mapper = Some(cryptsetup::mapper_path(MAPPER).display().to_string());
     e

@@ -398,6 +398,46 @@ pub fn device_mapper_available() -> bool {
         .is_ok()
 }
 
+/// `modprobe`'s arguments for device-mapper and its crypt target.
+pub fn modprobe_args() -> Vec<String> {
+    vec!["-a".into(), "dm_mod".into(), "dm_crypt".into()]
+}
+
+/// At boot, before `device_mapper_available`: an initramfs that makes no
+/// static device nodes (mkinitcpio's) has no /dev/mapper/control until
+/// dm_mod is loaded (devtmpfs then makes it), and nothing loads it, so
+/// `modprobe -a dm_mod dm_crypt` (logged; a failure only warned about,
+/// the check after it says what is missing).
+pub fn load_device_mapper() {
+    if Path::new("/dev/mapper/control").exists() {
+        return;
+    }
+    let Some(modprobe) = DIRS
+        .iter()
+        .map(|d| Path::new(d).join("modprobe"))
+        .find(|p| p.is_file())
+    else {
+        log::warn!("no modprobe to load dm_mod and dm_crypt with");
+        return;
+    };
+    let args = modprobe_args();
+    log::info!("running {} {}", modprobe.display(), args.join(" "));
+    match Command::new(&modprobe)
+        .args(&args)
+        .stdin(Stdio::null())
+        .output()
+    {
+        Ok(o) if o.status.success() => {}
+        Ok(o) => log::warn!(
+            "{} {} failed: {}",
+            modprobe.display(),
+            args.join(" "),
+            String::from_utf8_lossy(&o.stderr).trim()
+        ),
+        Err(e) => log::warn!("starting {}: {e}", modprobe.display()),
+    }
+}
+
 pub fn mapper_path(name: &str) -> PathBuf {
     Path::new("/dev/mapper").join(name)
 }
@@ -660,6 +700,11 @@ mod tests {
       "kdf":{"type":"argon2id","time":4,"memory":262144,"cpus":2,"salt":"6rbW"}}},
       "tokens":{},"segments":{"0":{"type":"crypt","offset":"16777216","size":"dynamic","iv_tweak":"0",
       "encryption":"aes-xts-plain64","sector_size":4096}},"digests":{},"config":{"json_size":"12288","keyslots_size":"16744448"}}"#;
+
+    #[test]
+    fn modprobe_loads_device_mapper_and_its_crypt_target() {
+        assert_eq!(modprobe_args(), ["-a", "dm_mod", "dm_crypt"]);
+    }
 
     #[test]
     fn format_args_fix_the_cost_and_keep_the_passphrase_off_the_command_line() {

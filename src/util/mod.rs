@@ -4,6 +4,7 @@
 pub mod fsutil;
 pub mod logging;
 pub mod overlayfs;
+pub mod plymouth;
 pub mod prompt;
 pub mod safefs;
 pub mod secret;
