@@ -619,3 +619,103 @@ fn an_encrypted_persistence_whose_entry_is_gone_is_adopted_not_reformatted() {
     );
     std::fs::remove_dir_all(&d).unwrap();
 }
+
+/// A passphrase change killed anywhere (the command and its cryptsetup,
+/// the whole process group, SIGKILL) leaves a passphrase that opens the
+/// volume: the old one or the new one, never none. Not a power cut (the
+/// page cache survives a kill), but every instant of the add, the check
+/// and the removal: 8 instants spread over an uncut change's own time.
+#[test]
+fn a_passphrase_change_killed_anywhere_leaves_one_that_opens() {
+    if !require_root("a_passphrase_change_killed_anywhere_leaves_one_that_opens") {
+        return;
+    }
+    use std::os::unix::process::CommandExt;
+    let d = tmpdir("luks-pass-kill");
+    let (img, _) = encrypted_image(&d, "old secret");
+    let (one, two) = (d.join("one"), d.join("two"));
+    std::fs::write(&one, "old secret").unwrap();
+    std::fs::write(&two, "new secret").unwrap();
+    let change = |img: &Path| {
+        Command::new(env!("CARGO_BIN_EXE_mados-persistence"))
+            .args(["passphrase", "--device"])
+            .arg(img)
+            .arg("--old-passphrase-file")
+            .arg(&one)
+            .arg("--new-passphrase-file")
+            .arg(&two)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .process_group(0)
+            .spawn()
+            .unwrap()
+    };
+    let detach = |img: &Path| {
+        let _ = Command::new("losetup")
+            .args(["-j"])
+            .arg(img)
+            .output()
+            .map(|o| {
+                for l in String::from_utf8_lossy(&o.stdout).lines() {
+                    if let Some(dev) = l.split(':').next() {
+                        let _ = Command::new("losetup").args(["-d", dev]).status();
+                    }
+                }
+            });
+    };
+    // the uncut change, timed
+    let whole = d.join("whole.img");
+    run(
+        "cp",
+        &[
+            "--sparse=always",
+            img.to_str().unwrap(),
+            whole.to_str().unwrap(),
+        ],
+    );
+    let t0 = std::time::Instant::now();
+    assert!(change(&whole).wait().unwrap().success());
+    let took = t0.elapsed();
+    assert!(opens(&whole, "new secret") && !opens(&whole, "old secret"));
+    let mut seen = (0, 0, 0); // old only, new only, both
+    for i in 1..=8u32 {
+        let cut = d.join(format!("cut{i}.img"));
+        run(
+            "cp",
+            &[
+                "--sparse=always",
+                img.to_str().unwrap(),
+                cut.to_str().unwrap(),
+            ],
+        );
+        let mut child = change(&cut);
+        std::thread::sleep(took * i / 9);
+        let pg = nix::unistd::Pid::from_raw(-(child.id() as i32));
+        let _ = nix::sys::signal::kill(pg, nix::sys::signal::Signal::SIGKILL);
+        let _ = child.wait();
+        // (a cryptsetup still exiting holds the image: wait for the group)
+        while nix::sys::signal::kill(pg, None).is_ok() {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        detach(&cut);
+        let (o, n) = (opens(&cut, "old secret"), opens(&cut, "new secret"));
+        eprintln!(
+            "killed at {:?} of {took:?}: old opens {o}, new opens {n}",
+            took * i / 9
+        );
+        assert!(
+            o || n,
+            "killed at {:?}: no passphrase opens it",
+            took * i / 9
+        );
+        match (o, n) {
+            (true, false) => seen.0 += 1,
+            (false, true) => seen.1 += 1,
+            _ => seen.2 += 1,
+        }
+        std::fs::remove_file(&cut).unwrap();
+    }
+    eprintln!("old only {}, new only {}, both {}", seen.0, seen.1, seen.2);
+    std::fs::remove_dir_all(&d).unwrap();
+}
