@@ -356,8 +356,10 @@ fn a_sync_of_small_files_costs_two_commits() {
         );
         // the data with the next generation record, then the renames with
         // its switch: every fsync or write_atomic of its own was a commit
-        // more (five before the batching)
-        assert!(c1 - c0 <= 2, "{} journal commits for one sync", c1 - c0);
+        // more (five before the batching). Two on an idle machine; a third
+        // was seen under load (CI's cargo test beside other QEMU and root
+        // tests): the data's writeback not done by the first commit
+        assert!(c1 - c0 <= 3, "{} journal commits for one sync", c1 - c0);
         assert!(w1 - w0 >= changed, "less written than changed?");
         assert!(
             (w1 - w0) * 2 <= changed * 3,
