@@ -14,7 +14,7 @@ use common::*;
 use mados_persistence::disk::cryptsetup::{self, Pbkdf, Secret};
 use mados_persistence::disk::luks;
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 
 /// Cheap enough for tests; the default's unlock is timed separately.
 const TEST_COST: Pbkdf = Pbkdf {
@@ -25,22 +25,6 @@ const TEST_COST: Pbkdf = Pbkdf {
 
 fn secret(s: &str) -> Secret {
     Secret::new(s.as_bytes().to_vec()).unwrap()
-}
-
-fn mp(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_mados-persistence"))
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap()
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
 }
 
 fn has_device_mapper() -> bool {

@@ -7,17 +7,9 @@ mod common;
 
 use common::*;
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::Command;
 
 const GIB: u64 = 1 << 30;
-
-fn mp(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_mados-persistence"))
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap()
-}
 
 fn ok(args: &[&str]) -> String {
     let o = mp(args);

@@ -341,22 +341,6 @@ fn the_boot_restore_cut_after_every_step_is_finished_or_rolled_back() {
     std::fs::remove_dir_all(&d).unwrap();
 }
 
-fn mp(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_mados-persistence"))
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap()
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
 fn ok(args: &[&str]) -> String {
     let o = mp(args);
     assert!(o.status.success(), "{args:?}: {}", text(&o));

@@ -232,6 +232,10 @@ pub fn build(
 }
 
 pub fn ago(now_ms: u64, then_ms: u64) -> String {
+    // 0: the daemon never wrote that time (it died before its first update)
+    if then_ms == 0 {
+        return "never".into();
+    }
     let s = now_ms.saturating_sub(then_ms) / 1000;
     match s {
         0..=59 => format!("{s} s ago"),
@@ -1102,6 +1106,15 @@ mod tests {
         assert!(
             text.contains("LOCKED this boot: the next boot asks"),
             "{text}"
+        );
+    }
+
+    #[test]
+    fn a_time_never_written_is_never_not_decades_ago() {
+        assert_eq!(ago(1_800_000_000_000, 0), "never");
+        assert_eq!(
+            ago(1_800_000_000_000, 1_800_000_000_000 - 90_000),
+            "1 min ago"
         );
     }
 

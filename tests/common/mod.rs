@@ -171,3 +171,21 @@ pub fn private_mounts() {
     )
     .expect("making / private");
 }
+
+/// The binary under test run with `args`, stdin closed.
+pub fn mp(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_mados-persistence"))
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap()
+}
+
+/// A command's stdout then stderr, as text.
+pub fn text(o: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
