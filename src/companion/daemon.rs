@@ -335,16 +335,36 @@ pub fn run() -> Result<()> {
     }
     let dirs: Vec<&Path> = tiers.iter().map(|t| Path::new(t.dir.as_str())).collect();
     let track = health_tracking() && !st.read_only;
-    let mut watch = (!dirs.is_empty())
-        .then(|| super::watch::Watch::new(&dirs, track))
-        .and_then(|w| {
-            w.map_err(|e| {
+    // the tiers' writes: by file handle on the tier tmpfs (nothing held),
+    // else by fd on the overlays (a removed file's RAM held until the
+    // drain), else sampling alone
+    let release = nix::sys::utsname::uname()
+        .map(|u| u.release().to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let mut watch = ram.as_deref().and_then(|r| {
+        if !super::watch::upper_sees_overlay_writes(&release) {
+            log::info!(
+                "kernel {release} does not report overlay writes on the tier tmpfs (before 6.5): tier writes watched by fd on the overlays"
+            );
+            return None;
+        }
+        super::watch::Watch::by_handle(&[r], track)
+            .map_err(|e| {
+                log::info!(
+                    "tier writes not watched by file handle ({e:#}): by fd on the overlays"
+                )
+            })
+            .ok()
+    });
+    if watch.is_none() && !dirs.is_empty() {
+        watch = super::watch::Watch::new(&dirs, track)
+            .map_err(|e| {
                 log::info!(
                     "no fanotify ({e:#}): tier writes are seen by sampling the tier's RAM use"
                 )
             })
-            .ok()
-        });
+            .ok();
+    }
     live.stats.health.tracking = track && (dirs.is_empty() || watch.is_some());
     let tdirs = if track && st.mode == "persistent" {
         tmpfs_dirs(&st)
@@ -352,8 +372,10 @@ pub fn run() -> Result<()> {
         vec![]
     };
     let tref: Vec<&Path> = tdirs.iter().map(|p| p.as_path()).collect();
+    // the tmpfs dirs by file handle only: a watch by fd would hold every
+    // removed file's RAM until the drain, for a count
     let mut tmpfs_watch = (!tref.is_empty())
-        .then(|| super::watch::Watch::new(&tref, true))
+        .then(|| super::watch::Watch::by_handle(&tref, true))
         .and_then(|w| {
             w.map_err(|e| log::info!("bytes written to the tmpfs dirs not counted ({e:#})"))
                 .ok()
