@@ -77,11 +77,11 @@ fn kept_off_counts_match_a_known_workload() {
     // tmpfs dir, by file handle
     let ram = r.d.join("ram");
     let tier_w = drainer(
-        Watch::by_handle(&[ram.as_path()], true).unwrap(),
+        Watch::by_handle(&[ram.as_path()], "tmpfs", true).unwrap().0,
         stop.clone(),
     );
     let tmp_w = drainer(
-        Watch::by_handle(&[tmp.as_path()], true).unwrap(),
+        Watch::by_handle(&[tmp.as_path()], "tmpfs", true).unwrap().0,
         stop.clone(),
     );
     let mut m = Manifest::default();
@@ -164,6 +164,8 @@ fn kept_off_counts_match_a_known_workload() {
         health::kept_off(tier_written, synced, waiting, tmpfs_written),
         23 * MIB,
     );
+    // the watches hold the marked dirs open
+    drop((tier_w, tmp_w));
     sh(&format!("umount {}", tmp.display()));
 }
 
@@ -210,6 +212,47 @@ fn a_watch_never_holds_a_removed_file() {
         "a watch by fd holds the removed file (the fault this test catches): {by_fd:?}"
     );
     // by file handle, as the daemon watches: nothing held
-    rewrite_after_remove("health-hold-fid", |t| Watch::by_handle(&[t], true).unwrap())
-        .expect("the removed file's RAM is free at once");
+    rewrite_after_remove("health-hold-fid", |t| {
+        Watch::by_handle(&[t], "tmpfs", true).unwrap().0
+    })
+    .expect("the removed file's RAM is free at once");
+}
+
+#[test]
+fn a_watch_by_handle_marks_only_mount_points_of_its_type_and_no_symlink() {
+    if !require_root("a_watch_by_handle_marks_only_mount_points_of_its_type_and_no_symlink") {
+        return;
+    }
+    private_mounts();
+    let d = tmpdir("health-marks");
+    let (t, plain, link, over) = (d.join("t"), d.join("plain"), d.join("link"), d.join("over"));
+    for p in [&t, &plain, &over] {
+        fs::create_dir_all(p).unwrap();
+    }
+    std::os::unix::fs::symlink(&t, &link).unwrap();
+    sh(&format!("mount -t tmpfs -o size=8M tmpfs {}", t.display()));
+    // a tmpfs with something else mounted over it (as a user's FUSE
+    // mount over their tmpfs ~/.cache would be): not opened
+    sh(&format!(
+        "mount -t tmpfs -o size=8M tmpfs {0} && mount --bind {1} {0}",
+        over.display(),
+        plain.display()
+    ));
+    let (w, failed) = Watch::by_handle(
+        &[link.as_path(), plain.as_path(), over.as_path(), t.as_path()],
+        "tmpfs",
+        true,
+    )
+    .unwrap();
+    assert!(w.holds_nothing());
+    assert_eq!(failed.len(), 3, "{failed:?}");
+    for (f, p) in failed.iter().zip([&link, &plain, &over]) {
+        assert!(
+            f.starts_with(&p.display().to_string()) && f.contains("not a tmpfs mount point"),
+            "{f}"
+        );
+    }
+    drop(w);
+    assert!(Watch::by_handle(&[link.as_path()], "tmpfs", true).is_err());
+    sh(&format!("umount {0} {0} {1}", over.display(), t.display()));
 }

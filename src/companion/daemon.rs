@@ -348,7 +348,8 @@ pub fn run() -> Result<()> {
             );
             return None;
         }
-        super::watch::Watch::by_handle(&[r], track)
+        super::watch::Watch::by_handle(&[r], "tmpfs", track)
+            .map(|(w, _)| w)
             .map_err(|e| {
                 log::info!(
                     "tier writes not watched by file handle ({e:#}): by fd on the overlays"
@@ -375,10 +376,16 @@ pub fn run() -> Result<()> {
     // the tmpfs dirs by file handle only: a watch by fd would hold every
     // removed file's RAM until the drain, for a count
     let mut tmpfs_watch = (!tref.is_empty())
-        .then(|| super::watch::Watch::by_handle(&tref, true))
+        .then(|| super::watch::Watch::by_handle(&tref, "tmpfs", true))
         .and_then(|w| {
-            w.map_err(|e| log::info!("bytes written to the tmpfs dirs not counted ({e:#})"))
-                .ok()
+            w.map(|(w, failed)| {
+                for f in failed {
+                    log::info!("bytes written to {f}: not counted");
+                }
+                w
+            })
+            .map_err(|e| log::info!("bytes written to the tmpfs dirs not counted ({e:#})"))
+            .ok()
         });
     if !track {
         log::info!("not counting bytes written into RAM (MADOS_PERSISTENCE_HEALTH=off)");

@@ -15,17 +15,21 @@
 //!   overlay is a write to its upper file, and fanotify reports it there),
 //!   the tmpfs dirs on themselves (the tier tmpfs only from Linux 6.5,
 //!   `upper_sees_overlay_writes`: before, overlayfs hid its writes to the
-//!   upper from fanotify). With `track`, each event's file is
-//!   opened by its handle (`open_by_handle_at`, `O_PATH`) and `statx`ed. A
-//!   file removed before the drain cannot be opened any more: its bytes
-//!   are not counted (the count is a lower bound). Needs a filesystem with
-//!   an fsid and file handles: tmpfs has both on the kernels the live
-//!   systems run (seen on 6.18); an overlay mark by handle is refused.
+//!   upper from fanotify). Each marked dir is checked to be a tmpfs mount
+//!   point at the top of its stack, opened without following a symlink
+//!   and held open. With `track`, each event's file is opened by its
+//!   handle on that dir (`open_by_handle_at`, `O_PATH`: nothing of the
+//!   file is opened, a FIFO's or a device's open never runs) and
+//!   `statx`ed. A file removed before the drain cannot be opened any more:
+//!   its bytes are not counted (the count is a lower bound). Needs a
+//!   filesystem with an fsid and file handles: tmpfs has both (seen on
+//!   6.1 and 6.18); an overlay's filesystem mark by handle is refused.
 //! - **By file descriptor** (`Watch::new`): each event carries an open fd
 //!   of its file, `statx`ed with `track`. The event holds its file until
-//!   it is read: a file written and removed keeps its RAM for up to a
-//!   second, and a write that needs that room fails with ENOSPC in a full
-//!   tmpfs or tier (`tests/root_health.rs` shows it). Only for the tiers
+//!   it is read: a file written and removed keeps its RAM until the drain
+//!   (a second, a few under a writer that outruns `hot::DRAIN_MAX`), and
+//!   a write that needs that room fails with ENOSPC in a full tmpfs or
+//!   tier meanwhile (`tests/root_health.rs` shows it). Only for the tiers
 //!   on kernels before 6.5, on the tier overlays themselves; the tmpfs
 //!   dirs are watched by handle or not at all (their bytes then not
 //!   counted).
@@ -40,11 +44,11 @@ use std::path::Path;
 
 pub struct Watch {
     fan: Fanotify,
-    /// By handle: each marked filesystem's fsid and its marked dir (opened
-    /// at a drain to open the events' handles on, its fsid checked: an fd
-    /// kept open would make the filesystem busy at its unmount); None: by
-    /// fd.
-    mounts: Option<Vec<([u8; 8], std::path::PathBuf)>>,
+    /// By handle: each marked filesystem's fsid and its marked dir, held
+    /// open to open the events' handles on; None: by fd.
+    mounts: Option<Vec<([u8; 8], crate::util::safefs::Dir)>>,
+    /// The read buffer of a watch by handle (allocated once).
+    buf: Vec<u8>,
     /// The bytes written, when tracked.
     pub written: Option<super::health::Written>,
     /// Queue overflows seen (writes then not counted).
@@ -64,14 +68,22 @@ impl Watch {
         Ok(Watch {
             fan,
             mounts: None,
+            buf: vec![],
             written: track.then(Default::default),
             overflows: 0,
         })
     }
 
-    /// By file handle (nothing held): mark the filesystem of each of
-    /// `dirs`; an error where the kernel or the filesystem refuses it.
-    pub fn by_handle(dirs: &[&Path], track: bool) -> Result<Watch> {
+    /// By file handle (nothing held): mark the filesystem mounted at each
+    /// of `dirs`. Each is checked to be a mount point of `fstype` in
+    /// /proc/self/mountinfo (the top one there: not a mount a user put
+    /// over it, which could make the open below wait on a FUSE server),
+    /// opened without following a symlink (`safefs::Dir::open_no_symlinks`),
+    /// marked through that fd, and held open (the daemon stops before the
+    /// local filesystems are unmounted). The dirs that cannot be are
+    /// returned with the reason; none marked is an error, as is a kernel or
+    /// filesystem that refuses marks by handle.
+    pub fn by_handle(dirs: &[&Path], fstype: &str, track: bool) -> Result<(Watch, Vec<String>)> {
         let fan = Fanotify::init(
             InitFlags::FAN_CLASS_NOTIF
                 | InitFlags::FAN_CLOEXEC
@@ -80,20 +92,50 @@ impl Watch {
             super::hot::EVENT_FLAGS,
         )
         .context("fanotify_init (FAN_REPORT_FID)")?;
-        mark(&fan, dirs)?;
+        // this thread's mounts (a thread may have a namespace of its own)
+        let table = crate::disk::mountinfo::parse(
+            &std::fs::read_to_string("/proc/thread-self/mountinfo").unwrap_or_default(),
+        );
         let mut mounts = vec![];
+        let mut failed = vec![];
         for d in dirs {
-            let id = open_dir(d)
-                .and_then(|fd| fsid(fd.as_fd()))
-                .with_context(|| format!("statfs {}", d.display()))?;
-            mounts.push((id, d.to_path_buf()));
+            let r = (|| -> Result<([u8; 8], crate::util::safefs::Dir)> {
+                let top = crate::disk::mountinfo::at(&table, &d.to_string_lossy())
+                    .map(|m| m.fstype.clone());
+                if top.as_deref() != Some(fstype) {
+                    anyhow::bail!(
+                        "not a {fstype} mount point (the top mount there: {})",
+                        top.as_deref().unwrap_or("none")
+                    );
+                }
+                let dir = crate::util::safefs::Dir::open_no_symlinks(d)?;
+                fan.mark(
+                    MarkFlags::FAN_MARK_ADD | MarkFlags::FAN_MARK_FILESYSTEM,
+                    MaskFlags::FAN_MODIFY,
+                    dir.as_fd(),
+                    None::<&Path>,
+                )
+                .context("fanotify_mark")?;
+                Ok((fsid(dir.as_fd()).context("statfs")?, dir))
+            })();
+            match r {
+                Ok(m) => mounts.push(m),
+                Err(e) => failed.push(format!("{}: {e:#}", d.display())),
+            }
         }
-        Ok(Watch {
-            fan,
-            mounts: Some(mounts),
-            written: track.then(Default::default),
-            overflows: 0,
-        })
+        if mounts.is_empty() {
+            anyhow::bail!("nothing marked by file handle ({})", failed.join("; "));
+        }
+        Ok((
+            Watch {
+                fan,
+                mounts: Some(mounts),
+                buf: vec![0u8; 16 << 10],
+                written: track.then(Default::default),
+                overflows: 0,
+            },
+            failed,
+        ))
     }
 
     /// Whether events name files by handle (nothing held).
@@ -141,18 +183,14 @@ impl Watch {
     fn wrote_by_handle(&mut self) -> bool {
         let mut any = false;
         let mut seen = 0;
-        // a few events' worth at a time (an event by handle is about 48
-        // bytes; the kernel returns whole events only)
-        let mut buf = vec![0u8; 16 << 10];
-        // the marked dirs opened this drain, by fsid
-        let mut open: Vec<([u8; 8], Option<OwnedFd>)> = vec![];
         while seen < super::hot::DRAIN_MAX {
-            let n = match nix::unistd::read(self.fan.as_fd(), &mut buf) {
+            // whole events only, about 56 bytes each (tmpfs' 12-byte handle)
+            let n = match nix::unistd::read(self.fan.as_fd(), &mut self.buf) {
                 Ok(0) => return any,
                 Ok(n) => n,
                 Err(e) => return self.read_failed(e, any),
             };
-            for e in parse_fid_events(&buf[..n]) {
+            for e in parse_fid_events(&self.buf[..n]) {
                 seen += 1;
                 if e.mask & nix::libc::FAN_Q_OVERFLOW != 0 {
                     self.overflows += 1;
@@ -163,27 +201,10 @@ impl Watch {
                 else {
                     continue;
                 };
-                let i =
-                    match open.iter().position(|(id, _)| *id == fid.fsid) {
-                        Some(i) => i,
-                        None => {
-                            // the dir of that fsid, if it is still that filesystem
-                            let fd = mounts.iter().find(|(id, _)| *id == fid.fsid).and_then(
-                                |(id, p)| {
-                                    open_dir(p)
-                                        .ok()
-                                        .filter(|fd| fsid(fd.as_fd()).ok() == Some(*id))
-                                },
-                            );
-                            open.push((fid.fsid, fd));
-                            open.len() - 1
-                        }
-                    };
-                let Some(m) = open[i].1.as_ref() else {
-                    continue;
-                };
-                // gone (ESTALE) or not ours to open: not counted
-                if let Some(fd) = open_handle(m.as_fd(), &fid)
+                // gone (ESTALE: removed before the drain), or of no
+                // filesystem marked here: not counted
+                if let Some((_, m)) = mounts.iter().find(|(id, _)| *id == fid.fsid)
+                    && let Some(fd) = open_handle(m.as_fd(), &fid)
                     && let Some(f) = identity(fd.as_fd())
                 {
                     w.seen(f);
@@ -230,17 +251,6 @@ pub fn upper_sees_overlay_writes(release: &str) -> bool {
         return false;
     };
     (major, minor) >= (6, 5)
-}
-
-/// A marked dir, to open handles on (not `O_PATH`: `open_by_handle_at`
-/// refuses one, EBADF).
-fn open_dir(d: &Path) -> Result<OwnedFd> {
-    nix::fcntl::open(
-        d,
-        nix::fcntl::OFlag::O_RDONLY | nix::fcntl::OFlag::O_DIRECTORY | nix::fcntl::OFlag::O_CLOEXEC,
-        nix::sys::stat::Mode::empty(),
-    )
-    .with_context(|| format!("opening {}", d.display()))
 }
 
 /// The fsid `statfs` gives the filesystem of `fd`, as fanotify reports it.
