@@ -256,3 +256,45 @@ fn a_watch_by_handle_marks_only_mount_points_of_its_type_and_no_symlink() {
     assert!(Watch::by_handle(&[link.as_path()], "tmpfs", true).is_err());
     sh(&format!("umount {0} {0} {1}", over.display(), t.display()));
 }
+
+#[test]
+fn the_tier_watch_never_holds_a_file_removed_in_the_tier() {
+    if !require_root("the_tier_watch_never_holds_a_file_removed_in_the_tier") {
+        return;
+    }
+    let release = nix::sys::utsname::uname().unwrap();
+    let release = release.release().to_string_lossy();
+    if !mados_persistence::companion::watch::upper_sees_overlay_writes(&release) {
+        eprintln!("SKIP: kernel {release}: the tier is watched by fd on its overlay before 6.5");
+        return;
+    }
+    // the rig's tier: the overlay over a 128 MiB tmpfs of RAM uppers;
+    // 80 MiB written through the overlay, removed, written again
+    let r = rig("health-hold-tier");
+    let ram = r.d.join("ram");
+    let v = &r.view;
+    let run = |w: Watch| {
+        try_write(&v.join("a"), 80).unwrap();
+        fs::remove_file(v.join("a")).unwrap();
+        let res = try_write(&v.join("b"), 80);
+        // the watch saw the tier's writes (the idle trigger's job)
+        let mut w = w;
+        let seen = w.wrote();
+        let _ = fs::remove_file(v.join("b"));
+        (res.map_err(|e| e.raw_os_error()), seen)
+    };
+    // by fd on the overlay (before 6.5): the fault
+    let (by_fd, _) = run(Watch::new(&[v.as_path()], true).unwrap());
+    assert_eq!(
+        by_fd,
+        Err(Some(nix::libc::ENOSPC)),
+        "a watch by fd holds the removed file"
+    );
+    // by handle on the tier tmpfs, as the daemon watches from 6.5
+    let (by_handle, seen) = run(Watch::by_handle(&[ram.as_path()], "tmpfs", true).unwrap().0);
+    assert_eq!(by_handle, Ok(()), "the removed file's RAM is free at once");
+    assert!(
+        seen,
+        "writes through the overlay are seen on the tier tmpfs"
+    );
+}
