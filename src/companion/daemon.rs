@@ -379,12 +379,16 @@ pub fn run() -> Result<()> {
         .then(|| super::watch::Watch::by_handle(&tref, "tmpfs", true))
         .and_then(|w| {
             w.map(|(w, failed)| {
-                for f in failed {
+                for f in &failed {
                     log::info!("bytes written to {f}: not counted");
                 }
+                live.stats.health.tmpfs_uncounted = !failed.is_empty();
                 w
             })
-            .map_err(|e| log::info!("bytes written to the tmpfs dirs not counted ({e:#})"))
+            .map_err(|e| {
+                log::info!("bytes written to the tmpfs dirs not counted ({e:#})");
+                live.stats.health.tmpfs_uncounted = true;
+            })
             .ok()
         });
     if !track {

@@ -102,6 +102,9 @@ pub struct HealthStats {
     /// The daemon counts bytes written (off: `MADOS_PERSISTENCE_HEALTH=off`,
     /// no fanotify, or a daemon of an older release).
     pub tracking: bool,
+    /// Some tmpfs dir could not be watched: its bytes are not in
+    /// `tmpfs_written` (the daemon's log names it).
+    pub tmpfs_uncounted: bool,
     pub tier_written: u64,
     pub tmpfs_written: u64,
     /// Bytes this boot's syncs wrote to the stick.
@@ -218,7 +221,8 @@ pub fn encode(s: &Stats) -> [u64; WORDS] {
         h.next_sync_unix_ms,
         h.tracked_files,
         h.overflows,
-        u64::from(h.tracking),
+        // flags: bit 0 tracking, bit 1 a tmpfs dir not counted
+        u64::from(h.tracking) | (u64::from(h.tmpfs_uncounted) << 1),
     ]);
     w
 }
@@ -292,6 +296,7 @@ pub fn decode(w: &[u64; WORDS]) -> Result<Stats> {
             tracked_files: w[HEALTH_AT + 5],
             overflows: w[HEALTH_AT + 6],
             tracking: w[1] >= 3 && w[HEALTH_AT + 7] & 1 != 0,
+            tmpfs_uncounted: w[1] >= 3 && w[HEALTH_AT + 7] & 2 != 0,
         },
     })
 }
@@ -507,6 +512,7 @@ mod tests {
             },
             health: HealthStats {
                 tracking: true,
+                tmpfs_uncounted: true,
                 tier_written: 90 << 20,
                 tmpfs_written: 300 << 20,
                 synced: 12 << 20,

@@ -77,6 +77,9 @@ pub struct KeptOff {
     pub tier_kept_off: u64,
     /// Bytes seen written to the tmpfs dirs (none of it reaches the stick).
     pub tmpfs_written: u64,
+    /// Every tmpfs dir counted (false: the daemon could not watch one; its
+    /// log names it).
+    pub tmpfs_counted: bool,
     /// Both, and their ratio to what reached the stick (null: nothing
     /// reached it yet).
     pub kept_off: u64,
@@ -254,6 +257,7 @@ pub fn build(st: &State, i: &Inputs) -> Option<Health> {
             synced: h.synced,
             tier_kept_off,
             tmpfs_written: h.tmpfs_written,
+            tmpfs_counted: !h.tmpfs_uncounted,
             kept_off: kept,
             ratio: (h.synced > 0).then(|| kept as f64 / h.synced as f64),
         }
@@ -487,11 +491,16 @@ pub fn render(x: &Health) -> String {
             line(
                 "kept off:",
                 format!(
-                    "{} in all, {ratio}: {} written into the RAM tier, {} of it overwritten or deleted before a sync; {} written to the tmpfs dirs",
+                    "{} in all, {ratio}: {} written into the RAM tier, {} of it overwritten or deleted before a sync; {} written to the tmpfs dirs{}",
                     h(k.kept_off),
                     h(k.tier_written),
                     h(k.tier_kept_off),
-                    h(k.tmpfs_written)
+                    h(k.tmpfs_written),
+                    if k.tmpfs_counted {
+                        ""
+                    } else {
+                        " (not all of them counted: see the daemon's log)"
+                    }
                 ),
             );
         }
@@ -930,6 +939,7 @@ mod tests {
         assert!(!t.contains("largest:"), "{t}");
         let j = serde_json::to_value(&x).unwrap();
         assert_eq!(j["kept_off"]["tmpfs_written"], 100 << 20);
+        assert_eq!(j["kept_off"]["tmpfs_counted"], true);
         assert_eq!(j["at_risk"]["files"], 3);
         assert_eq!(j["faults"]["fs_errors"], 0);
         assert_eq!(j["writes"]["days"][2]["day"], "2024-10-04");
@@ -1084,6 +1094,22 @@ mod tests {
         assert!(
             t.contains("at risk:      nothing: every change is synced"),
             "{t}"
+        );
+        // a tmpfs dir the daemon could not watch: said, not hidden
+        let mut i = healthy();
+        i.stats.as_mut().unwrap().health.tmpfs_uncounted = true;
+        let x = build(&state(true), &i).unwrap();
+        assert!(!x.kept_off.as_ref().unwrap().tmpfs_counted);
+        let t = render(&x);
+        assert!(
+            t.contains(
+                "100M written to the tmpfs dirs (not all of them counted: see the daemon's log)"
+            ),
+            "{t}"
+        );
+        assert_eq!(
+            serde_json::to_value(&x).unwrap()["kept_off"]["tmpfs_counted"],
+            false
         );
         // counting off: nothing made up
         let mut i = healthy();
