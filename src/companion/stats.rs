@@ -33,8 +33,9 @@
 //! the RAM tiers, into the tmpfs dirs, bytes the syncs of this boot wrote
 //! to the stick, the oldest change not yet synced and the next sync due
 //! (Unix ms; 0: none), files tracked, event queue overflows, then flags
-//! (bit 0: the counting is on). A version 2 block (a daemon started
-//! before an upgrade) is still read, with no health.
+//! (bit 0: the counting is on; bit 1: a tmpfs dir is not counted). A
+//! version 2 block (a daemon started before an upgrade) is still read,
+//! with no health.
 //!
 //! Written by hand (no crate does a cross-process seqlock over a file
 //! mapping): each word is an `AtomicU64` in the mapping, so the copy is
