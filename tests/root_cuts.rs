@@ -173,18 +173,7 @@ fn a_creation_cut_at_any_point_is_finished_by_the_next_run() {
                 bytes(&img, 32768, iso.len() as u64) == iso[32768..],
                 "{name} {point}: ISO bytes changed"
             );
-            let lo = run(
-                "losetup",
-                &[
-                    "-f",
-                    "--show",
-                    "-o",
-                    &start.to_string(),
-                    "--sizelimit",
-                    &size.to_string(),
-                    dev,
-                ],
-            );
+            let lo = loop_part(dev, start, size);
             let lo = lo.trim();
             let check = Command::new("e2fsck").args(["-fn", lo]).output().unwrap();
             let _ = Command::new("losetup").args(["-d", lo]).status();

@@ -227,19 +227,7 @@ fn enable_encrypt_on_an_image() {
     assert!(o.status.success(), "{out}");
     assert!(out.contains("encrypted"), "{out}");
     let (start, size) = partition(&img, 3);
-    let part = Command::new("losetup")
-        .args([
-            "-f",
-            "--show",
-            "-o",
-            &start.to_string(),
-            "--sizelimit",
-            &size.to_string(),
-            p,
-        ])
-        .output()
-        .unwrap();
-    let part = String::from_utf8_lossy(&part.stdout).trim().to_string();
+    let part = loop_part(p, start, size);
     let dump = cryptsetup::dump(Path::new(&part)).unwrap();
     assert_eq!(dump.keyslots[0].kdf, "argon2id");
     assert_eq!(dump.keyslots[0].memory_kib, Some(65536));
@@ -300,18 +288,7 @@ fn encrypted_image(d: &Path, pass: &str) -> (std::path::PathBuf, String) {
     let o = mp(&["enable", "--device", &p, "--yes"]);
     assert!(o.status.success(), "{}", text(&o));
     let (start, size) = partition(&img, 3);
-    let part = run(
-        "losetup",
-        &[
-            "-f",
-            "--show",
-            "-o",
-            &start.to_string(),
-            "--sizelimit",
-            &size.to_string(),
-            &p,
-        ],
-    );
+    let part = loop_part(&p, start, size);
     let part = part.trim();
     cryptsetup::format(Path::new(part), &secret(pass), &TEST_COST).unwrap();
     cryptsetup::set_label(Path::new(part)).unwrap();
@@ -321,18 +298,7 @@ fn encrypted_image(d: &Path, pass: &str) -> (std::path::PathBuf, String) {
 
 fn opens(img: &Path, pass: &str) -> bool {
     let (start, size) = partition(img, 3);
-    let part = run(
-        "losetup",
-        &[
-            "-f",
-            "--show",
-            "-o",
-            &start.to_string(),
-            "--sizelimit",
-            &size.to_string(),
-            img.to_str().unwrap(),
-        ],
-    );
+    let part = loop_part(img.to_str().unwrap(), start, size);
     let r = cryptsetup::test_passphrase(Path::new(part.trim()), &secret(pass)).unwrap();
     run("losetup", &["-d", part.trim()]);
     r
@@ -446,18 +412,7 @@ fn passphrase_header_backup_and_remove_on_an_encrypted_image() {
     // zero. Three more key slots first: the fourth lies across the first
     // MiB (a wipe of the first MiB only would leave part of it)
     let (start, size) = partition(&img, 3);
-    let part = run(
-        "losetup",
-        &[
-            "-f",
-            "--show",
-            "-o",
-            &start.to_string(),
-            "--sizelimit",
-            &size.to_string(),
-            p,
-        ],
-    );
+    let part = loop_part(p, start, size);
     let part = part.trim().to_string();
     let two_nl = f("two-exact", "second secret");
     for n in 0..3 {
@@ -519,18 +474,7 @@ fn an_encrypted_creation_cut_is_finished_encrypted_only() {
         .unwrap();
     assert!(!o.status.success(), "{}", text(&o));
     let (start, size) = partition(&img, 3);
-    let part = run(
-        "losetup",
-        &[
-            "-f",
-            "--show",
-            "-o",
-            &start.to_string(),
-            "--sizelimit",
-            &size.to_string(),
-            p,
-        ],
-    );
+    let part = loop_part(p, start, size);
     cryptsetup::format(Path::new(part.trim()), &secret("never durable"), &TEST_COST).unwrap();
     run("losetup", &["-d", part.trim()]);
     let plan: serde_json::Value =

@@ -380,18 +380,7 @@ fn list_restore_delete_on_a_stick_image() {
     let (p2, pm2, mine2, stick2) = (p.clone(), pm.clone(), mine.clone(), stick.clone());
     std::thread::spawn(move || {
         private_mounts();
-        let lo = run(
-            "losetup",
-            &[
-                "--show",
-                "-f",
-                "-o",
-                &start.to_string(),
-                "--sizelimit",
-                &size.to_string(),
-                &p2,
-            ],
-        );
+        let lo = loop_part(&p2, start, size);
         let lo = lo.trim();
         run("mount", &[lo, pm2.to_str().unwrap()]);
         std::fs::create_dir_all(pm2.join("overlays/etc/upper")).unwrap();
@@ -487,18 +476,7 @@ fn list_restore_delete_on_a_stick_image() {
     // the next boot of this build carries it out
     std::thread::spawn(move || {
         private_mounts();
-        let lo = run(
-            "losetup",
-            &[
-                "--show",
-                "-f",
-                "-o",
-                &start.to_string(),
-                "--sizelimit",
-                &size.to_string(),
-                &p,
-            ],
-        );
+        let lo = loop_part(&p, start, size);
         let lo = lo.trim();
         run("mount", &[lo, pm.to_str().unwrap()]);
         let o = set_aside::restore(&pm, Some(&stick)).unwrap();

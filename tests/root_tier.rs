@@ -18,6 +18,34 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 use std::process::Command;
 
+/// A run dir (`/run/mados-persistence`) with a state.json naming the
+/// rig's tier, for `mados-persistence sync`.
+fn run_dir(r: &Rig) -> std::path::PathBuf {
+    let run = r.d.join("run");
+    fs::create_dir_all(&run).unwrap();
+    let state = serde_json::json!({"version": 1, "mode": "persistent", "reason": null,
+        "boot_device": null, "partition": null, "mounts": [], "warnings": [], "timings": [],
+        "cmdline": "", "tiers": [r.tier]});
+    fs::write(run.join("state.json"), state.to_string()).unwrap();
+    run
+}
+
+/// `mados-persistence sync` over `run`, `kill -9`ed after `kill_after` ms
+/// if given; whether it exited 0.
+fn sync_killed(run: &Path, kill_after: Option<u64>) -> bool {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_mados-persistence"))
+        .arg("sync")
+        .env("MADOS_PERSISTENCE_RUN", run)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    if let Some(ms) = kill_after {
+        std::thread::sleep(std::time::Duration::from_millis(ms));
+        let _ = c.kill(); // SIGKILL
+    }
+    c.wait().unwrap().success()
+}
+
 /// Everything a user sees in the directory.
 fn listing(p: &Path) -> Vec<String> {
     let mut out = vec![];
@@ -198,26 +226,8 @@ fn a_sync_killed_anywhere_leaves_old_or_new_and_the_next_completes() {
     }
     let r = rig("tier-kill");
     let v = &r.view;
-    let run = r.d.join("run");
-    fs::create_dir_all(&run).unwrap();
-    let state = serde_json::json!({"version": 1, "mode": "persistent", "reason": null,
-        "boot_device": null, "partition": null, "mounts": [], "warnings": [], "timings": [],
-        "cmdline": "", "tiers": [r.tier]});
-    fs::write(run.join("state.json"), state.to_string()).unwrap();
-    let bin = env!("CARGO_BIN_EXE_mados-persistence");
-    let sync = |kill_after: Option<u64>| -> bool {
-        let mut c = Command::new(bin)
-            .arg("sync")
-            .env("MADOS_PERSISTENCE_RUN", &run)
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        if let Some(ms) = kill_after {
-            std::thread::sleep(std::time::Duration::from_millis(ms));
-            let _ = c.kill(); // SIGKILL
-        }
-        c.wait().unwrap().success()
-    };
+    let run = run_dir(&r);
+    let sync = |kill_after: Option<u64>| sync_killed(&run, kill_after);
     // version 1 of 40 files, synced
     let names: Vec<String> = (0..40).map(|i| format!("f{i:02}")).collect();
     let content = |n: &str, ver: u8| vec![ver; 200_000 + n.len() * 1000];
@@ -598,26 +608,8 @@ fn a_sync_killed_after_a_reboot_never_leaves_a_record_claiming_more() {
     use mados_persistence::companion::sync::{Content, Generation};
     let r = rig("tier-kill-reboot");
     let v = &r.view;
-    let run = r.d.join("run");
-    fs::create_dir_all(&run).unwrap();
-    let state = serde_json::json!({"version": 1, "mode": "persistent", "reason": null,
-        "boot_device": null, "partition": null, "mounts": [], "warnings": [], "timings": [],
-        "cmdline": "", "tiers": [r.tier]});
-    fs::write(run.join("state.json"), state.to_string()).unwrap();
-    let bin = env!("CARGO_BIN_EXE_mados-persistence");
-    let sync = |kill_after: Option<u64>| -> bool {
-        let mut c = Command::new(bin)
-            .arg("sync")
-            .env("MADOS_PERSISTENCE_RUN", &run)
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        if let Some(ms) = kill_after {
-            std::thread::sleep(std::time::Duration::from_millis(ms));
-            let _ = c.kill(); // SIGKILL
-        }
-        c.wait().unwrap().success()
-    };
+    let run = run_dir(&r);
+    let sync = |kill_after: Option<u64>| sync_killed(&run, kill_after);
     // /run is RAM: a reboot forgets the manifests
     let forget = || {
         for e in fs::read_dir(&run).unwrap() {

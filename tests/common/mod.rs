@@ -62,6 +62,25 @@ pub fn run(cmd: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
+/// A loop device over `size` bytes of `image` from `start` (a partition
+/// of a stick image, as the kernel would show it); its path.
+pub fn loop_part(image: &str, start: u64, size: u64) -> String {
+    run(
+        "losetup",
+        &[
+            "-f",
+            "--show",
+            "-o",
+            &start.to_string(),
+            "--sizelimit",
+            &size.to_string(),
+            image,
+        ],
+    )
+    .trim()
+    .to_string()
+}
+
 /// Bytes of `path` in [start, end).
 pub fn bytes(path: &Path, start: u64, end: u64) -> Vec<u8> {
     use std::io::{Read, Seek, SeekFrom};
